@@ -1,0 +1,185 @@
+"""The bundled tokenizer: a small byte-level BPE trained on the project's own text, served by tiktoken.
+
+tiktoken's `gpt2` encoding downloads its files at first use; this project must run offline. So we
+train a byte-level BPE (GPT-2's pre-tokenisation regex, 256 byte tokens + merges) on text from the
+data generators, store the ranks in tiktoken's `.tiktoken` text format (one "base64(token) rank"
+line per token) next to this file, and build a `tiktoken.Encoding` from them with our special tokens.
+Byte-level means every Unicode string round-trips exactly, whatever it contains.
+
+    from data.tokenizer import get_tokenizer
+    enc = get_tokenizer()                          # bundled BPE (default)
+    ids = enc.encode("a red circle <image>", allowed_special="all")
+    enc.decode(ids)
+    get_tokenizer("gpt2")                          # tiktoken's GPT-2 ranks + our specials (needs network once)
+
+    python -m data.tokenizer train [--vocab_size=4096] [--n_texts=60000]   # retrain, rewrite the ranks file
+    python -m data.tokenizer stats                                         # bytes/token on held-out text
+"""
+from __future__ import annotations
+
+import base64
+import collections
+import functools
+import sys
+from pathlib import Path
+
+import regex
+import tiktoken
+
+# GPT-2's pre-tokenisation: contractions, letters, numbers, other symbols, each with an optional
+# leading space, and runs of whitespace. BPE merges never cross these pieces.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|pad|>", "<image>",
+    "<|ssc|>", "<|dsc|>", "<|dsc+|>", "<|afc|>", "<|alt|>",  # caption-format control tokens
+    "<|user|>", "<|assistant|>", "<box>", "</box>",
+] + [f"<|reserved_{i}|>" for i in range(16)]  # room for scripts to add tokens without retraining
+
+RANKS_PATH = Path(__file__).with_name("shapesworld_bpe.tiktoken")
+DEFAULT_VOCAB_SIZE = 4096  # total, special tokens included
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_bpe(texts, vocab_size: int, n_special: int = len(SPECIAL_TOKENS)) -> dict[bytes, int]:
+    """Byte-level BPE: start from the 256 bytes, repeatedly merge the most frequent adjacent pair.
+
+    Words (regex pieces) are counted once with their frequency; a pair index maps each pair to the
+    words holding it, so one merge only touches the words it changes (fast enough for ~10^5 words).
+    Ties break on the smaller pair of token ids, so training is deterministic.
+    Returns mergeable ranks {token bytes: rank}; stops early if no pair occurs any more.
+    """
+    n_merges = vocab_size - 256 - n_special
+    if n_merges < 0:
+        raise ValueError(f"vocab_size={vocab_size} is smaller than 256 bytes + {n_special} special tokens")
+    pattern = regex.compile(GPT2_PATTERN)
+    word_counts = collections.Counter()
+    for text in texts:
+        word_counts.update(pattern.findall(text))
+    words = [list(w.encode("utf-8")) for w in word_counts]  # each word as a list of token ids
+    counts = list(word_counts.values())
+    vocab = [bytes([b]) for b in range(256)]  # token id -> bytes
+
+    pair_counts = collections.Counter()
+    pair_words = collections.defaultdict(set)  # pair -> indices of the words that contain it
+    for i, (w, c) in enumerate(zip(words, counts)):
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] += c
+            pair_words[pair].add(i)
+
+    for _ in range(n_merges):
+        if not pair_counts:
+            break
+        best = min(pair_counts, key=lambda p: (-pair_counts[p], p))
+        if pair_counts[best] <= 0:
+            break
+        new_id = len(vocab)
+        vocab.append(vocab[best[0]] + vocab[best[1]])
+        for i in list(pair_words[best]):
+            w, c = words[i], counts[i]
+            for pair in zip(w, w[1:]):  # remove this word's old pairs ...
+                pair_counts[pair] -= c
+                if pair_counts[pair] <= 0:
+                    del pair_counts[pair]
+                pair_words[pair].discard(i)
+            merged, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and (w[j], w[j + 1]) == best:
+                    merged.append(new_id)
+                    j += 2
+                else:
+                    merged.append(w[j])
+                    j += 1
+            words[i] = merged
+            for pair in zip(merged, merged[1:]):  # ... and add its new ones
+                pair_counts[pair] += c
+                pair_words[pair].add(i)
+        pair_words.pop(best, None)
+    return {token: rank for rank, token in enumerate(vocab)}
+
+
+def save_ranks(ranks: dict[bytes, int], path: Path = RANKS_PATH) -> None:
+    """Write ranks in tiktoken's `.tiktoken` format (what `tiktoken.load.load_tiktoken_bpe` reads)."""
+    lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)  # atomic: a killed run never leaves half a file
+
+
+def load_ranks(path: Path = RANKS_PATH) -> dict[bytes, int]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: tokenizer ranks missing; run `python -m data.tokenizer train`")
+    ranks = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise ValueError(f"{path}:{lineno}: expected 'base64_token rank', got {line[:60]!r}")
+        ranks[base64.b64decode(parts[0])] = int(parts[1])
+    return ranks
+
+
+# ----------------------------------------------------------------------------- loading
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer(name: str = "shapesworld") -> tiktoken.Encoding:
+    """The tokenizer every script uses. name: "shapesworld" (bundled, offline) or "gpt2" (network)."""
+    if name == "shapesworld":
+        ranks, pattern = load_ranks(), GPT2_PATTERN
+    elif name == "gpt2":
+        try:
+            base = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken fetches the gpt2 files over the network at first use
+            raise RuntimeError(f"--tokenizer=gpt2 needs tiktoken's gpt2 files, which could not be loaded "
+                               f"(offline?): {type(e).__name__}: {e}. Use the bundled tokenizer "
+                               f"(--tokenizer=shapesworld) instead.") from None
+        ranks, pattern = base._mergeable_ranks, base._pat_str
+    else:
+        raise ValueError(f"unknown tokenizer {name!r}: expected 'shapesworld' or 'gpt2'")
+    specials = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    return tiktoken.Encoding(name=f"{name}_mm", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+
+
+# ----------------------------------------------------------------------------- training text & CLI
+
+def training_texts(n_texts: int, split_seed: int = 0):
+    """Text the scripts will see: ShapesWorld captions / QA / documents / passages and voice queries."""
+    from data import shapes, voice
+    yield from shapes.corpus(n_texts, seed=split_seed)
+    yield from voice.corpus(n_texts // 3, seed=split_seed)
+
+
+def bytes_per_token(enc: tiktoken.Encoding, texts) -> float:
+    texts = list(texts)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_tokens = sum(len(enc.encode_ordinary(t)) for t in texts)
+    return n_bytes / max(n_tokens, 1)
+
+
+def main(argv):
+    import time
+    cmd = argv[0] if argv else "stats"
+    opts = dict(a.lstrip("-").split("=", 1) for a in argv[1:])
+    if cmd == "train":
+        vocab_size, n_texts = int(opts.get("vocab_size", DEFAULT_VOCAB_SIZE)), int(opts.get("n_texts", 60000))
+        t0 = time.time()
+        ranks = train_bpe(training_texts(n_texts), vocab_size)
+        save_ranks(ranks)
+        get_tokenizer.cache_clear()
+        print(f"trained {len(ranks)} ranks (+{len(SPECIAL_TOKENS)} specials) in {time.time() - t0:.1f}s -> {RANKS_PATH}")
+    elif cmd == "stats":
+        from data import shapes, voice
+        enc = get_tokenizer()
+        held_out = list(shapes.corpus(3000, seed=12345))  # a seed the training text never uses
+        print(f"vocab size (n_vocab): {enc.n_vocab}")
+        print(f"bytes/token, held-out ShapesWorld text: {bytes_per_token(enc, held_out):.2f}")
+        print(f"bytes/token, held-out voice queries: {bytes_per_token(enc, voice.corpus(3000, seed=12345)):.2f}")
+        snips = Path(__file__).resolve().parent.parent.parent / "shared" / "realdata" / "snips" / "test" / "seq.in"
+        if snips.exists():
+            print(f"bytes/token, SNIPS test utterances (real text): {bytes_per_token(enc, snips.read_text().splitlines()):.2f}")
+    else:
+        raise SystemExit(f"unknown command {cmd!r}: expected 'train' or 'stats'")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
