@@ -5,12 +5,39 @@
         y (T, C); aux = dict(balance_loss=scalar, z_loss=scalar, counts=LongTensor (E,))
 
 Each expert is a SwiGLU FFN, y_e(x) = w2_e (silu(w1_e x) * w3_e x), as in a Llama-style decoder, and
-y = sum_j gate_j * y_{e_j}(x) over the token's top-k experts.
+y = sum_j gate_j * y_{e_j}(x) over the token's top-k experts (MM1's MoE: top-2 of 64 experts).
+
+The Triton path (vLLM fused_moe / ScatterMoE style) never drops a token and never copies x:
+  1. plan_dispatch: stable-sort the T*k (token, slot) pairs by expert and pad each expert's segment to
+     a multiple of BLOCK_M, so every BLOCK_M block of the sorted order belongs to a single expert.
+  2. grouped_matmul_kernel: one program per (block, N tile) multiplies its rows by that expert's weight,
+     gathering the token rows of x on load; results are written in the sorted order.
+  3. combine_kernel: y[t] = sum_j gate[t, j] * out[position of (t, j)]; one program owns each output
+     row, so the sum over k needs no atomics and is deterministic.
+  Backward: dX with the same grouped GEMM against w^T (then the combine over k), dW with a grouped
+  X^T dY per expert (grouped_weight_grad_kernel), d(gates) from the combine; torch.autograd glues them.
+Dispatch: Triton on CUDA tensors, the per-expert loop elsewhere; KERNELS=triton / KERNELS=ref forces one
+(the tests run the Triton kernels on CPU through TRITON_INTERPRET=1, set before triton is imported).
 """
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch wheels come without Triton: the reference path still works
+
+    class _NoTriton:  # just enough for the @triton.jit definitions below to be parsed
+        constexpr = None
+
+        @staticmethod
+        def jit(fn):
+            return fn
+
+    triton = tl = _NoTriton()
 
 # ----------------------------------------------------------------------------------------------
 # Router (plain PyTorch on every path: it is a (T, C) x (C, E) product, tiny next to the experts)
@@ -84,12 +111,315 @@ def moe_ffn_reference(x, router_weight, w1, w3, w2, top_k):
     return y, aux
 
 
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch plan: sort (token, slot) pairs by expert, pad each expert's segment to BLOCK_M
+
+@dataclass
+class DispatchPlan:
+    """Where every (token, slot) pair p = token * top_k + slot goes in the expert-sorted order.
+
+    sorted_pair     (R,)   pair id at each sorted row; padding rows hold the sentinel num_pairs
+    block_expert    (R/BLOCK_M,) expert of each BLOCK_M block; num_experts for blocks past the end
+    segment_offsets (E+1,) padded segment of expert e = rows [segment_offsets[e], segment_offsets[e+1])
+    pair_position   (T, k) sorted row of each pair (the inverse of sorted_pair)
+    R = num_pairs + E * (BLOCK_M - 1), rounded up to BLOCK_M, bounds the padded length without reading
+    the counts back to the host. Rows past segment_offsets[E] are never written nor read.
+    """
+    sorted_pair: torch.Tensor
+    block_expert: torch.Tensor
+    segment_offsets: torch.Tensor
+    pair_position: torch.Tensor
+    num_experts: int
+    top_k: int
+    block_m: int
+
+    @property
+    def num_pairs(self):
+        return self.pair_position.numel()
+
+
+def plan_dispatch(expert_idx, num_experts, block_m):
+    """(T, k) expert ids -> DispatchPlan. Plain torch ops on the device, no host synchronisation."""
+    num_tokens, top_k = expert_idx.shape
+    num_pairs, device = num_tokens * top_k, expert_idx.device
+    flat_expert = expert_idx.flatten()  # (T*k,) expert of pair p
+    order = torch.argsort(flat_expert, stable=True)  # pairs grouped by expert, token order kept inside
+    counts = torch.bincount(flat_expert, minlength=num_experts)  # (E,)
+    padded_counts = (counts + block_m - 1) // block_m * block_m
+    segment_offsets = F.pad(padded_counts.cumsum(0), (1, 0))  # (E+1,)
+    unpadded_offsets = F.pad(counts.cumsum(0), (1, 0))  # where each expert starts in `order`
+    sorted_expert = flat_expert[order]
+    rank_in_expert = torch.arange(num_pairs, device=device) - unpadded_offsets[sorted_expert]
+    position = segment_offsets[sorted_expert] + rank_in_expert  # (T*k,) padded row of order[i]
+
+    num_rows = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+    sorted_pair = torch.full((num_rows,), num_pairs, dtype=torch.int64, device=device)
+    sorted_pair[position] = order
+    pair_position = torch.empty(num_pairs, dtype=torch.int64, device=device)
+    pair_position[order] = position
+    block_start = torch.arange(0, num_rows, block_m, device=device)
+    block_expert = torch.searchsorted(segment_offsets[1:], block_start, right=True)  # empty experts skipped
+    return DispatchPlan(sorted_pair, block_expert, segment_offsets, pair_position.view(num_tokens, top_k),
+                        num_experts, top_k, block_m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+
+@triton.jit
+def grouped_matmul_kernel(
+    a_ptr, w_ptr, out_ptr, sorted_pair_ptr, block_expert_ptr,
+    N, K, num_pairs, num_experts,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+    TOP_K: tl.constexpr, GATHER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[p, :] = a[row(p), :] @ w[e].T for the BLOCK_M sorted rows p of this program, all of expert e.
+
+    row(p) = token of pair p if GATHER (rows of x are gathered on load: no permuted copy of x is ever
+    written), else p (a is already in the sorted order). Padding rows load zeros and store zeros.
+    """
+    pid_m = tl.program_id(0)  # fastest grid axis: neighbouring programs share the same w tile in L2
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert >= num_experts:  # block past the last expert's segment
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pair_ptr + offs_m)
+    is_real = pair < num_pairs
+    if GATHER:
+        a_row = pair // TOP_K
+    else:
+        a_row = offs_m
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BM, BK)
+    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # (BK, BN)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k
+        a = tl.load(a_ptrs, mask=is_real[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+        acc = tl.dot(a, w, acc)  # fp32 accumulation
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=offs_n[None, :] < N)
+
+
+@triton.jit
+def grouped_weight_grad_kernel(
+    grad_out_ptr, a_ptr, grad_w_ptr, sorted_pair_ptr, segment_offsets_ptr,
+    N, K, num_pairs,
+    stride_gm, stride_gn, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+    TOP_K: tl.constexpr, GATHER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """grad_w[e] (N, K) = sum over the sorted rows p of expert e of grad_out[p, :]^T a[row(p), :].
+
+    One program per (N tile, K tile, expert) walks that expert's whole segment: every grad_w tile has
+    a single owner and a fixed summation order (no atomics, bitwise reproducible). An expert that got
+    no token walks nothing and stores zeros.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    expert = tl.program_id(2)
+    segment_start = tl.load(segment_offsets_ptr + expert)
+    segment_end = tl.load(segment_offsets_ptr + expert + 1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m in range(segment_start, segment_end, BLOCK_M):
+        offs_m = m + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_pair_ptr + offs_m)
+        is_real = pair < num_pairs
+        if GATHER:
+            a_row = pair // TOP_K
+        else:
+            a_row = offs_m
+        grad = tl.load(grad_out_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                       mask=is_real[:, None] & (offs_n[None, :] < N), other=0.0)  # (BM, BN)
+        a = tl.load(a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=is_real[:, None] & (offs_k[None, :] < K), other=0.0)  # (BM, BK)
+        acc = tl.dot(tl.trans(grad), a, acc)
+    grad_w_ptrs = grad_w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    tl.store(grad_w_ptrs, acc.to(grad_w_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+
+
+@triton.jit
+def combine_kernel(
+    rows_ptr, pair_position_ptr, weight_ptr, out_ptr, N, stride_r, stride_o,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[t] = sum_j weight[t, j] * rows[pair_position[t, j]]: token t's k sorted rows, fixed order."""
+    token = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        position = tl.load(pair_position_ptr + token * TOP_K + j)
+        weight = tl.load(weight_ptr + token * TOP_K + j).to(tl.float32)
+        acc += weight * tl.load(rows_ptr + position * stride_r + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * stride_o + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def combine_backward_kernel(
+    grad_out_ptr, rows_ptr, pair_position_ptr, weight_ptr, grad_rows_ptr, grad_weight_ptr,
+    N, stride_g, stride_r,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """For each slot j of token t: grad_rows[pair_position[t, j]] = weight[t, j] * grad_out[t] and
+    grad_weight[t, j] = <grad_out[t], rows[pair_position[t, j]]> (the gradient into the router's gates).
+    Every sorted row belongs to one pair, so the scatter has one writer per row: no atomics."""
+    token = tl.program_id(0)
+    for j in tl.static_range(TOP_K):
+        position = tl.load(pair_position_ptr + token * TOP_K + j)
+        weight = tl.load(weight_ptr + token * TOP_K + j).to(tl.float32)
+        dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for n in range(0, N, BLOCK_N):
+            offs_n = n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            grad = tl.load(grad_out_ptr + token * stride_g + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            row = tl.load(rows_ptr + position * stride_r + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            dot += grad * row
+            tl.store(grad_rows_ptr + position * stride_r + offs_n,
+                     (weight * grad).to(grad_rows_ptr.dtype.element_ty), mask=n_ok)
+        tl.store(grad_weight_ptr + token * TOP_K + j, tl.sum(dot, axis=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers and autograd
+
+def tile_sizes():
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): small tiles under the CPU interpreter (slow)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return 16, 32, 32, 1, 1
+    return 64, 128, 64, 4, 3
+
+
+def grouped_matmul(a, w, plan, gather):
+    """(rows, K) x (E, N, K) -> (R, N) in the sorted order: out[p] = a[row(p)] @ w[expert(p)].T."""
+    num_experts, n, k = w.shape
+    _, block_n, block_k, num_warps, num_stages = tile_sizes()
+    out = a.new_empty(plan.sorted_pair.numel(), n)
+    grid = (plan.block_expert.numel(), triton.cdiv(n, block_n))
+    grouped_matmul_kernel[grid](
+        a, w, out, plan.sorted_pair, plan.block_expert, n, k, plan.num_pairs, num_experts,
+        *a.stride(), *w.stride(), *out.stride(), TOP_K=plan.top_k, GATHER=gather,
+        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def grouped_weight_grad(grad_out, a, plan, gather):
+    """(R, N) sorted grads x (rows, K) inputs -> (E, N, K): each expert's X^T dY over its own rows."""
+    n, k = grad_out.shape[1], a.shape[1]
+    _, block_n, block_k, num_warps, num_stages = tile_sizes()
+    grad_w = grad_out.new_empty(plan.num_experts, n, k)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k), plan.num_experts)
+    grouped_weight_grad_kernel[grid](
+        grad_out, a, grad_w, plan.sorted_pair, plan.segment_offsets, n, k, plan.num_pairs,
+        *grad_out.stride(), *a.stride(), *grad_w.stride(), TOP_K=plan.top_k, GATHER=gather,
+        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    return grad_w
+
+
+def combine_block_n(n):
+    return min(triton.next_power_of_2(n), 32 if os.environ.get("TRITON_INTERPRET") == "1" else 1024)
+
+
+def combine(rows, weight, plan):
+    """(R, N) sorted rows, (T, k) weights -> (T, N): sum over each token's k rows."""
+    num_tokens, n = weight.shape[0], rows.shape[1]
+    out = rows.new_empty(num_tokens, n)
+    block_n = combine_block_n(n)
+    combine_kernel[(num_tokens, triton.cdiv(n, block_n))](
+        rows, plan.pair_position, weight, out, n, rows.stride(0), out.stride(0),
+        TOP_K=plan.top_k, BLOCK_N=block_n)
+    return out
+
+
+class GroupedMatmul(torch.autograd.Function):
+    """out (R, N) = a[row(p)] @ w[expert(p)].T in the sorted order, with dA and dW (every expert)."""
+
+    @staticmethod
+    def forward(ctx, a, w, plan, gather):
+        ctx.save_for_backward(a, w)
+        ctx.plan, ctx.gather = plan, gather
+        return grouped_matmul(a, w, plan, gather)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, w = ctx.saved_tensors
+        plan, gather = ctx.plan, ctx.gather
+        grad_out = grad_out.contiguous()
+        grad_a = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_sorted = grouped_matmul(grad_out, w.transpose(1, 2), plan, gather=False)  # (R, K): dY w[e]
+            if gather:  # a token's k rows each carry part of its gradient: sum them (no atomics)
+                ones = torch.ones(plan.pair_position.shape, device=a.device, dtype=torch.float32)
+                grad_a = combine(grad_sorted, ones, plan)
+            else:
+                grad_a = grad_sorted
+        if ctx.needs_input_grad[1]:
+            grad_w = grouped_weight_grad(grad_out, a, plan, gather)
+        return grad_a, grad_w, None, None
+
+
+class Combine(torch.autograd.Function):
+    """y (T, N) = sum_j gates[t, j] * rows[pair_position[t, j]], with d(rows) and d(gates)."""
+
+    @staticmethod
+    def forward(ctx, rows, gates, plan):
+        ctx.save_for_backward(rows, gates)
+        ctx.plan = plan
+        return combine(rows, gates, plan)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, gates = ctx.saved_tensors
+        plan = ctx.plan
+        grad_out = grad_out.contiguous()
+        grad_rows = torch.empty_like(rows)  # padding rows stay unwritten: every kernel masks them
+        grad_gates = torch.empty(gates.shape, device=gates.device, dtype=torch.float32)
+        n = rows.shape[1]
+        combine_backward_kernel[(gates.shape[0],)](
+            grad_out, rows, plan.pair_position, gates, grad_rows, grad_gates, n,
+            grad_out.stride(0), rows.stride(0), TOP_K=plan.top_k, BLOCK_N=combine_block_n(n))
+        return grad_rows, grad_gates.to(gates.dtype), None
+
+
+def moe_ffn_triton(x, router_weight, w1, w3, w2, top_k):
+    """MoE SwiGLU FFN through the Triton kernels (same contract as moe_ffn)."""
+    check_shapes(x, router_weight, w1, w3, w2, top_k)
+    if torch.is_autocast_enabled(x.device.type):  # the kernels need one dtype: cast like autocast would
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x_in, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
+    else:
+        x_in = x
+    gates, expert_idx, aux = route(router_logits(x, router_weight), top_k)
+    plan = plan_dispatch(expert_idx, router_weight.shape[0], tile_sizes()[0])
+    h1 = GroupedMatmul.apply(x_in, w1, plan, True)  # (R, F) sorted rows, x gathered on load
+    h3 = GroupedMatmul.apply(x_in, w3, plan, True)  # (R, F)
+    expert_out = GroupedMatmul.apply(F.silu(h1) * h3, w2, plan, False)  # (R, C)
+    return Combine.apply(expert_out, gates, plan), aux  # (T, C)
+
+
 # ----------------------------------------------------------------------------------------------
 # Entry point
 
 def moe_ffn(x, router_weight, w1, w3, w2, top_k):
-    """MoE SwiGLU FFN. Triton on CUDA tensors, the reference elsewhere; KERNELS=triton|ref forces one."""
+    """MoE SwiGLU FFN. Triton on CUDA tensors, the reference elsewhere; KERNELS=triton|ref forces one.
+
+    x (T, C), router_weight (E, C), w1 / w3 (E, F, C), w2 (E, C, F) -> y (T, C), aux dict with
+    balance_loss, z_loss (scalars, to be weighted by the caller, e.g. 0.01 and 0.001) and counts (E,).
+    """
     choice = os.environ.get("KERNELS", "").lower()
     if choice not in ("", "triton", "ref"):
         raise ValueError(f"KERNELS={choice!r}: expected 'triton' or 'ref'")
-    return moe_ffn_reference(x, router_weight, w1, w3, w2, top_k)  # Triton path: next commit
+    if choice == "triton" or (choice == "" and x.is_cuda):
+        if not hasattr(triton, "cdiv"):  # the _NoTriton stand-in
+            raise RuntimeError("moe_ffn: KERNELS=triton needs the triton package (pip install triton)")
+        return moe_ffn_triton(x, router_weight, w1, w3, w2, top_k)
+    return moe_ffn_reference(x, router_weight, w1, w3, w2, top_k)
