@@ -393,6 +393,8 @@ class Combine(torch.autograd.Function):
 def moe_ffn_triton(x, router_weight, w1, w3, w2, top_k):
     """MoE SwiGLU FFN through the Triton kernels (same contract as moe_ffn)."""
     check_shapes(x, router_weight, w1, w3, w2, top_k)
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("moe_ffn: Triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
     if torch.is_autocast_enabled(x.device.type):  # the kernels need one dtype: cast like autocast would
         dtype = torch.get_autocast_dtype(x.device.type)
         x_in, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
