@@ -39,6 +39,7 @@ from .text import (
     position,
     reference,
     referring,
+    token_count,
     visual_name,
     vqa,
 )
@@ -64,6 +65,6 @@ __all__ = [
     "EMBLEM_GLYPHS", "KINDS", "SHAPES", "SIZES", "SPLITS", "Obj", "Scene", "TextItem", "alttext", "approx_tokens",
     "box_to_grid", "caption", "corpus", "emblem_facts", "export", "format_box", "grounding", "interleaved_document",
     "iou", "load_image", "make_scene", "multi_image", "parse_box", "pope", "position", "preference_pair",
-    "read_image_text", "read_llava_json", "read_preference_jsonl", "reference", "referring", "render",
+    "read_image_text", "read_llava_json", "read_preference_jsonl", "reference", "referring", "render", "token_count",
     "scene_from_dict", "scene_to_dict", "text_passage", "video", "visual_name", "vqa",
 ]

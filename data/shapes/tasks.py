@@ -132,7 +132,7 @@ def video(split: str, index: int, seed: int = 0, frames: int = 4) -> tuple[list[
                          max(y2, y2 + dy * dist))
                 clear = all(p is o or not (swept[0] < p.box[2] and p.box[0] < swept[2] and swept[1] < p.box[3]
                                            and p.box[1] < swept[3]) for p in scene.objects + scene.texts)
-                if dist >= 40 * (frames - 1) and clear:
+                if dist >= 200 and clear:
                     moves.append((i, direction, dx, dy, dist))
         if moves or len(scene.objects) + len(scene.texts) <= 1:
             break
@@ -143,7 +143,8 @@ def video(split: str, index: int, seed: int = 0, frames: int = 4) -> tuple[list[
         o = shapes_of(scene)[0]
         o.box, o.size = (430, 430, 570, 570), "small"
         moves = [(0, "right", 1, 0, 300)]
-    i, direction, dx, dy, dist = rng.choice(moves)
+    longest = max(m[4] for m in moves)
+    i, direction, dx, dy, dist = rng.choice([m for m in moves if m[4] >= longest / 2])  # clearly visible moves
     clips = []
     for f in range(frames):
         frame = copy.deepcopy(scene)
@@ -154,8 +155,8 @@ def video(split: str, index: int, seed: int = 0, frames: int = 4) -> tuple[list[
         o.box = (x1 + dx * step, y1 + dy * step, x2 + dx * step, y2 + dy * step)
         clips.append(frame)
     mover = shapes_of(scene)[i]
-    ref = reference(mover, scene) or f"the {visual_name(mover)}"
-    if rng.random() < 0.5:
+    ref = reference(mover, scene)
+    if ref and rng.random() < 0.5:
         return clips, f"In which direction does {ref} move?", direction
     return clips, "Which shape moves across the frames?", visual_name(mover)
 

@@ -26,16 +26,16 @@ from .world import (
 )
 
 CAPTION_FORMATS = ("alttext", "ssc", "dsc", "dsc+", "afc")
-DSC_MAX_TOKENS = 77  # CLIP's text limit; DSC and AFC stay within it under the bundled tokenizer
+DSC_MAX_TOKENS = 77  # CLIP's text limit; DSC and AFC stay within it under the bundled tokenizer,
+DSC_BUDGET = DSC_MAX_TOKENS - 2  # leaving room for a format control token and <|endoftext|>
 NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 _PIECES = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+")
 
 
 def approx_tokens(text: str) -> int:
-    """Conservative token count (over-estimates the bundled BPE): words of <= 4 letters count 1,
-    longer ones one per 4 letters, digits one per 2, punctuation one per character. Captions are
-    budgeted with this, not the tokenizer, so they do not change when the tokenizer is retrained."""
+    """Token count without a tokenizer (words of <= 4 letters count 1, longer ones one per 4 letters,
+    digits one per 2, punctuation one per character): the fallback when the bundled BPE is absent."""
     total = 0
     for piece in _PIECES.findall(text):
         core = piece.strip()
@@ -48,6 +48,22 @@ def approx_tokens(text: str) -> int:
         else:
             total += len(core)
     return total
+
+
+_ENCODER: list = []  # the bundled tokenizer, loaded once (an empty list = not tried yet)
+
+
+def token_count(text: str) -> int:
+    """Tokens of `text` under the bundled BPE (data/tokenizer.py), or approx_tokens if it cannot load."""
+    if not _ENCODER:
+        try:
+            from data.tokenizer import get_tokenizer
+
+            _ENCODER.append(get_tokenizer())
+        except Exception:  # no ranks file yet (e.g. while the tokenizer is being retrained)
+            _ENCODER.append(None)
+    enc = _ENCODER[0]
+    return len(enc.encode_ordinary(text)) if enc is not None else approx_tokens(text)
 
 
 def a(phrase: str) -> str:
@@ -158,7 +174,7 @@ def _fit(sentences: list[str], budget: int) -> str:
     """Greedily keep sentences (in priority order) while the paragraph stays within `budget` tokens."""
     kept: list[str] = []
     for s in sentences:
-        if approx_tokens(" ".join(kept + [s])) <= budget:
+        if token_count(" ".join(kept + [s])) <= budget:
             kept.append(s)
     return " ".join(kept)
 
@@ -174,7 +190,8 @@ def _natural_sentences(scene: Scene, rng, dense: bool, names: bool) -> list[str]
     n = len(objs)
     what = ("one shape" if n == 1 else count_phrase(n, "shape")) if n else "no shapes"
     out = [rng.choice([f"The image shows {what} on a {bg} background.", f"{_cap(what)} on a {bg} background."])]
-    for o in objs:
+    # AFC: the AltText's facts (named emblems) come first, so the 77-token budget never drops them
+    for o in sorted(objs, key=lambda o: o.emblem is None) if names else objs:
         where = at_position(position(o, scene))
         if o.emblem is not None:
             thing = describe_emblem(o, names)
@@ -381,7 +398,7 @@ def caption(scene: Scene, fmt: str, seed: int = 0, misalign: float = 0.1) -> str
     sentences = _sentences(scene, rng, dense=fmt == "dsc+", names=names)
     if fmt == "dsc+":
         return " ".join(sentences)
-    return _fit(sentences, DSC_MAX_TOKENS - 6)  # a margin below 77: approx_tokens is a proxy
+    return _fit(sentences, DSC_BUDGET)
 
 
 # ----------------------------------------------------------------------------- VQA

@@ -248,7 +248,7 @@ def _receipt(rng: random.Random):
     total_text = f"{total / 100:.2f}"
     texts.append(_text_line(rng, "TOTAL", 120, y + 30, 52, taken))
     texts.append(_text_line(rng, total_text, 880 - int(text_width(total_text, 52)), y + 30, 52, taken))
-    meta = {"store": store, "date": date, "items": items, "total": total_text, "paper": (90, 30, 910, y + 110)}
+    meta = {"store": store, "date": date, "items": items, "total": total_text, "paper": [90, 30, 910, y + 110]}  # lists: meta stays JSON-native
     return [], texts, meta
 
 
@@ -273,7 +273,7 @@ def _chart(rng: random.Random):
         texts.append(_text_line(rng, cat, (x1 + x2) // 2 - label_w // 2, base + 15, h, taken))
         val_w = int(text_width(str(val), 34))
         texts.append(_text_line(rng, str(val), (x1 + x2) // 2 - val_w // 2, y1 - 44, 34, taken))
-    meta = {"title": title, "categories": categories, "values": values, "axis": (130, top - 20, 130, base)}
+    meta = {"title": title, "categories": categories, "values": values, "axis": [130, top - 20, 130, base]}
     return objects, texts, meta
 
 
@@ -300,7 +300,7 @@ def _ui(rng: random.Random):
         objects.append(Obj("button", color, "", (x, 820, x + w, 910), label=name))
         texts.append(_text_line(rng, name, x + 40, 843, 44, taken, "white"))
         x += w + 40
-    return objects, texts, {"screen": screen, "header": (0, 0, 1000, 140)}
+    return objects, texts, {"screen": screen, "header": [0, 0, 1000, 140]}
 
 
 def make_scene(split: str, index: int, seed: int = 0, kind: str = "natural") -> Scene:
