@@ -178,7 +178,7 @@ def test_pope_negatives_truly_absent_and_ranked():
             if mode == "popular" and rest:
                 assert min(SHAPE_PRIOR[s] for s in no) >= max(SHAPE_PRIOR[s] for s in rest)
             if mode == "adversarial" and rest:
-                co = lambda s: sum(s in t and p in t for t in THEMES for p in present)
+                co = lambda s, present=present: sum(s in t and p in t for t in THEMES for p in present)
                 assert min(co(s) for s in no) >= max(co(s) for s in rest)
 
 

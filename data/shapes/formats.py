@@ -51,9 +51,9 @@ def _existing(path) -> Path:
 
 
 def _resolve(base: Path, filepath: str) -> str:
-    """Relative image paths in a data file are relative to that file's folder."""
+    """Relative image paths in a data file are relative to that file's folder; returned absolute."""
     p = Path(filepath)
-    return str(p if p.is_absolute() else base.parent / p)
+    return str(p if p.is_absolute() else base.resolve().parent / p)
 
 
 def _jsonl(path: Path):
@@ -83,7 +83,7 @@ def _need_str(path, where, obj: dict, key: str, optional=False):
 
 def read_image_text(path) -> list[dict]:
     """open_clip-style image-text pairs from CSV (header row) or JSONL: `filepath`, `caption`,
-    optional `alttext`; other columns are kept. `filepath` comes back resolved against the file."""
+    optional `alttext`; other columns are kept. `filepath` comes back absolute (resolved against the file)."""
     path = _existing(path)
     rows = []
     if path.suffix.lower() in (".jsonl", ".json"):
@@ -116,7 +116,7 @@ def read_image_text(path) -> list[dict]:
 
 def read_llava_json(path) -> list[dict]:
     """LLaVA conversation JSON: a list of {id, image (optional: text-only items), conversations:
-    [{from: human|gpt, value}, ...]}. `image` comes back resolved against the file's folder."""
+    [{from: human|gpt, value}, ...]}. `image` comes back absolute (resolved against the file's folder)."""
     path = _existing(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

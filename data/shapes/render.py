@@ -11,7 +11,7 @@ from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .world import BACKGROUNDS, COLOR_RGB, EMBLEM_GLYPHS, Scene, glyph_color
+from .world import BACKGROUNDS, COLOR_RGB, EMBLEM_BADGE, EMBLEM_GLYPHS, Scene, glyph_color
 
 
 @lru_cache(maxsize=256)
@@ -77,10 +77,13 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, rgb, background_rgb=(
         draw.polygon([(x1 + u * w, y1 + v * h) for u, v in UNIT_POLYGONS[shape]], fill=rgb)
 
 
+GLYPH_FRACTION = {"circle": 0.66, "square": 0.74, "hexagon": 0.6, "diamond": 0.52}  # largest square inside
+
+
 def draw_glyph(draw: ImageDraw.ImageDraw, emblem: int, box, badge_color: str) -> None:
-    """The emblem's 5x5 symmetric pattern in the middle 56% of its badge."""
+    """The emblem's 5x5 symmetric pattern, as large as the badge shape allows (legible at 64 px)."""
     x1, y1, x2, y2 = box
-    side = (x2 - x1) * 0.56
+    side = (x2 - x1) * GLYPH_FRACTION[EMBLEM_BADGE[emblem][0]]
     gx, gy, cell = x1 + (x2 - x1 - side) / 2, y1 + (y2 - y1 - side) / 2, side / 5
     ink = COLOR_RGB[glyph_color(badge_color)]
     for r, row in enumerate(EMBLEM_GLYPHS[emblem]):

@@ -162,7 +162,8 @@ def _natural(rng: random.Random, split: str, area=(30, 30, 970, 970), max_object
     objects: list[Obj] = []
     for i in range(n):
         is_emblem = i < n_emblems
-        size = rng.choice(["medium", "large"] if is_emblem else ["small", "medium", "medium", "large"])
+        # emblems are drawn big: their glyph must stay legible at 64 px
+        size = rng.choice(["medium", "large", "large", "large"] if is_emblem else ["small", "medium", "medium", "large"])
         for size_try in (size, "medium", "small"):
             side = rng.randint(*SIZES[size_try])
             box = _place(rng, side, side, taken, area)
