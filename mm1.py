@@ -55,7 +55,6 @@ from data import shapes  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 from kernels import attention, moe_ffn  # noqa: E402
 
-
 # ----------------------------------------------------------------------------- config
 
 @dataclass
@@ -201,6 +200,11 @@ def check_config(cfg):
     if cfg.ablate and cfg.ablate not in ABLATIONS:
         raise BadInput(f"--ablate={cfg.ablate}: expected one of {', '.join(ABLATIONS)}")
     mix_weights(cfg.mix)
+    for key in ("init_llm", "init_vit", "train_data"):  # fail before minutes of data building
+        if getattr(cfg, key) and not Path(getattr(cfg, key)).exists():
+            raise BadInput(f"--{key}={getattr(cfg, key)}: no such file")
+    if cfg.resume and not (Path(cfg.out_dir) / "model.safetensors").is_file():
+        raise BadInput(f"--resume=True: missing checkpoint {Path(cfg.out_dir) / 'model.safetensors'}")
     for fmt in cfg.caption_formats.split(","):
         if fmt not in shapes.CAPTION_FORMATS:
             raise BadInput(f"--caption_formats: unknown format {fmt!r} (choose from {shapes.CAPTION_FORMATS})")
@@ -666,6 +670,8 @@ def load_hf_weights(model, path, prefix_keep):
             state.update(load_file(str(f)))
         except Exception as e:  # safetensors raises its own error types on corrupt files
             raise BadInput(f"{f}: not a readable safetensors file ({e})") from None
+    if prefix_keep == "vision_model." and not any(k.startswith(prefix_keep) for k in state):
+        state = {prefix_keep + k: v for k, v in state.items()}  # CLIPVisionModel saved by transformers >= 5
     ours = {k: v for k, v in model.state_dict().items() if k.startswith(prefix_keep)}
     theirs = {k: v for k, v in state.items() if k.startswith(prefix_keep)}
     if "lm_head.weight" in ours and "lm_head.weight" not in theirs and "model.embed_tokens.weight" in theirs:
@@ -995,9 +1001,10 @@ def run(cfg, pools=None):
     summary = train(cfg, pools, model, device, rank, world, out_dir, log)
     if world > 1:
         dist.barrier()
-    if rank != 0:
-        dist.destroy_process_group()
-        return None
+    if rank != 0 or (cfg.stop_after and cfg.stop_after < cfg.steps):  # a split run evaluates once, at its end
+        if world > 1:
+            dist.destroy_process_group()
+        return summary
     t1 = time.time()
     metrics, samples = evaluate(model, pools, cfg, device)
     metrics.update(summary, data_time_s=round(data_time, 1), eval_time_s=round(time.time() - t1, 1))
