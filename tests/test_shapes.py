@@ -111,6 +111,34 @@ def test_every_task_renders_and_serialises():
     assert "emblem" in S.text_passage("train", 0) or S.text_passage("train", 0)
 
 
+def test_layout_boxes_inside_canvas_and_apart():
+    def overlap(p, q):
+        return p[0] < q[2] and q[0] < p[2] and p[1] < q[3] and q[1] < p[3]
+
+    for kind in S.KINDS:
+        for split in S.SPLITS:
+            for i in range(15):
+                scene = S.make_scene(split, i, 0, kind)
+                boxes = [o.box for o in scene.objects] + [t.box for t in scene.texts if kind != "ui"]
+                assert all(0 <= b[0] < b[2] <= 1000 and 0 <= b[1] < b[3] <= 1000 for b in boxes)
+                assert not any(overlap(p, q) for j, p in enumerate(boxes) for q in boxes[j + 1:]), scene.uid
+
+
+def test_gold_text_has_no_hallucinations_and_rejected_does():
+    for scene in _scenes(("natural",), splits=S.SPLITS, n=15):
+        for fmt in ("ssc", "dsc", "dsc+", "afc"):
+            assert not S.hallucinations(S.caption(scene, fmt), scene)
+        assert not S.hallucinations(S.caption(scene, "alttext", misalign=0.0), scene)
+    assert S.object_mentions("Two red stars and a circle.") == [("red", "star"), (None, "circle")]
+    caught = []
+    for i in range(60):
+        pair = S.preference_pair("human", i)
+        assert not S.hallucinations(pair["chosen"], pair["scene"])
+        if pair["prompt"].startswith("Describe"):
+            caught.append(bool(S.hallucinations(pair["rejected"], pair["scene"])))
+    assert len(caught) > 20 and np.mean(caught) > 0.75
+
+
 def _grid_to_px(grid, size):
     return [round(v / 999 * size) for v in grid]
 

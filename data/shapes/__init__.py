@@ -33,7 +33,9 @@ from .text import (
     emblem_facts,
     format_box,
     grounding,
+    hallucinations,
     iou,
+    object_mentions,
     parse_box,
     pope,
     position,
@@ -63,8 +65,8 @@ from .world import (
 __all__ = [
     "BACKGROUNDS", "CAPTION_FORMATS", "COLORS", "COLOR_RGB", "DSC_MAX_TOKENS", "EMBLEMS", "EMBLEM_BADGE",
     "EMBLEM_GLYPHS", "KINDS", "SHAPES", "SIZES", "SPLITS", "Obj", "Scene", "TextItem", "alttext", "approx_tokens",
-    "box_to_grid", "caption", "corpus", "emblem_facts", "export", "format_box", "grounding", "interleaved_document",
-    "iou", "load_image", "make_scene", "multi_image", "parse_box", "pope", "position", "preference_pair",
+    "box_to_grid", "caption", "corpus", "emblem_facts", "export", "format_box", "grounding", "hallucinations", "interleaved_document",
+    "iou", "object_mentions", "load_image", "make_scene", "multi_image", "parse_box", "pope", "position", "preference_pair",
     "read_image_text", "read_llava_json", "read_preference_jsonl", "reference", "referring", "render", "token_count",
     "scene_from_dict", "scene_to_dict", "text_passage", "video", "visual_name", "vqa",
 ]

@@ -11,6 +11,7 @@ import re
 
 from .world import (
     BADGE_SHAPES,
+    COLORS,
     EMBLEM_BADGE,
     EMBLEM_GLYPHS,
     EMBLEMS,
@@ -227,7 +228,7 @@ def _natural_sentences(scene: Scene, rng, dense: bool, names: bool) -> list[str]
             if o.emblem is not None:
                 cells = sum(map(sum, EMBLEM_GLYPHS[o.emblem]))
                 out.append(f"The glyph on the {visual_name(o)} is a symmetric pattern of {cells} "
-                           f"{glyph_color(o.color)} squares.")
+                           f"{glyph_color(o.color)} cells.")
         if scene.texture != "plain":
             out.append(f"The {scene.background} background has a {scene.texture} texture.")
     return out
@@ -525,6 +526,25 @@ def referring(scene: Scene) -> list[tuple[str, str]]:
     for t in _unique_texts(scene):
         out.append((f"What does the text at {format_box(box_to_grid(t.box, scene))} say?", t.text))
     return out
+
+
+# ----------------------------------------------------------------------------- checking free text
+_SHAPE_WORDS = {plural(s, 2): s for s in SHAPES} | {s: s for s in SHAPES}
+
+
+def object_mentions(text: str) -> list[tuple[str | None, str]]:
+    """(colour or None, shape) for every shape word in free text: "two red stars" -> [("red", "star")]."""
+    words = re.findall(r"[a-z]+|[^\sa-z]", text.lower())  # punctuation stays a token: "red | star" is no red star
+    return [(words[i - 1] if i and words[i - 1] in COLORS else None, _SHAPE_WORDS[w])
+            for i, w in enumerate(words) if w in _SHAPE_WORDS]
+
+
+def hallucinations(text: str, scene: Scene) -> list[tuple[str | None, str]]:
+    """Mentions in `text` of shapes (with their colour, when given) that the scene does not contain:
+    the numerator of a CHAIR-style hallucination rate."""
+    present = {(o.color, o.shape) for o in shapes_of(scene)}
+    shapes = {o.shape for o in shapes_of(scene)}
+    return [(c, s) for c, s in object_mentions(text) if (s not in shapes if c is None else (c, s) not in present)]
 
 
 # ----------------------------------------------------------------------------- world knowledge
