@@ -383,6 +383,10 @@ def test_cli_preview_export_and_bad_arguments(tmp_path, capsys):
     assert len(list((tmp_path / "x" / "images").glob("*.png"))) == 2
     with pytest.raises(SystemExit, match="unknown export kind 'gif'"):
         cli.main(["export", "--kind=gif", f"--out={tmp_path / 'y'}"])
+    with pytest.raises(SystemExit, match="error: export needs n >= 1"):
+        cli.main(["export", "--n=0", f"--out={tmp_path / 'y'}"])
+    with pytest.raises(SystemExit, match="error: unknown split 'dev'"):
+        cli.main(["export", "--split=dev", f"--out={tmp_path / 'y'}"])
     with pytest.raises(SystemExit, match="bad argument '--colour=1'"):
         cli.main(["bench", "--colour=1"])
     with pytest.raises(SystemExit, match="--n must be int"):

@@ -41,13 +41,13 @@ DEFAULTS = {
 
 def parse_args(argv: list[str]) -> tuple[str, dict]:
     """`command --key=value ...` with values read by ast.literal_eval and type-checked against DEFAULTS."""
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in DEFAULTS:
-        raise SystemExit(__doc__ if not argv or argv[0] in ("-h", "--help")
-                         else f"error: unknown command {argv[0]!r}; expected one of {', '.join(DEFAULTS)}")
+    if not argv or "-h" in argv or "--help" in argv:
+        print(__doc__)
+        raise SystemExit(0)
+    if argv[0] not in DEFAULTS:
+        raise SystemExit(f"error: unknown command {argv[0]!r}; expected one of {', '.join(DEFAULTS)}")
     command, args = argv[0], dict(DEFAULTS[argv[0]])
     for arg in argv[1:]:
-        if arg in ("-h", "--help"):
-            raise SystemExit(__doc__)
         key, eq, raw = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not eq or key not in args:
             raise SystemExit(f"error: bad argument {arg!r} for {command}; known: "

@@ -176,6 +176,8 @@ def export(kind: str, n: int, out, split: str = "train", seed: int = 0, size: in
     png (PNG files + scenes.jsonl with the scene graphs)."""
     if kind not in ("caption", "llava", "preference", "png"):
         raise ValueError(f"unknown export kind {kind!r}; expected caption, llava, preference or png")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"export needs n >= 1 items, got n={n!r}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
