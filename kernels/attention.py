@@ -35,7 +35,7 @@ try:
 except ImportError:  # runtime installs need only torch: the SDPA path works, the kernels are never launched
     from types import SimpleNamespace
     triton = SimpleNamespace(jit=lambda fn: fn, autotune=lambda **_: lambda fn: fn, Config=lambda *a, **k: None)
-    tl = SimpleNamespace(constexpr=None)
+    tl = SimpleNamespace(constexpr=lambda value=None: value)
     HAS_TRITON = False
 
 # read once, like triton itself decides at import whether @triton.jit compiles or interprets
@@ -123,7 +123,9 @@ def _sdpa_attention(q, k, v, causal, scale, key_lengths):
 # A query that sees no key stores LSE = +inf: its P is 0 everywhere, so its output and gradients are 0.
 
 LOG2_E = 1.4426950408889634
-MASKED_SCORE = -1.0e6  # finite "minus infinity": a fully masked tile never computes (-inf) - (-inf) = NaN
+# finite "minus infinity": a fully masked tile never computes (-inf) - (-inf) = NaN. Globals read inside
+# @triton.jit must be constexpr.
+MASKED_SCORE = tl.constexpr(-1.0e6)
 
 
 @triton.jit
@@ -194,7 +196,7 @@ def _fwd_configs():
     if INTERPRET:  # tiny, unequal tiles: cheap on CPU and still several blocks per test sequence
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4)]]
+            for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (64, 32, 4, 2)]]
 
 
 @triton.autotune(configs=_fwd_configs(), key=["N_Q", "N_KV", "HEAD_DIM", "CAUSAL"])
