@@ -19,7 +19,11 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from . import (
+    EMBLEM_BADGE,
+    EMBLEMS,
     KINDS,
+    Obj,
+    Scene,
     caption,
     export,
     grounding,
@@ -103,6 +107,17 @@ def preview(out: str, split: str, seed: int, size: int) -> Path:
     for j, scene in enumerate(scenes):
         pair.paste(render(scene, size // 2), (j * size // 2, size // 4))
     panels.append(_panel(pair, "multi-image", [f"{q} -> {ans}"]))
+    legend = Image.new("RGB", (size, size), (255, 255, 255))
+    cell = size // 4
+    draw = ImageDraw.Draw(legend)
+    for e in range(16):  # the first 16 of the named emblems, each on its own badge
+        shape, color = EMBLEM_BADGE[e]
+        badge = Scene(1000, 1000, "white", [Obj(shape, color, "large", (150, 60, 850, 760), emblem=e)])
+        x, y = (e % 4) * cell, (e // 4) * cell
+        legend.paste(render(badge, cell), (x, y))
+        draw.text((x + 2, y + cell - 13), EMBLEMS[e], fill=(0, 0, 0), font=font(max(8, cell // 8)))
+    panels.append(_panel(legend, f"emblems 0-15 of {len(EMBLEMS)}", ["AltText / AFC name them; SSC / DSC / DSC+ "
+                                                                      "describe them only visually."]))
     cols = 4
     rows = [panels[r:r + cols] for r in range(0, len(panels), cols)]
     heights = [max(p.height for p in row) for row in rows]

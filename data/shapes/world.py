@@ -214,13 +214,14 @@ def _document(rng: random.Random, split: str):
     title = f"The {rng.choice(EMBLEMS)} {rng.choice(['Report', 'Notes', 'Review', 'Bulletin', 'Guide'])}"
     taken: list = []
     texts = [_text_line(rng, title, 60, 50, 70, taken)]
-    lines, y = [], 160
+    # print size varies: fine print (26 units = 12 px at 448) needs the high resolutions MM1.5 studies
+    lines, y, h = [], 160, rng.choice([26, 32, 42])
     for _ in range(rng.randint(3, 6)):
         line = (f"{rng.choice(SENTENCE_SUBJECTS)} {rng.choice(SENTENCE_VERBS)} "
                 f"{rng.choice(SENTENCE_OBJECTS)}.")
         lines.append(line)
-        texts.append(_text_line(rng, line, 60, y, 42, taken))
-        y += 62
+        texts.append(_text_line(rng, line, 60, y, h, taken))
+        y += round(h * 1.5)
     objects = []
     if rng.random() < 0.6:  # a figure: a small natural scene in the lower part of the page
         objects, fig_texts = _natural(rng, split, area=(60, y + 30, 940, 900), max_objects=3, taken=taken)
