@@ -429,10 +429,10 @@ def vqa(scene: Scene, seed: int = 0) -> list[tuple[str, str]]:
                 qa.append((f"What shape is the {c} object?", same[0].shape))
         if objs:
             o = rng.choice(objs)
-            qa.append((f"Is there a {o.color} {o.shape}?", "yes"))
+            qa.append((f"Is there {a(o.color + ' ' + o.shape)}?", "yes"))
             fake = (rng.choice(["red", "green", "blue", "yellow", "purple"]), rng.choice(SHAPES))
             if not any((o.color, o.shape) == fake for o in objs):
-                qa.append((f"Is there a {fake[0]} {fake[1]}?", "no"))
+                qa.append((f"Is there {a(fake[0] + ' ' + fake[1])}?", "no"))
         big = sorted(objs, key=lambda o: -area(o.box))
         if len(big) > 1 and area(big[0].box) > area(big[1].box):
             qa.append(("Which shape is the largest?", visual_name(big[0])))
