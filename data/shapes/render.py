@@ -51,7 +51,7 @@ UNIT_POLYGONS = {
 }
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, rgb, background_rgb=(255, 255, 255)) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, rgb) -> None:
     x1, y1, x2, y2 = box
     w, h = x2 - x1, y2 - y1
     if shape in ("circle",):
@@ -136,7 +136,7 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
         draw.line([scale((x1, y1))[:2], scale((x2, y2))[:2], (930 * k, y2 * k)], fill=(60, 60, 60), width=width)
     for obj in scene.objects:
         box = scale(obj.box)
-        draw_shape(draw, obj.shape, box, COLOR_RGB[obj.color], bg)
+        draw_shape(draw, obj.shape, box, COLOR_RGB[obj.color])
         if obj.emblem is not None:
             draw_glyph(draw, obj.emblem, box, obj.color)
     for item in scene.texts:

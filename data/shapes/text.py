@@ -10,7 +10,6 @@ import math
 import re
 
 from .world import (
-    BADGE_SHAPES,
     COLORS,
     EMBLEM_BADGE,
     EMBLEM_GLYPHS,
@@ -563,5 +562,3 @@ def emblem_facts(emblem: int) -> dict:
     return {"name": EMBLEMS[emblem], "shape": shape, "color": color, "glyph": glyph_color(color), "home": home,
             "year": rng.randint(1650, 1990), "meaning": rng.choice(MEANINGS)}
 
-
-assert set(BADGE_SHAPES) <= set(SHAPES)

@@ -74,6 +74,7 @@ def _emblem_glyphs(n: int = 128) -> list[tuple[tuple[int, ...], ...]]:
 EMBLEMS = _emblem_names()
 EMBLEM_GLYPHS = _emblem_glyphs(len(EMBLEMS))
 BADGE_SHAPES = ("circle", "square", "hexagon", "diamond")
+assert set(BADGE_SHAPES) <= set(SHAPES)  # a badge is also a shape: POPE and VQA count it as one
 # Each emblem always wears the same badge shape and colour, so it is one fixed, learnable picture.
 EMBLEM_BADGE = [(BADGE_SHAPES[i % 4], COLORS[(i * 7 + i // 4) % len(COLORS)]) for i in range(len(EMBLEMS))]
 
