@@ -30,7 +30,143 @@ def time_ms(fn, warmup=5, iters=20):
 
 
 def bench_attention(argv):
-    raise SystemExit("attention benchmark: being written (issue 3)")
+    """Flash attention: TFLOP/s of fwd, bwd and fwd+bwd for the Triton kernels, torch SDPA (flash backend)
+    and a naive bf16 version that materialises the scores, at 16k tokens per step (batch = 16384 // N,
+    heads = 2048 // D, like FlashAttention-2's benchmark); then peak memory of fwd+bwd at batch 1.
+    Options (key=value): n=512,1024,2048,4096,8192,16384 d=64,128 causal=both|true|false
+    naive_max_n=4096 (the naive version is skipped above it: O(N^2) memory). First checks the Triton path
+    against the fp32 reference on the GPU."""
+    import importlib
+
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kernels import attention, attention_reference
+
+    opts = dict(n="512,1024,2048,4096,8192,16384", d="64,128", causal="both", naive_max_n="4096")
+    for arg in argv:
+        key, _, value = arg.lstrip("-").partition("=")
+        if key not in opts:
+            raise SystemExit(f"bench attention: unknown option {key!r} (known: {', '.join(opts)})")
+        opts[key] = value
+    if opts["causal"] not in ("both", "true", "false"):
+        raise SystemExit(f"bench attention: causal={opts['causal']!r}: expected both, true or false")
+    seq_lens, head_dims = [[int(v) for v in opts[k].split(",")] for k in ("n", "d")]
+    causal_modes = {"both": [False, True], "true": [True], "false": [False]}[opts["causal"]]
+    naive_max_n = int(opts["naive_max_n"])
+    os.environ["KERNELS"] = "triton"  # `attention` runs the kernels (the default on CUDA, made explicit)
+    device = torch.device("cuda")
+
+    def sdpa_flash(q, k, v, causal):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    providers = {
+        "triton": lambda q, k, v, causal: attention(q, k, v, causal=causal),
+        "sdpa": sdpa_flash,
+        "naive": lambda q, k, v, causal: attention_reference(q, k, v, causal=causal, upcast=False),
+    }
+
+    def make(batch, heads, n, d, dtype=torch.bfloat16, kv_heads=None):
+        gen = torch.Generator(device=device).manual_seed(0)
+        rand = lambda h: torch.randn(batch, h, n, d, generator=gen, device=device, dtype=dtype).requires_grad_()
+        q, k, v = rand(heads), rand(kv_heads or heads), rand(kv_heads or heads)
+        return q, k, v, torch.randn(batch, heads, n, d, generator=gen, device=device, dtype=dtype)
+
+    # correctness on the GPU first: flash-attn's rule, |Triton - fp32| <= 2 |same-dtype naive - fp32| + atol
+    print("check: max |error| vs the fp32 reference, Triton and same-dtype naive (odd N, GQA, padded keys)")
+    for dtype, n, d, causal, kv_heads, lengths in [(torch.bfloat16, 1000, 128, True, 2, None),
+                                                   (torch.bfloat16, 777, 64, False, 8, [777, 300]),
+                                                   (torch.float16, 333, 40, True, 4, [200, 0]),
+                                                   (torch.float32, 257, 64, False, 8, None)]:
+        q, k, v, grad_out = make(2, 8, n, d, dtype, kv_heads)
+        kw = dict(causal=causal, key_lengths=None if lengths is None else torch.tensor(lengths, device=device))
+        results = {}
+        for name, fn, extra in [("exact", attention_reference, {}), ("triton", attention, {}),
+                                ("naive", attention_reference, {"upcast": False})]:
+            out = fn(q, k, v, **kw, **extra)
+            results[name] = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+        atol = 1e-2 if dtype == torch.float32 else 2e-2  # fp32 matmuls in the kernels run as TF32
+        line = []
+        for i, name in enumerate(["out", "dq", "dk", "dv"]):
+            err_tri, err_naive = [(results[p][i].float() - results["exact"][i].float()).abs().max().item()
+                                  for p in ("triton", "naive")]
+            flag = "" if err_tri <= 2 * err_naive + atol else " <-- TOO LARGE"
+            line.append(f"{name} {err_tri:.1e} ({err_naive:.1e}){flag}")
+        print(f"  {str(dtype)[6:]:8s} N{n} D{d} causal={causal} Hq/Hkv=8/{kv_heads} lengths={lengths}: " + ", ".join(line))
+
+    def timings(fn, q, k, v, grad_out, causal):
+        """Milliseconds of (fwd under no_grad, bwd alone, fwd+bwd) of fn."""
+        with torch.no_grad():
+            fwd = time_ms(lambda: fn(q, k, v, causal))
+        out = fn(q, k, v, causal)
+        bwd = time_ms(lambda: torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True))
+        both = time_ms(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), grad_out))
+        return fwd, bwd, both
+
+    tokens, width = 16384, 2048
+    print(f"\nTFLOP/s, bf16, {tokens} tokens per step (batch = {tokens} // N), heads = {width} // D; "
+          "FLOPs: fwd 4*B*H*N^2*D (half if causal), bwd 2.5x fwd")
+    print("| D | causal | N | pass | Triton | SDPA flash | naive | Triton speed / SDPA |")
+    print("|---|---|---|---|---|---|---|---|")
+    for d in head_dims:
+        for causal in causal_modes:
+            for n in seq_lens:
+                batch, heads = max(1, tokens // n), width // d
+                q, k, v, grad_out = make(batch, heads, n, d)
+                fwd_flop = 4 * batch * heads * n * n * d * (0.5 if causal else 1.0)
+                results = {}
+                for name, fn in providers.items():
+                    if name == "naive" and n > naive_max_n:
+                        continue
+                    try:
+                        results[name] = timings(fn, q, k, v, grad_out, causal)
+                    except torch.cuda.OutOfMemoryError:
+                        results[name] = None
+                    torch.cuda.empty_cache()
+                for i, (pass_name, flop) in enumerate([("fwd", fwd_flop), ("bwd", 2.5 * fwd_flop),
+                                                       ("fwd+bwd", 3.5 * fwd_flop)]):
+                    tflops = {name: ("skipped" if name not in results else "OOM" if results[name] is None
+                                     else f"{flop / results[name][i] / 1e9:.0f}") for name in providers}
+                    ratio = (f"{results['sdpa'][i] / results['triton'][i]:.2f}x"
+                             if results.get("sdpa") and results.get("triton") else "-")
+                    print(f"| {d} | {causal} | {n} | {pass_name} | {tflops['triton']} | {tflops['sdpa']} | "
+                          f"{tflops['naive']} | {ratio} |", flush=True)
+                del q, k, v, grad_out
+                torch.cuda.empty_cache()
+
+    print(f"\npeak extra memory of one fwd+bwd (MiB above the inputs), bf16, batch 1, causal, heads = {width} // D")
+    print("| D | N | Triton | SDPA flash | naive | Triton KiB per token |")
+    print("|---|---|---|---|---|---|")
+    for d in head_dims:
+        for n in seq_lens:
+            q, k, v, grad_out = make(1, width // d, n, d)
+            peaks = {}
+            for name, fn in providers.items():
+                if name == "naive" and n > naive_max_n:
+                    peaks[name] = "skipped"
+                    continue
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                try:
+                    torch.autograd.grad(fn(q, k, v, True), (q, k, v), grad_out)
+                    torch.cuda.synchronize()
+                    peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                except torch.cuda.OutOfMemoryError:
+                    peaks[name] = "OOM"
+                torch.cuda.empty_cache()
+            show = lambda x: x if isinstance(x, str) else f"{x:.1f}"
+            per_token = "-" if isinstance(peaks["triton"], str) else f"{peaks['triton'] * 1024 / n:.1f}"
+            print(f"| {d} | {n} | {show(peaks['triton'])} | {show(peaks['sdpa'])} | {show(peaks['naive'])} | "
+                  f"{per_token} |", flush=True)
+            del q, k, v, grad_out
+
+    attention_module = importlib.import_module("kernels.attention")
+    for kernel in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+        print(f"last autotuned config of {kernel}: {getattr(attention_module, kernel).best_config}")
+    print(f"\n{torch.cuda.get_device_name()}; goal (H100, D=128, causal, N >= 2k): fwd >= 1.0x SDPA and "
+          ">= 450 TFLOP/s, fwd+bwd >= 0.8x SDPA; Triton memory per token flat in N (linear growth)")
 
 
 def bench_moe(argv):
