@@ -72,25 +72,25 @@ class Config:
     device: str = ""  # cpu | cuda | mps ("" = cuda if available)
     data: str = ""  # your image-text CSV/JSONL (filepath, caption[, alttext]): replaces the web split
     image_size: int = 32  # pixels per side of rendered images
-    patch_size: int = 4  # ViT patch side in pixels
+    patch_size: int = 8  # ViT patch side in pixels
     vit_width: int = 96  # image towers (captioner and CLIP): width
     vit_layers: int = 3  # image towers: transformer layers
     vit_heads: int = 4  # image towers: attention heads
     text_width: int = 96  # CLIP text tower width
-    text_layers: int = 3  # CLIP text tower layers
+    text_layers: int = 2  # CLIP text tower layers
     text_heads: int = 4  # CLIP text tower heads
     context_length: int = 77  # CLIP text limit in tokens (longer captions are truncated, as in CLIP)
     embed_dim: int = 64  # CLIP joint embedding size
     dec_width: int = 128  # captioner decoder width
-    dec_layers: int = 3  # captioner decoder layers
+    dec_layers: int = 2  # captioner decoder layers
     dec_heads: int = 4  # captioner decoder heads
     n_human: int = 2000  # captioner stage-1 images ("human" split, gold captions in every format)
     n_human2: int = 500  # captioner stage-2 images ("human2" split)
-    cap_steps: int = 600  # captioner stage-1 optimizer steps
+    cap_steps: int = 300  # captioner stage-1 optimizer steps
     stage2_steps: int = 0  # captioner stage-2 fine-tune steps (0 = skip)
     cap_batch: int = 32  # captioner batch size (images, one random format each)
     cap_lr: float = 2e-3  # captioner peak learning rate
-    cap_max_tokens: int = 160  # longest caption the captioner is trained on / generates (tokens)
+    cap_max_tokens: int = 128  # captions are cut to this many tokens for training / generation / CIDEr
     alt_tokens: int = 32  # AltText tokens the AFC prompt reads (left-padded to this length)
     n_cap_eval: int = 200  # held-out "test" scenes for the captioner's CIDEr / hallucination eval
     gen_batch: int = 256  # images per batched generation call
@@ -111,10 +111,10 @@ class Config:
 
 PRESETS = {
     "smoke": dict(image_size=16, patch_size=4, vit_width=32, vit_layers=1, vit_heads=2, text_width=32,
-                  text_layers=1, text_heads=2, embed_dim=16, dec_width=32, dec_layers=1, dec_heads=2, n_human=64,
-                  n_human2=16, cap_steps=6, stage2_steps=2, cap_batch=8, cap_max_tokens=48, alt_tokens=12,
-                  n_cap_eval=8, gen_batch=16, n_web=48, n_eval=24, recipes=("alt", "ssc50", "afc"),
-                  clip_steps=4, clip_batch=16, log_every=2, ckpt_every=3),
+                  text_layers=1, text_heads=2, embed_dim=16, dec_width=48, dec_layers=1, dec_heads=2, n_human=16,
+                  n_human2=16, cap_steps=80, stage2_steps=2, cap_batch=16, cap_lr=5e-3, cap_max_tokens=32, alt_tokens=12,
+                  n_cap_eval=8, gen_batch=16, n_web=32, n_eval=24, recipes=("alt", "ssc50", "afc"),
+                  clip_steps=4, clip_batch=16, log_every=20, ckpt_every=3),
     "cpu": dict(),
     "gpu": dict(image_size=64, patch_size=8, vit_width=384, vit_layers=6, vit_heads=6, text_width=384, text_layers=6,
                 text_heads=6, embed_dim=256, dec_width=512, dec_layers=6, dec_heads=8, n_human=20000, n_human2=5000,
@@ -592,16 +592,16 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, step: int, cfg: Con
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer=None, cfg: Config | None = None) -> int:
-    """Restores weights (and optimizer state); checks the architecture fields of the saved config."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer=None, cfg: Config | None = None, keys=ARCH_KEYS) -> int:
+    """Restores weights (and optimizer state); checks that the saved config agrees with `cfg` on `keys`."""
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     saved = json.loads(meta.get("config", "{}"))
     if cfg is not None:
-        bad = [f"{k}={saved.get(k)!r} (run: {getattr(cfg, k)!r})" for k in ARCH_KEYS if saved.get(k) != getattr(cfg, k)]
+        bad = [f"{k}={saved.get(k)!r} (run: {getattr(cfg, k)!r})" for k in keys if saved.get(k) != getattr(cfg, k)]
         if bad:
-            raise ValueError(f"{path}: checkpoint config differs: {', '.join(bad)}")
+            raise ValueError(f"{path}: checkpoint config differs: {', '.join(bad)}; use another --out_dir")
     tensors = load_file(str(path))
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -630,11 +630,12 @@ class Logger:
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
-def train(model: nn.Module, step_loss, steps: int, lr: float, cfg: Config, ckpt: Path, name: str, log, device):
+def train(model: nn.Module, step_loss, steps: int, lr: float, cfg: Config, ckpt: Path, name: str, log, device,
+          keys=ARCH_KEYS):
     """Generic loop. step_loss(runner, step) -> (loss, items, flops) for this rank's shard of batch `step`.
     Resumes from `ckpt` if present (weights, AdamW state, step; batches depend only on the step)."""
     optimizer = make_optimizer(model, lr, cfg.weight_decay)
-    start = load_checkpoint(ckpt, model, optimizer, cfg) if ckpt.exists() else 0
+    start = load_checkpoint(ckpt, model, optimizer, cfg, keys) if ckpt.exists() else 0
     rank, world = dist_info()
     runner = torch.compile(model) if cfg.compile and device.type == "cuda" else model
     if world > 1:
@@ -691,7 +692,7 @@ def train_captioner(data: ImageSet, cfg: Config, texts: Texts, device, log, step
         tokens = len(idx) * ((cfg.image_size // cfg.patch_size) ** 2 + ids.shape[1])
         return caption_loss(logits, targets[:, : ids.shape[1] - 1].to(device)), len(idx), 6.0 * n_params * tokens
 
-    return train(model, step_loss, steps, cfg.cap_lr, cfg, ckpt, name, log, device)
+    return train(model, step_loss, steps, cfg.cap_lr, cfg, ckpt, name, log, device, ARCH_KEYS + ("seed", "n_human"))
 
 
 @torch.no_grad()
@@ -758,11 +759,12 @@ def evaluate_captioner(model: Captioner, data: ImageSet, cfg: Config, texts: Tex
         precision = sum(p * m for p, _, m in pr) / n_mentions if n_mentions else None
         emblems = [(shapes.EMBLEMS[o.emblem], c) for c, s in zip(generated[f], data.scenes) for o in s.objects
                    if o.emblem is not None]
-        metrics[f] = {"CIDEr-D": cider_d(generated[f], [[g] for g in data.captions[f]]),
+        gold = [texts.enc.decode(texts.encode(c)[: cfg.cap_max_tokens]) for c in data.captions[f]]  # as trained
+        metrics[f] = {"CIDEr-D": cider_d(generated[f], [[g] for g in gold]),
                       "obj P": precision, "obj R": float(np.mean([r for _, r, _ in pr])),
                       "halluc.": None if precision is None else 1 - precision,
                       "tokens": float(np.mean([len(texts.encode(c)) for c in generated[f]])),
-                      "gold tokens": float(np.mean([len(texts.encode(c)) for c in data.captions[f]])),
+                      "gold tokens": float(np.mean([len(texts.encode(c)) for c in data.captions[f]])),  # uncut
                       "names": float(np.mean([n in c for n, c in emblems])) if emblems else 0.0}
     return metrics, generated
 
@@ -793,7 +795,7 @@ def train_clip(recipe: str, data: ImageSet, synthetic: dict, cfg: Config, texts:
         return clip_loss(image_emb, text_emb, logit_scale), len(idx), flops
 
     return train(model, step_loss, cfg.clip_steps, cfg.clip_lr, cfg, Path(cfg.out_dir) / f"clip_{recipe}.safetensors",
-                 f"clip_{recipe}", log, device)
+                 f"clip_{recipe}", log, device, ARCH_KEYS + ("seed", "data", "n_web"))
 
 
 # Zero-shot prompt templates (averaged per class, as in CLIP's ImageNet eval).
@@ -985,6 +987,17 @@ def main(argv: list[str] | None = None):
         print(json.dumps(dataclasses.asdict(cfg)))
     log, texts, timings = Logger(out / "log.jsonl"), Texts(), {}
     clock = time.time()
+    if cfg.data:  # read (and check) the user's file before any training
+        try:
+            pairs = read_user_pairs(cfg.data, cfg)
+        except (ValueError, OSError) as err:
+            raise SystemExit(f"--data: {err}") from None
+        cut = len(pairs.images) - min(cfg.n_eval, len(pairs.images) // 5)  # the tail is held out for retrieval
+        web = ImageSet(pairs.images[:cut], pairs.alttexts[:cut])
+        held_out = ImageSet(pairs.images[cut:], pairs.alttexts[cut:], None, {"caption": pairs.captions["caption"][cut:]})
+    else:
+        web = render_split("web", 0, cfg.n_web, cfg, gold=False)
+        held_out = render_split("web", cfg.n_web, cfg.n_eval, cfg, gold=True)
 
     # 1. the controllable captioner: stage 1 on "human", optional stage 2 on "human2"
     human = render_split("human", 0, cfg.n_human, cfg, gold=True)
@@ -1004,18 +1017,6 @@ def main(argv: list[str] | None = None):
 
     # 2. caption the web images (or the user's), cached as JSONL
     clock = time.time()
-    if cfg.data:
-        try:
-            pairs = read_user_pairs(cfg.data, cfg)
-        except (ValueError, OSError) as err:
-            raise SystemExit(f"--data: {err}") from None
-        n_eval = min(cfg.n_eval, len(pairs.images) // 5)
-        cut = len(pairs.images) - n_eval
-        web = ImageSet(pairs.images[:cut], pairs.alttexts[:cut])
-        held_out = ImageSet(pairs.images[cut:], pairs.alttexts[cut:], None, {"caption": pairs.captions["caption"][cut:]})
-    else:
-        web = render_split("web", 0, cfg.n_web, cfg, gold=False)
-        held_out = render_split("web", cfg.n_web, cfg.n_eval, cfg, gold=True)
     fmts = sorted({parse_recipe(r)[0] for r in cfg.recipes} - {"alt"})
     key = json.dumps([getattr(cfg, k) for k in ARCH_KEYS + ("seed", "data", "n_human", "cap_steps", "stage2_steps")])
     cache = out / f"captions_{hashlib.sha1(key.encode()).hexdigest()[:10]}.jsonl"
