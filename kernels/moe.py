@@ -28,16 +28,25 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
+
+    HAS_TRITON = True
 except ImportError:  # CPU-only torch wheels come without Triton: the reference path still works
+    from types import SimpleNamespace
 
-    class _NoTriton:  # just enough for the @triton.jit definitions below to be parsed
-        constexpr = None
+    HAS_TRITON = False  # a stand-in just rich enough for the kernel definitions below to be parsed
+    triton = SimpleNamespace(jit=lambda fn: fn, autotune=lambda **_: lambda fn: fn, Config=lambda *a, **k: None)
+    tl = SimpleNamespace(constexpr=None)
 
-        @staticmethod
-        def jit(fn):
-            return fn
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels on CPU tensors (tests); no bf16 there
+BLOCK_M = 16 if INTERPRET else 64  # rows per GEMM block = the padding unit of every expert's segment
 
-    triton = tl = _NoTriton()
+
+def gemm_configs():
+    """Tile candidates, autotuned once per (N, K) on the GPU; a single small tile in the slow interpreter."""
+    if INTERPRET:
+        return [triton.Config(dict(BLOCK_N=32, BLOCK_K=32), num_warps=1, num_stages=1)]
+    return [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s) for n, k, w, s in
+            [(128, 64, 4, 3), (128, 64, 8, 4), (256, 64, 8, 3), (64, 64, 4, 4), (128, 128, 8, 3)]]
 
 # ----------------------------------------------------------------------------------------------
 # Router (plain PyTorch on every path: it is a (T, C) x (C, E) product, tiny next to the experts)
@@ -167,6 +176,7 @@ def plan_dispatch(expert_idx, num_experts, block_m):
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 
+@triton.autotune(configs=gemm_configs(), key=["N", "K"])
 @triton.jit
 def grouped_matmul_kernel(
     a_ptr, w_ptr, out_ptr, sorted_pair_ptr, block_expert_ptr,
@@ -180,8 +190,9 @@ def grouped_matmul_kernel(
     row(p) = token of pair p if GATHER (rows of x are gathered on load: no permuted copy of x is ever
     written), else p (a is already in the sorted order). Padding rows load zeros and store zeros.
     """
-    pid_m = tl.program_id(0)  # fastest grid axis: neighbouring programs share the same w tile in L2
-    pid_n = tl.program_id(1)
+    num_n_tiles = tl.cdiv(N, BLOCK_N)  # N tiles vary fastest: they reuse this block's gathered rows from L2,
+    pid_m = tl.program_id(0) // num_n_tiles  # and an expert's blocks run close together, sharing its w tiles
+    pid_n = tl.program_id(0) % num_n_tiles
     expert = tl.load(block_expert_ptr + pid_m)
     if expert >= num_experts:  # block past the last expert's segment
         return
@@ -208,6 +219,7 @@ def grouped_matmul_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=offs_n[None, :] < N)
 
 
+@triton.autotune(configs=gemm_configs(), key=["N", "K"])
 @triton.jit
 def grouped_weight_grad_kernel(
     grad_out_ptr, a_ptr, grad_w_ptr, sorted_pair_ptr, segment_offsets_ptr,
@@ -292,41 +304,30 @@ def combine_backward_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers and autograd
 
-def tile_sizes():
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): small tiles under the CPU interpreter (slow)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return 16, 32, 32, 1, 1
-    return 64, 128, 64, 4, 3
-
-
 def grouped_matmul(a, w, plan, gather):
     """(rows, K) x (E, N, K) -> (R, N) in the sorted order: out[p] = a[row(p)] @ w[expert(p)].T."""
     num_experts, n, k = w.shape
-    _, block_n, block_k, num_warps, num_stages = tile_sizes()
     out = a.new_empty(plan.sorted_pair.numel(), n)
-    grid = (plan.block_expert.numel(), triton.cdiv(n, block_n))
+    grid = lambda meta: (plan.block_expert.numel() * triton.cdiv(n, meta["BLOCK_N"]),)
     grouped_matmul_kernel[grid](
         a, w, out, plan.sorted_pair, plan.block_expert, n, k, plan.num_pairs, num_experts,
-        *a.stride(), *w.stride(), *out.stride(), TOP_K=plan.top_k, GATHER=gather,
-        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        *a.stride(), *w.stride(), *out.stride(), TOP_K=plan.top_k, GATHER=gather, BLOCK_M=plan.block_m)
     return out
 
 
 def grouped_weight_grad(grad_out, a, plan, gather):
     """(R, N) sorted grads x (rows, K) inputs -> (E, N, K): each expert's X^T dY over its own rows."""
     n, k = grad_out.shape[1], a.shape[1]
-    _, block_n, block_k, num_warps, num_stages = tile_sizes()
     grad_w = grad_out.new_empty(plan.num_experts, n, k)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k), plan.num_experts)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]), plan.num_experts)
     grouped_weight_grad_kernel[grid](
         grad_out, a, grad_w, plan.sorted_pair, plan.segment_offsets, n, k, plan.num_pairs,
-        *grad_out.stride(), *a.stride(), *grad_w.stride(), TOP_K=plan.top_k, GATHER=gather,
-        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        *grad_out.stride(), *a.stride(), *grad_w.stride(), TOP_K=plan.top_k, GATHER=gather, BLOCK_M=plan.block_m)
     return grad_w
 
 
 def combine_block_n(n):
-    return min(triton.next_power_of_2(n), 32 if os.environ.get("TRITON_INTERPRET") == "1" else 1024)
+    return min(triton.next_power_of_2(n), 32 if INTERPRET else 1024)
 
 
 def combine(rows, weight, plan):
@@ -393,7 +394,7 @@ class Combine(torch.autograd.Function):
 def moe_ffn_triton(x, router_weight, w1, w3, w2, top_k):
     """MoE SwiGLU FFN through the Triton kernels (same contract as moe_ffn)."""
     check_shapes(x, router_weight, w1, w3, w2, top_k)
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not x.is_cuda and not INTERPRET:
         raise RuntimeError("moe_ffn: Triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
     if torch.is_autocast_enabled(x.device.type):  # the kernels need one dtype: cast like autocast would
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -401,7 +402,7 @@ def moe_ffn_triton(x, router_weight, w1, w3, w2, top_k):
     else:
         x_in = x
     gates, expert_idx, aux = route(router_logits(x, router_weight), top_k)
-    plan = plan_dispatch(expert_idx, router_weight.shape[0], tile_sizes()[0])
+    plan = plan_dispatch(expert_idx, router_weight.shape[0], BLOCK_M)
     h1 = GroupedMatmul.apply(x_in, w1, plan, True)  # (R, F) sorted rows, x gathered on load
     h3 = GroupedMatmul.apply(x_in, w3, plan, True)  # (R, F)
     expert_out = GroupedMatmul.apply(F.silu(h1) * h3, w2, plan, False)  # (R, C)
@@ -421,7 +422,7 @@ def moe_ffn(x, router_weight, w1, w3, w2, top_k):
     if choice not in ("", "triton", "ref"):
         raise ValueError(f"KERNELS={choice!r}: expected 'triton' or 'ref'")
     if choice == "triton" or (choice == "" and x.is_cuda):
-        if not hasattr(triton, "cdiv"):  # the _NoTriton stand-in
+        if not HAS_TRITON:
             raise RuntimeError("moe_ffn: KERNELS=triton needs the triton package (pip install triton)")
         return moe_ffn_triton(x, router_weight, w1, w3, w2, top_k)
     return moe_ffn_reference(x, router_weight, w1, w3, w2, top_k)
