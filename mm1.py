@@ -95,12 +95,12 @@ class Config:
     balance_coef: float = 0.01      # load-balance loss weight
     z_coef: float = 0.001           # router z-loss weight
     # training
-    steps: int = 250                # optimizer steps
+    steps: int = 300                # optimizer steps
     batch_size: int = 8             # sequences per step (global, over all ranks)
     grad_accum: int = 1             # micro-batches per step
     lr: float = 0.0                 # peak lr (0: the paper's rule exp(-0.4214 ln N - 0.5535), N = decoder params)
     weight_decay: float = 0.1       # decoupled AdamW decay; torch multiplies it by lr: per-step decay 0.1 * lr, as in the paper
-    warmup: int = 25                # linear warmup steps, then cosine to min_lr_frac * lr
+    warmup: int = 30                # linear warmup steps, then cosine to min_lr_frac * lr
     min_lr_frac: float = 0.1        # final lr / peak lr
     grad_clip: float = 1.0          # max global grad norm
     log_every: int = 10             # steps between log lines
@@ -1041,11 +1041,11 @@ def bench_decoder(cfg, repeats=5):
     hf.load_state_dict({k: v for k, v in ours.state_dict().items() if k.startswith(("model.", "lm_head."))})
     ids = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len + 1), generator=torch.Generator().manual_seed(0))
 
-    def step_ours(opt):
+    def step_ours():
         logits, _ = ours(ids[:, :-1])
         (lm_loss_sum(logits, ids[:, 1:]) / ids[:, 1:].numel()).backward()
 
-    def step_hf(opt):
+    def step_hf():
         hf(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss.backward()  # HF shifts the labels itself
 
     times = {}
@@ -1053,9 +1053,9 @@ def bench_decoder(cfg, repeats=5):
         params = [p for n, p in model.named_parameters() if not n.startswith(("vision_model.", "connector."))]
         opt = torch.optim.AdamW(params, lr=1e-4)
         samples = []
-        for i in range(repeats + 2):  # 2 warm-up steps
+        for _ in range(repeats + 2):  # 2 warm-up steps
             t = time.perf_counter()
-            fn(opt)
+            fn()
             opt.step()
             opt.zero_grad(set_to_none=True)
             samples.append(time.perf_counter() - t)
