@@ -177,7 +177,9 @@ def _cities(n_cities: int) -> list[Entity]:
                 if a and a != name and a not in aliases:
                     aliases.append(a)
         pop = max(c["population"], 1000)
-        out.append(Entity(f"city:{c['geonameid']}", name, aliases[:4], "city", min(1.0, _log10(pop) / 7.5)))
+        # short forms of the name first ("new york"), then short one-word exonyms ("bombay")
+        aliases.sort(key=lambda a: (not name.startswith(a), len(a.split()), len(a)))
+        out.append(Entity(f"city:{c['geonameid']}", name, aliases[:6], "city", min(1.0, _log10(pop) / 7.5)))
     return out
 
 
