@@ -126,7 +126,7 @@ PRESETS = {
                   n_passages=24, eval_scenes=3, shots="0,2", n_eval_passages=4, max_new_tokens=8, lr=3e-3),
     "cpu": dict(),
     "ablate": dict(steps=100, warmup=10, n_caption_scenes=1200, n_documents=300, n_passages=1000,
-                   eval_scenes=20, n_eval_passages=20),
+                   eval_scenes=30, n_eval_passages=30),
     "gpu": dict(image_size=224, patch_size=14, vit_width=768, vit_layers=12, vit_heads=12, image_tokens=64,
                 n_layer=16, n_embd=1024, n_head=16, n_kv_head=4, ffn_hidden=2816, seq_len=1024, batch_size=64,
                 steps=5000, warmup=200, log_every=20, ckpt_every=500, n_caption_scenes=60000,

@@ -201,10 +201,10 @@ def test_resume_is_exact(smoke_run, tmp_path):
 def test_ddp_two_processes_equal_one(tmp_path):
     args = SMOKE + ["--steps=8", "--stop_after=4", "--log_every=1", "--batch_size=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(ROOT / "mm1.py"), *args, f"--out_dir={tmp_path / 'one'}"],
-                   check=True, env=env, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(ROOT / "mm1.py"), *args, f"--out_dir={tmp_path / 'two'}"], check=True, env=env, capture_output=True)
+    for launcher, out in (([], "one"), (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "two")):
+        proc = subprocess.run([sys.executable, *launcher, str(ROOT / "mm1.py"), *args, f"--out_dir={tmp_path / out}"],
+                              env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [x["step"] for x in one] == [x["step"] for x in two] == [1, 2, 3, 4]
     np.testing.assert_allclose([x["loss"] for x in two], [x["loss"] for x in one], rtol=1e-5)
