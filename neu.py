@@ -63,11 +63,11 @@ class Config:
     data: str = ""  # JointBERT root with train/ dev/ test/ (a user's NER data); "" = built-in voice queries
     catalog: str = ""  # catalogue JSONL (id, name, aliases, type, popularity) linked against with --data
     n_train: int = 6000  # built-in NER training queries (split evenly over train_noises)
-    n_rerank: int = 1500  # dev queries that train the joint reranker
+    n_rerank: int = 2000  # dev queries that train the joint reranker
     n_domain: int = 1500  # further dev queries that train the domain classifiers
-    n_test: int = 1000  # test queries per noise rate
+    n_test: int = 1500  # test queries per noise rate
     train_noises: tuple = (0.0, 0.1, 0.2)  # ASR noise rates mixed into every training set
-    test_noises: tuple = (0.0, 0.1, 0.2)  # one table block per rate (0.0 = clean)
+    test_noises: tuple = (0.0, 0.2, 0.4)  # one table block per rate (0.0 = clean; 0.4 is beyond training)
     word_dim: int = 64  # word embedding width
     char_dim: int = 24  # character embedding width
     char_channels: int = 48  # char-CNN filters (noise-robust sub-word evidence)
@@ -75,7 +75,7 @@ class Config:
     dropout: float = 0.3  # dropout on embeddings and LSTM outputs
     word_dropout: float = 0.05  # train-time rate of replacing a word by <unk> (teaches OOV handling)
     min_word_count: int = 2  # rarer training words map to <unk>
-    steps: int = 1500  # NER optimizer steps
+    steps: int = 2000  # NER optimizer steps
     batch_size: int = 32  # sentences per step (global, split over DDP ranks)
     lr: float = 3e-3  # peak AdamW learning rate
     weight_decay: float = 0.01  # AdamW decay on >=2-D parameters only
@@ -128,7 +128,7 @@ def parse_config(argv: list[str]) -> Config:
             helps = _field_help()
             print("usage: python neu.py [--key=value ...]\n")
             for f in dataclasses.fields(Config):
-                print(f"  --{f.name}={f.default!r:<22} {helps.get(f.name, '')}")
+                print(f"  {'--' + f.name + '=' + repr(f.default):<34} {helps.get(f.name, '')}")
             sys.exit(0)
         if not arg.startswith("--") or "=" not in arg:
             raise ValueError(f"bad argument {arg!r}: expected --key=value (see --help)")
