@@ -433,6 +433,9 @@ def _triton_attention(q, k, v, causal, scale, key_lengths):
 def attention(q, k, v, causal=False, scale=None, key_lengths=None):
     """softmax(scale * Q K^T + mask) V. q (B, Hq, Nq, D), k / v (B, Hkv, Nkv, D) -> (B, Hq, Nq, D).
     See the module docstring for GQA, causal, key_lengths and the KERNELS override."""
+    if torch.is_autocast_enabled(q.device.type):  # like SDPA under autocast: run in the autocast dtype
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     _check_inputs(q, k, v, causal, key_lengths)
     forced = os.environ.get("KERNELS", "")
     if forced and forced not in KERNEL_PATHS:

@@ -118,6 +118,19 @@ def test_sdpa_path_matches_reference(monkeypatch, n, causal, key_lengths, dtype)
     assert_flash_rule(got, q, k, v, grad_out, f"sdpa N{n} causal={causal} lengths={key_lengths} {dtype}", **kwargs)
 
 
+def test_autocast_runs_in_the_autocast_dtype(monkeypatch):
+    """Mixed fp32 / fp16 inputs under autocast run in bf16 (as SDPA does) and send fp32 gradients back."""
+    monkeypatch.delenv("KERNELS", raising=False)
+    q, k, v, grad_out = make_inputs(2, 2, 1, 9, 16, torch.float32, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k.half(), v, causal=True)
+    assert out.dtype == torch.bfloat16
+    expected = attention_reference(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+    assert (out.float() - expected.float()).abs().max().item() <= 2e-2
+    out.float().backward(grad_out)
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
+
+
 def test_dispatch_follows_device_and_kernels_variable(monkeypatch):
     calls = []
     monkeypatch.setattr(attention_module, "_triton_attention", lambda *a: calls.append("triton") or a[0] * 0)
