@@ -86,7 +86,7 @@ def bench_attention(argv):
                                 ("naive", attention_reference, {"upcast": False})]:
             out = fn(q, k, v, **kw, **extra)
             results[name] = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
-        atol = 1e-2 if dtype == torch.float32 else 2e-2  # fp32 matmuls in the kernels run as TF32
+        atol = 2e-2  # for fp32 the same-dtype error is ~0 and the kernels' matmuls run as TF32: atol decides
         line = []
         for i, name in enumerate(["out", "dq", "dk", "dv"]):
             err_tri, err_naive = [(results[p][i].float() - results["exact"][i].float()).abs().max().item()
