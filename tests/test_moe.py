@@ -171,6 +171,60 @@ def test_triton_under_autocast_casts_like_autocast():
         assert max_error(got, exact) <= 5e-3 * exact.abs().max().item() + 1e-3
 
 
+# ---------------------------------------------------------------- the CUDA path compiles (no GPU needed)
+
+def compile_kernels_for_hopper():
+    """Compile the four kernels for sm_90 with bf16 pointers, specialised as a launch at MM1-MoE size
+    would be (ints equal to 1 become constants, multiples of 16 get divisibility hints); run in a
+    subprocess without TRITON_INTERPRET, since the interpreter patches triton.language in-process."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    tokens, d_model, d_ff, num_experts, top_k = 4096, 1024, 2816, 64, 2
+    pairs = tokens * top_k
+    gemm = dict(N=d_ff, K=d_model, stride_am=d_model, stride_ak=1, stride_we=d_ff * d_model, stride_wn=d_model,
+                stride_wk=1, stride_om=d_ff, stride_on=1, stride_gm=d_ff, stride_gn=1, num_pairs=pairs,
+                num_experts=num_experts, TOP_K=top_k, GATHER=True, BLOCK_M=moe.BLOCK_M, BLOCK_N=128, BLOCK_K=64)
+    combine = dict(N=d_model, stride_r=d_model, stride_o=d_model, stride_g=d_model, TOP_K=top_k, BLOCK_N=1024)
+    fp32_ptrs = ("weight_ptr", "grad_weight_ptr")
+    int_ptrs = ("sorted_pair_ptr", "block_expert_ptr", "segment_offsets_ptr", "pair_position_ptr")
+    for kernel, values in [(moe.grouped_matmul_kernel, gemm), (moe.grouped_weight_grad_kernel, gemm),
+                           (moe.combine_kernel, combine), (moe.combine_backward_kernel, combine)]:
+        jit_fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+        signature, constants, attrs = {}, {}, {}
+        for i, name in enumerate(jit_fn.arg_names):
+            if name.endswith("_ptr"):
+                signature[name] = "*i64" if name in int_ptrs else "*fp32" if name in fp32_ptrs else "*bf16"
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif name.isupper() or values[name] == 1:
+                signature[name], constants[name] = "constexpr", values[name]
+            else:
+                signature[name] = "i32"
+                if values[name] % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        compiled = triton.compile(ASTSource(jit_fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=4, num_stages=3))
+        uses_tensor_cores = "wgmma" in compiled.asm["ptx"]
+        print(jit_fn.__name__, "shared bytes", compiled.metadata.shared, "wgmma" if uses_tensor_cores else "")
+        assert uses_tensor_cores == ("grouped" in jit_fn.__name__), jit_fn.__name__
+
+
+@needs_triton
+def test_kernels_compile_for_hopper_gpu():
+    import subprocess
+    import sys
+
+    import triton.backends
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", "import tests.test_moe as t; t.compile_kernels_for_hopper()"],
+                            cwd=repo_root, env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wgmma") == 2, result.stdout
+
+
 # ---------------------------------------------------------------- entry point
 
 def test_entry_point_dispatch(monkeypatch):
