@@ -76,6 +76,7 @@ class Config:
     input_archs: str = "bag,cnn,transformer,bilstm,gru,seq2seq"  # archs that get a row per input
     strategies: str = "incremental,ensemble"  # extra strategies (besides retrain), for strategy_archs
     strategy_archs: str = "bag,cnn,transformer,bilstm,gru,seq2seq"  # archs that get the extra strategy rows
+    detail_tasks: str = ""  # tasks that get the input and strategy rows (empty = all); the others: base rows
     n_seeds: int = 5  # N models per row (seed jitter over N(N-1)/2 pairs)
     n_snapshots: int = 3  # nested training snapshots D_1 c ... c D_S (update jitter over S-1 steps)
     first_snapshot: float = 0.8  # |D_1| / |D_S|; the others grow linearly to the full training set
@@ -114,9 +115,10 @@ class Config:
 PRESETS = {
     "smoke": dict(tasks="intent,slots", archs_cls="bag,gru", archs_tag="bilstm,seq2seq", input_archs="gru,seq2seq",
                   strategy_archs="bag,seq2seq", n_seeds=2, n_snapshots=2,
-                  ensemble_size=2, n_train=240, n_test=60, d_model=16, epochs=4, incremental_epochs=1, lr=1e-2,
+                  ensemble_size=2, n_train=160, n_test=40, d_model=16, epochs=2, incremental_epochs=1, lr=1e-2,
                   ft_sentences=300, ft_epochs=1, ft_buckets=2000),
-    "cpu": dict(input_archs="transformer,gru,seq2seq", strategy_archs="gru,seq2seq", n_snapshots=2),
+    "cpu": dict(input_archs="cnn,gru,transformer,seq2seq", strategy_archs="gru,transformer,seq2seq",
+                detail_tasks="intent,slots", n_snapshots=2, n_train=600, n_test=400),
     "gpu": dict(n_train=20000, n_test=2000, d_model=128, n_layers=2, n_heads=4, n_seeds=10, n_snapshots=5,
                 first_snapshot=0.6, epochs=8, incremental_epochs=3, batch_size=64, ft_sentences=100000,
                 ft_epochs=5, ft_buckets=200000),
@@ -309,9 +311,9 @@ def train_subword_vectors(sentences: list[list[str]], words_needed: list[str], c
         return torch.tensor([r + [pad] * (g_max - len(r)) for r in rows])
 
     sub = subwords(list(vocab)).to(device)
-    emb_in = nn.Embedding(pad + 1, cfg.d_model, padding_idx=pad).to(device)
+    emb_in = nn.Embedding(pad + 1, cfg.d_model, padding_idx=pad, sparse=True).to(device)  # sparse: few rows a step
     nn.init.uniform_(emb_in.weight, -0.5 / cfg.d_model, 0.5 / cfg.d_model)
-    emb_out = nn.Embedding(len(vocab), cfg.d_model).to(device)
+    emb_out = nn.Embedding(len(vocab), cfg.d_model, sparse=True).to(device)
     nn.init.zeros_(emb_out.weight)
     centers, contexts = [], []
     for s in sentences:  # all (center, context) pairs within the window
@@ -321,7 +323,7 @@ def train_subword_vectors(sentences: list[list[str]], words_needed: list[str], c
             contexts += ids[k:] + ids[:-k]
     centers, contexts = torch.tensor(centers), torch.tensor(contexts)
     neg_dist = torch.tensor(counts**0.75, dtype=torch.float)
-    opt = torch.optim.Adam(list(emb_in.parameters()) + list(emb_out.parameters()), lr=0.01)
+    opt = torch.optim.SparseAdam(list(emb_in.parameters()) + list(emb_out.parameters()), lr=0.01)
     bs = 1024
     for _ in range(cfg.ft_epochs):
         perm = torch.randperm(len(centers), generator=g)
@@ -729,6 +731,8 @@ def rows_for(task: Task, cfg: Config) -> list[tuple[str, str, str]]:
     """(arch, input, strategy) rows of a task: every arch x input retrained, plus the strategy rows."""
     archs = (cfg.archs_cls if task.kind == "cls" else cfg.archs_tag).split(",")
     rows = [(a, cfg.base_input, "retrain") for a in archs]
+    if cfg.detail_tasks and task.name not in cfg.detail_tasks.split(","):
+        return rows
     for inp in filter(None, cfg.inputs.split(",")):
         if inp not in ("random", "fasttext", "char"):
             raise SystemExit(f"error: unknown input {inp!r} (random, fasttext, char)")
@@ -839,9 +843,17 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.data and not Path(cfg.data).is_dir():
         raise SystemExit(f"error: --data={cfg.data} is not a directory (expected train/ and test/ JointBERT folders)")
     tasks = [folder_task(n, cfg) if cfg.data else builtin_task(n, cfg) for n in cfg.tasks.split(",")]
+    progress_path = out / "progress.json"
+    key = hashlib.md5(json.dumps(asdict(cfg) | {"out_dir": "", "device": ""}, sort_keys=True).encode()).hexdigest()
+    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+    if progress.get("config") != key:
+        progress = {"config": key, "jobs": {}}
+    jobs = [(t, row, k) for t in tasks for row in rows_for(t, cfg) for k in range(cfg.n_seeds)]
+    todo = [j for j in jobs if f"{j[0].name}/{'/'.join(j[1])}/{j[2]}" not in progress["jobs"]]
     # fastText-style vectors: one skip-gram model for all tasks, on unlabelled text (never the test labels)
-    needed = sorted({w for t in tasks for toks, _ in t.train + t.test for w in toks})
-    if "fasttext" in cfg.inputs or cfg.base_input == "fasttext":
+    vectors = {}
+    if any(row[1] == "fasttext" for _, row, _ in todo):
+        needed = sorted({w for t in tasks for toks, _ in t.train + t.test for w in toks})
         if cfg.vec:
             vectors = read_vec(cfg.vec, needed, cfg.d_model)
         else:
@@ -850,24 +862,16 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.time()
             vectors = train_subword_vectors(text, needed, cfg, cfg.device)
             log({"event": "fasttext", "sentences": len(text), "seconds": round(time.time() - t0, 1)})
-    else:
-        vectors = {}
-    progress_path = out / "progress.json"
-    key = hashlib.md5(json.dumps(asdict(cfg) | {"out_dir": "", "device": ""}, sort_keys=True).encode()).hexdigest()
-    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
-    if progress.get("config") != key:
-        progress = {"config": key, "jobs": {}}
-    jobs = [(t, row, k) for t in tasks for row in rows_for(t, cfg) for k in range(cfg.n_seeds)]
     experiments = {t.name: Experiment(t, cfg, vectors) for t in tasks}
-    todo = [j for j in jobs if f"{j[0].name}/{'/'.join(j[1])}/{j[2]}" not in progress["jobs"]]
     mine = todo[rank::world]
     (out / "models").mkdir(exist_ok=True)
     for task, (arch, inp, strat), k in tqdm(mine, desc="jobs", disable=rank != 0, mininterval=5):
         name = f"{task.name}/{arch}/{inp}/{strat}/{k}"
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         res = experiments[task.name].run(arch, inp, strat, k, lambda r, name=name: log({"job": name, **r}))
         progress["jobs"][name] = {"preds": res["preds"], "scores": res["scores"]}
-        log({"job": name, "scores": [round(s, 4) for s in res["scores"]], "seconds": round(time.time() - t0, 2)})
+        log({"job": name, "scores": [round(s, 4) for s in res["scores"]], "seconds": round(time.time() - t0, 2),
+             "cpu_seconds": round(time.process_time() - c0, 2)})
         if k == 0:
             save_safetensors(res["models"][0], out / "models" / f"{task.name}__{arch}__{inp}__{strat}.safetensors",
                              {"config": asdict(cfg), "row": [arch, inp, strat], "labels": task.labels})
