@@ -11,7 +11,8 @@ The Triton path (vLLM fused_moe / ScatterMoE style) never drops a token and neve
   1. plan_dispatch: stable-sort the T*k (token, slot) pairs by expert and pad each expert's segment to
      a multiple of BLOCK_M, so every BLOCK_M block of the sorted order belongs to a single expert.
   2. grouped_matmul_kernel: one program per (block, N tile) multiplies its rows by that expert's weight,
-     gathering the token rows of x on load; results are written in the sorted order.
+     gathering the token rows of x on load; results are written in the sorted order. h1 = x w1^T and
+     h3 = x w3^T, then swiglu_kernel (silu(h1) * h3 in one pass), then the same GEMM with w2.
   3. combine_kernel: y[t] = sum_j gate[t, j] * out[position of (t, j)]; one program owns each output
      row, so the sum over k needs no atomics and is deterministic.
   Backward: dX with the same grouped GEMM against w^T (then the combine over k), dW with a grouped
@@ -39,6 +40,7 @@ except ImportError:  # CPU-only torch wheels come without Triton: the reference 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels on CPU tensors (tests); no bf16 there
 BLOCK_M = 16 if INTERPRET else 64  # rows per GEMM block = the padding unit of every expert's segment
+ELEMENTWISE_BLOCK = 1024  # elements per program of the fused SwiGLU activation
 
 
 def gemm_configs():
@@ -301,6 +303,29 @@ def combine_backward_kernel(
         tl.store(grad_weight_ptr + token * TOP_K + j, tl.sum(dot, axis=0))
 
 
+@triton.jit
+def swiglu_kernel(h1_ptr, h3_ptr, out_ptr, num_elements, BLOCK: tl.constexpr):
+    """out = silu(h1) * h3, elementwise in fp32: one pass instead of torch's silu, then mul."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < num_elements
+    h1 = tl.load(h1_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    h3 = tl.load(h3_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (h1 * tl.sigmoid(h1) * h3).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def swiglu_backward_kernel(grad_ptr, h1_ptr, h3_ptr, grad_h1_ptr, grad_h3_ptr, num_elements, BLOCK: tl.constexpr):
+    """d(silu(h1) h3): grad_h3 = grad silu(h1), grad_h1 = grad h3 sigmoid(h1) (1 + h1 (1 - sigmoid(h1)))."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < num_elements
+    grad = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    h1 = tl.load(h1_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    h3 = tl.load(h3_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(h1)
+    tl.store(grad_h3_ptr + offs, (grad * h1 * sig).to(grad_h3_ptr.dtype.element_ty), mask=ok)
+    tl.store(grad_h1_ptr + offs, (grad * h3 * sig * (1 + h1 * (1 - sig))).to(grad_h1_ptr.dtype.element_ty), mask=ok)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers and autograd
 
@@ -368,6 +393,25 @@ class GroupedMatmul(torch.autograd.Function):
         return grad_a, grad_w, None, None
 
 
+class SwiGLU(torch.autograd.Function):
+    """silu(h1) * h3 on the (R, F) sorted rows in one fused pass, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, h1, h3):
+        ctx.save_for_backward(h1, h3)
+        out = torch.empty_like(h1)
+        swiglu_kernel[(triton.cdiv(h1.numel(), ELEMENTWISE_BLOCK),)](h1, h3, out, h1.numel(), BLOCK=ELEMENTWISE_BLOCK)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h1, h3 = ctx.saved_tensors
+        grad_h1, grad_h3 = torch.empty_like(h1), torch.empty_like(h3)
+        swiglu_backward_kernel[(triton.cdiv(h1.numel(), ELEMENTWISE_BLOCK),)](
+            grad_out.contiguous(), h1, h3, grad_h1, grad_h3, h1.numel(), BLOCK=ELEMENTWISE_BLOCK)
+        return grad_h1, grad_h3
+
+
 class Combine(torch.autograd.Function):
     """y (T, N) = sum_j gates[t, j] * rows[pair_position[t, j]], with d(rows) and d(gates)."""
 
@@ -405,7 +449,7 @@ def moe_ffn_triton(x, router_weight, w1, w3, w2, top_k):
     plan = plan_dispatch(expert_idx, router_weight.shape[0], BLOCK_M)
     h1 = GroupedMatmul.apply(x_in, w1, plan, True)  # (R, F) sorted rows, x gathered on load
     h3 = GroupedMatmul.apply(x_in, w3, plan, True)  # (R, F)
-    expert_out = GroupedMatmul.apply(F.silu(h1) * h3, w2, plan, False)  # (R, C)
+    expert_out = GroupedMatmul.apply(SwiGLU.apply(h1, h3), w2, plan, False)  # (R, C)
     return Combine.apply(expert_out, gates, plan), aux  # (T, C)
 
 

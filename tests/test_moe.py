@@ -174,7 +174,7 @@ def test_triton_under_autocast_casts_like_autocast():
 # ---------------------------------------------------------------- the CUDA path compiles (no GPU needed)
 
 def compile_kernels_for_hopper():
-    """Compile the four kernels for sm_90 with bf16 pointers, specialised as a launch at MM1-MoE size
+    """Compile the six kernels for sm_90 with bf16 pointers, specialised as a launch at MM1-MoE size
     would be (ints equal to 1 become constants, multiples of 16 get divisibility hints); run in a
     subprocess without TRITON_INTERPRET, since the interpreter patches triton.language in-process."""
     import triton
@@ -189,8 +189,10 @@ def compile_kernels_for_hopper():
     combine = dict(N=d_model, stride_r=d_model, stride_o=d_model, stride_g=d_model, TOP_K=top_k, BLOCK_N=1024)
     fp32_ptrs = ("weight_ptr", "grad_weight_ptr")
     int_ptrs = ("sorted_pair_ptr", "block_expert_ptr", "segment_offsets_ptr", "pair_position_ptr")
+    elementwise = dict(num_elements=pairs * d_ff, BLOCK=moe.ELEMENTWISE_BLOCK)
     for kernel, values in [(moe.grouped_matmul_kernel, gemm), (moe.grouped_weight_grad_kernel, gemm),
-                           (moe.combine_kernel, combine), (moe.combine_backward_kernel, combine)]:
+                           (moe.combine_kernel, combine), (moe.combine_backward_kernel, combine),
+                           (moe.swiglu_kernel, elementwise), (moe.swiglu_backward_kernel, elementwise)]:
         jit_fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
         signature, constants, attrs = {}, {}, {}
         for i, name in enumerate(jit_fn.arg_names):
