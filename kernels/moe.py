@@ -50,6 +50,7 @@ def gemm_configs():
     return [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s) for n, k, w, s in
             [(128, 64, 4, 3), (128, 64, 8, 4), (256, 64, 8, 3), (64, 64, 4, 4), (128, 128, 8, 3)]]
 
+
 # ----------------------------------------------------------------------------------------------
 # Router (plain PyTorch on every path: it is a (T, C) x (C, E) product, tiny next to the experts)
 
@@ -120,7 +121,6 @@ def moe_ffn_reference(x, router_weight, w1, w3, w2, top_k):
         expert_out = swiglu(x[token], w1[expert], w3[expert], w2[expert])  # (n, C)
         y = y.index_add(0, token, (expert_out * gates[token, slot, None]).to(y.dtype))
     return y, aux
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,6 +445,9 @@ def moe_ffn_triton(x, router_weight, w1, w3, w2, top_k):
         x_in, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
     else:
         x_in = x
+    dtypes = (x_in.dtype, w1.dtype, w3.dtype, w2.dtype)
+    if len(set(dtypes)) != 1 or dtypes[0] not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"moe_ffn: the Triton path needs x, w1, w3, w2 in one dtype (fp16 / bf16 / fp32), got {dtypes}")
     gates, expert_idx, aux = route(router_logits(x, router_weight), top_k)
     plan = plan_dispatch(expert_idx, router_weight.shape[0], BLOCK_M)
     h1 = GroupedMatmul.apply(x_in, w1, plan, True)  # (R, F) sorted rows, x gathered on load

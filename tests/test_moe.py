@@ -254,3 +254,6 @@ def test_bad_shapes_are_named():
         moe.moe_ffn_reference(x, router, w1, w3, w2, 5)
     with pytest.raises(ValueError, match=r"x must be \(T, C\)"):
         moe.moe_ffn_reference(x[None], router, w1, w3, w2, 2)
+    if moe.HAS_TRITON:
+        with pytest.raises(ValueError, match="one dtype"):
+            moe.moe_ffn_triton(x, router, w1.half(), w3, w2, 2)
