@@ -193,6 +193,10 @@ class Vocab:
         return cls(["<pad>", "<unk>"] + sorted(w for w, c in words.items() if c >= min_count),
                    ["<pad>", "<unk>"] + sorted(chars), ["O"] + [f"{p}-{t}" for t in types for p in "BI"])
 
+    def metadata(self) -> dict[str, str]:
+        """The vocabularies as safetensors metadata: a checkpoint is usable without the training data."""
+        return {"words": json.dumps(self.words), "chars": json.dumps(self.chars), "tags": json.dumps(self.tags)}
+
     def encode(self, queries, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Padded (words (B, T), chars (B, T, W), tags (B, T), mask (B, T)); unseen tags -> O."""
         B, T = len(queries), max(len(q.tokens) for q in queries)
@@ -206,7 +210,7 @@ class Vocab:
                 words[b, t] = self.word_id.get(w, UNK)
                 chars[b, t, :len(w)] = torch.tensor([self.char_id.get(c, UNK) for c in w])
                 tags[b, t] = self.tag_id.get(tag, 0)
-        mask = words != PAD
+        mask = torch.arange(T).unsqueeze(0) < torch.tensor([len(q.tokens) for q in queries]).unsqueeze(1)
         return words.to(device), chars.to(device), tags.to(device), mask.to(device)
 
 
@@ -681,7 +685,7 @@ def save_checkpoint(path: Path, model: nn.Module, opt, step: int, meta: dict) ->
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model: nn.Module, opt, cfg: Config) -> int:
+def load_checkpoint(path: Path, model: nn.Module, opt, cfg: Config, vocab: Vocab) -> int:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -690,6 +694,9 @@ def load_checkpoint(path: Path, model: nn.Module, opt, cfg: Config) -> int:
     for key in ("word_dim", "char_dim", "char_channels", "hidden", "data", "n_train", "train_noises", "seed"):
         if json.dumps(saved.get(key)) != json.dumps(getattr(cfg, key)):
             raise ValueError(f"{path}: checkpoint has {key}={saved.get(key)!r}, config has {getattr(cfg, key)!r}")
+    for key in ("words", "chars", "tags"):
+        if json.loads(meta[key]) != getattr(vocab, key):
+            raise ValueError(f"{path}: checkpoint {key} vocabulary differs from the one built from the data")
     tensors = load_file(str(path))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     params = dict(model.named_parameters())
@@ -706,7 +713,7 @@ def train_ner(cfg, vocab, train, dev, device, rank, world, log):
     model = BiLSTMCRF(cfg, vocab).to(device)
     opt = make_optimizer(model, cfg)
     ckpt = Path(cfg.out_dir) / "ner.safetensors"
-    step = load_checkpoint(ckpt, model, opt, cfg) if cfg.resume and ckpt.exists() else 0
+    step = load_checkpoint(ckpt, model, opt, cfg, vocab) if cfg.resume and ckpt.exists() else 0
     net = model
     if cfg.compile and device.type == "cuda":
         model.encoder = torch.compile(model.encoder)
@@ -747,7 +754,8 @@ def train_ner(cfg, vocab, train, dev, device, rank, world, log):
         if rank == 0 and ((step + 1) % cfg.eval_every == 0 or step + 1 == end):
             model.dev_f1 = ner_f1(model, vocab, dev, cfg, device)
             log({"step": step + 1, "dev_ner_f1": model.dev_f1})
-            save_checkpoint(ckpt, model, opt, step + 1, {"config": dataclasses.asdict(cfg), "tags": vocab.tags})
+            save_checkpoint(ckpt, model, opt, step + 1, {"config": dataclasses.asdict(cfg), "words": vocab.words,
+                                                         "chars": vocab.chars, "tags": vocab.tags})
     model.eval()
     return model
 
@@ -888,7 +896,7 @@ def run_builtin(cfg, device, rank, world, log, out_dir):
     for system, clf in classifiers.items():
         tensors.update({f"domain.{system.replace(' ', '_')}.{k}": v.contiguous() for k, v in clf.state_dict().items()})
     tmp = out_dir / "neu.tmp"
-    save_file(tensors, str(tmp), metadata={"config": json.dumps(dataclasses.asdict(cfg)), "tags": json.dumps(vocab.tags)})
+    save_file(tensors, str(tmp), metadata={"config": json.dumps(dataclasses.asdict(cfg)), **vocab.metadata()})
     os.replace(tmp, out_dir / "neu.safetensors")
     plot(table, out_dir / "neu.png")
     return metrics
@@ -964,7 +972,7 @@ def run_user_data(cfg, device, rank, world, log, out_dir):
                     {"start": s, "end": e, "entity_id": catalog[ei].id} for (s, e), ei in links.items()]}) + "\n")
         metrics["catalog_entities"] = len(catalog)
     save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, str(out_dir / "ner_final.safetensors"),
-              metadata={"tags": json.dumps(vocab.tags)})
+              metadata={"config": json.dumps(dataclasses.asdict(cfg)), **vocab.metadata()})
     return metrics
 
 
