@@ -469,7 +469,9 @@ def object_mentions(text: str) -> list[tuple[str | None, str]]:
     out = []
     for i, w in enumerate(words):
         if w in singular and "pattern" not in words[max(0, i - 4): i]:  # "a pattern of 10 white squares" is a glyph
-            colour = next((c for c in reversed(words[max(0, i - 2): i]) if c in shapes.COLORS), None)
+            before = [w for w in reversed(words[max(0, i - 2): i])]
+            before = before[: next((j for j, b in enumerate(before) if b in singular), len(before))]  # not past a shape
+            colour = next((c for c in before if c in shapes.COLORS), None)
             out.append((colour, singular[w]))
     return out
 
