@@ -209,6 +209,8 @@ def bench_moe(argv):
         scale = e.abs().max().item()
         err_tri, err_ref = [(t.float() - e).abs().max().item() / scale for t in (tri, ref)]
         print(f"  {name:8s} triton {err_tri:.2e}  loop {err_ref:.2e}{'' if err_tri <= 2 * err_ref + 1e-2 else '  <-- TOO LARGE'}")
+    runs = [forward_and_grads(moe.moe_ffn_triton, inputs) for _ in range(2)]
+    print("  bitwise identical across two runs (no atomics):", all(map(torch.equal, *runs)))
 
     def timings(fn, inputs):
         """(forward ms under no_grad, forward + backward ms) of fn(*inputs)."""
