@@ -270,7 +270,7 @@ def _bwd_dkdv_configs():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
     # BLOCK_N must be a multiple of BLOCK_M: the causal diagonal is walked in BLOCK_M steps. dK, dV, K, V
     # all stay in registers: the tutorial's (32, 128, 4 warps) spills ~1.4 KB per thread at D = 128 on
-    # sm_90, these 8-warp tiles do not (64 x 128 only at D = 64); (32, 64, 4, 2) fits fp32
+    # sm_90, these 8-warp tiles at most 16 B (64 x 128 is for D = 64); (32, 64, 4, 2) fits fp32
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 8, 3), (32, 64, 4, 2)]]
 
