@@ -859,7 +859,8 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.vec:
             vectors = read_vec(cfg.vec, needed, cfg.d_model)
         else:
-            text = [s for t in tasks for s in t.unlabelled] or [s.split() for s in voice.corpus(cfg.ft_sentences, cfg.seed)]
+            text = list({tuple(s): s for t in tasks for s in t.unlabelled}.values())  # tasks of one folder share it
+            text = text or [s.split() for s in voice.corpus(cfg.ft_sentences, cfg.seed)]
             text += [toks for t in tasks if t.name in ("entity_type", "city_continent") for toks, _ in t.train]
             t0 = time.time()
             vectors = train_subword_vectors(text, needed, cfg, cfg.device)
