@@ -109,7 +109,6 @@ class Config:
     device: str = ""  # cpu | cuda | mps (default cuda when available)
     out_dir: str = ""  # default out/jitter
     peak_flops: float = 989e12  # accelerator peak FLOP/s for the MFU log line on CUDA (H100 bf16 dense)
-    log_every: int = 0  # reserved: every job writes one log.jsonl line
 
 
 PRESETS = {
@@ -123,7 +122,7 @@ PRESETS = {
                 first_snapshot=0.6, epochs=8, incremental_epochs=3, batch_size=64, ft_sentences=100000,
                 ft_epochs=5, ft_buckets=200000),
 }
-FIELD_HELP = {f.name: "" for f in fields(Config)}
+FIELD_NAMES = {f.name for f in fields(Config)}
 
 
 def field_help() -> str:
@@ -133,8 +132,8 @@ def field_help() -> str:
         if ":" in line and "=" in line and "#" in line:
             name = line.split(":")[0].strip()
             default = line.split("=", 1)[1].split("#")[0].strip()
-            lines.append(f"  --{name}={default:<45} {line.split('#', 1)[1].strip()}")
-    return "\n".join(lines)
+            lines.append(f"  --{name + '=' + default:<56} {line.split('#', 1)[1].strip()}")
+    return "\n".join(lines) + "\npresets override some defaults: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items())
 
 
 def parse_args(argv: list[str]) -> Config:
@@ -147,7 +146,7 @@ def parse_args(argv: list[str]) -> Config:
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"error: argument {arg!r} is not of the form --key=value")
         key, value = arg[2:].split("=", 1)
-        if key not in FIELD_HELP:
+        if key not in FIELD_NAMES:
             raise SystemExit(f"error: unknown config key {key!r} (see --help)")
         default = getattr(Config, key)
         try:
@@ -168,6 +167,8 @@ def parse_args(argv: list[str]) -> Config:
     cfg.out_dir = cfg.out_dir or "out/jitter"
     if cfg.data and "tasks" not in overrides:
         cfg.tasks = "intent,slots"
+    if cfg.data and not Path(cfg.data).is_dir():
+        raise SystemExit(f"error: --data={cfg.data} is not a directory (expected train/ and test/ JointBERT folders)")
     if cfg.n_seeds < 2 or cfg.n_snapshots < 1 or not 0 < cfg.first_snapshot <= 1:
         raise SystemExit("error: need --n_seeds >= 2, --n_snapshots >= 1 and 0 < --first_snapshot <= 1")
     return cfg
@@ -842,8 +843,6 @@ def main(argv: list[str] | None = None) -> dict:
             log_file.flush()
 
     t_start = time.time()
-    if cfg.data and not Path(cfg.data).is_dir():
-        raise SystemExit(f"error: --data={cfg.data} is not a directory (expected train/ and test/ JointBERT folders)")
     tasks = [folder_task(n, cfg) if cfg.data else builtin_task(n, cfg) for n in cfg.tasks.split(",")]
     progress_path = out / "progress.json"
     key = hashlib.md5(json.dumps(asdict(cfg) | {"out_dir": "", "device": ""}, sort_keys=True).encode()).hexdigest()
