@@ -100,7 +100,7 @@ class Config:
     grad_clip: float = 1.0
     dropout: float = 0.1
     vec: str = ""  # a fastText .vec file to use instead of the in-file skip-gram pre-training
-    ft_sentences: int = 8000  # unlabelled utterances for skip-gram pre-training (built-in)
+    ft_sentences: int = 5000  # unlabelled utterances for skip-gram pre-training (built-in)
     ft_epochs: int = 2  # skip-gram epochs
     ft_window: int = 3  # skip-gram context window
     ft_negatives: int = 5  # negative samples per pair
