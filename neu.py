@@ -448,6 +448,7 @@ class EntityIndex:
             alias = self.alias_text[ai]
             raw = (sims[ai], fuzz.ratio(text, alias) / 100.0, jellyfish.jaro_winkler_similarity(text, alias),
                    float(self.keys[ai][0] == meta), float(self.keys[ai][1] == nysiis), float(alias == text))
+            # hand-set retrieval score (untuned): string evidence first, an exact alias always on top
             score = 0.35 * raw[0] + 0.35 * raw[1] + 0.1 * raw[2] + 0.1 * max(raw[3], raw[4]) + 0.5 * raw[5]
             ei = int(self.alias_owner[ai])
             if ei not in best or score > best[ei][0]:
@@ -457,7 +458,7 @@ class EntityIndex:
             agree = self.entities[ei].type == span_type
             return best[ei][0] + self.type_bonus * agree + 0.01 * self.pop_feature[ei]
         ranked = sorted(best, key=rank_key, reverse=True)[:m]
-        n_cand = math.log1p(len(best)) / math.log1p(self.pool + 3)
+        n_cand = math.log1p(len(best)) / math.log1p(self.pool + 3)  # ambiguity: ~1 when the pool is full
         out = []
         for r, ei in enumerate(ranked):
             score, raw = best[ei]
