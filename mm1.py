@@ -68,7 +68,7 @@ class Config:
     # data
     image_size: int = 64            # rendered image side (pixels)
     mix: str = "45:45:10"           # caption : interleaved : text-only share of training sequences
-    caption_formats: str = "ssc,alttext"  # ShapesWorld caption styles in the caption stream
+    caption_formats: str = "ssc,dsc"  # ShapesWorld caption styles in the caption stream
     train_data: str = ""            # your LLaVA JSON or image-text CSV/JSONL: replaces the ShapesWorld captions
     n_caption_scenes: int = 3000    # pre-rendered training scenes of the caption stream
     n_documents: int = 600          # pre-rendered interleaved training documents
@@ -99,6 +99,7 @@ class Config:
     batch_size: int = 8             # sequences per step (global, over all ranks)
     grad_accum: int = 1             # micro-batches per step
     lr: float = 0.0                 # peak lr (0: the paper's rule exp(-0.4214 ln N - 0.5535), N = decoder params)
+    vision_lr_mult: float = 1.0     # lr multiplier of the ViT and connector (trained from scratch here)
     weight_decay: float = 0.1       # decoupled AdamW decay; torch multiplies it by lr: per-step decay 0.1 * lr, as in the paper
     warmup: int = 30                # linear warmup steps, then cosine to min_lr_frac * lr
     min_lr_frac: float = 0.1        # final lr / peak lr
@@ -126,8 +127,8 @@ PRESETS = {
                   n_passages=24, eval_scenes=3, shots="0,2", n_eval_passages=4, max_new_tokens=8, lr=3e-3),
     "cpu": dict(),
     "ablate": dict(vit_width=96, vit_layers=3, n_layer=4, n_embd=128, n_head=4, n_kv_head=2, ffn_hidden=384,
-                   steps=100, warmup=10, n_caption_scenes=1200, n_documents=300, n_passages=1000,
-                   eval_scenes=30, n_eval_passages=30),
+                   steps=80, warmup=8, n_caption_scenes=1200, n_documents=300, n_passages=1000,
+                   eval_scenes=20, n_eval_passages=20),
     "gpu": dict(image_size=224, patch_size=14, vit_width=768, vit_layers=12, vit_heads=12, image_tokens=64,
                 n_layer=16, n_embd=1024, n_head=16, n_kv_head=4, ffn_hidden=2816, seq_len=1024, batch_size=64,
                 steps=5000, warmup=200, log_every=20, ckpt_every=500, n_caption_scenes=60000,
@@ -785,8 +786,10 @@ def train(cfg, pools, model, device, rank, world, out_dir, log):
         raise BadInput(f"--batch_size={cfg.batch_size} must divide by ranks x grad_accum = {world * cfg.grad_accum}")
     n_decoder = count_params(model.model) + count_params(model.lm_head)
     peak = cfg.lr or paper_lr(n_decoder)
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]  # no decay: norms, biases
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if (p.dim() >= 2) == decay and n.startswith(("vision_model.", "connector.")) == vis],
+               "weight_decay": cfg.weight_decay if decay else 0.0,  # no decay on norms and biases
+               "lr_mult": cfg.vision_lr_mult if vis else 1.0} for decay in (True, False) for vis in (True, False)]
     opt = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.95), eps=1e-8)
     start = load_checkpoint(model, opt, out_dir) if cfg.resume else 0
     cuda = device.startswith("cuda")
@@ -812,7 +815,7 @@ def train(cfg, pools, model, device, rank, world, out_dir, log):
     for step in bar:
         lr = lr_at(step, cfg, peak)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_mult"]
         ids, targets, row_images, n_targets = get_batch(pools, cfg, step)
         loss_sum = torch.zeros((), device=device)
         for m in range(cfg.grad_accum):
@@ -936,6 +939,16 @@ def evaluate(model, pools, cfg, device):
         metrics[f"caption_cider_{k}shot"] = round(100 * cider, 2)  # x100 as papers report CIDEr
         metrics[f"vqa_acc_{k}shot"] = round(100 * correct / len(pools.eval_items), 2)
         metrics[f"average_{k}shot"] = round((metrics[f"caption_cider_{k}shot"] + metrics[f"vqa_acc_{k}shot"]) / 2, 2)
+    # does the model look at the image? caption NLL with a wrong image minus with the right one
+    nll, count = {True: 0.0, False: 0.0}, 0
+    for i, item in enumerate(pools.eval_items):
+        for right in (True, False):
+            image = item["image"] if right else pools.eval_items[(i + 1) % len(pools.eval_items)]["image"]
+            ids, images = prompt_tensors(pools, [image, item["refs"][0], None], cfg.image_tokens, device)
+            targets = ids[:, 1:].masked_fill(ids[:, 1:] == pools.image_id, -100)
+            nll[right] += lm_loss_sum(model(ids[:, :-1], images)[0], targets).item()
+        count += int((targets != -100).sum())
+    metrics["image_gain_nats"] = round((nll[False] - nll[True]) / count, 4)
     nll, count = 0.0, 0
     for ids in pools.eval_passages:
         x = torch.tensor(ids[: cfg.seq_len + 1], dtype=torch.long, device=device)[None]
@@ -952,7 +965,8 @@ def results_table(metrics, cfg):
     for k in cfg.shots.split(","):
         lines.append(f"| {k} | {metrics[f'caption_cider_{k}shot']:.1f} | {metrics[f'vqa_acc_{k}shot']:.1f} | "
                      f"{metrics[f'average_{k}shot']:.1f} |")
-    return "\n".join(lines) + f"\n\ntext-only perplexity: {metrics['text_ppl']:.2f}"
+    return "\n".join(lines) + (f"\n\ntext-only perplexity: {metrics['text_ppl']:.2f}\ncaption NLL gain from the right image "
+                              f"(vs a wrong one): {metrics['image_gain_nats']:.3f} nats/token")
 
 
 def draw_samples(samples, pools, path):
@@ -1076,8 +1090,8 @@ def run_ablation(cfg):
     pools = Pools(cfg, get_tokenizer())
     header = {"connector": "| connector | image tokens", "mix": "| caption:interleaved:text", "moe": "| FFN"}[cfg.ablate]
     shots = cfg.shots.split(",")
-    lines = [header + "".join(f" | {k}-shot" for k in shots) + " | text ppl | total params | minutes |",
-             "| --- " * (header.count("|") + len(shots) + 3) + "|"]
+    lines = [header + "".join(f" | {k}-shot" for k in shots) + " | text ppl | image gain | total params | minutes |",
+             "| --- " * (header.count("|") + len(shots) + 4) + "|"]
     results = {}
     for label, overrides in ABLATIONS[cfg.ablate]:
         sub = dataclasses.replace(cfg, ablate="", out_dir=str(Path(cfg.out_dir) / f"ablate_{cfg.ablate}" / re.sub(r"\W+", "_", label)), **overrides)
@@ -1086,10 +1100,10 @@ def run_ablation(cfg):
         m = run(sub, pools)
         results[label] = {**m, "minutes": round((time.time() - t0) / 60, 2)}
         lines.append(f"| {label}" + "".join(f" | {m[f'average_{k}shot']:.1f}" for k in shots) +
-                     f" | {m['text_ppl']:.2f} | {m['total_params'] / 1e6:.2f}M | {results[label]['minutes']:.1f} |")
+                     f" | {m['text_ppl']:.2f} | {m['image_gain_nats']:.3f} | {m['total_params'] / 1e6:.2f}M | {results[label]['minutes']:.1f} |")
+        (Path(cfg.out_dir) / f"ablate_{cfg.ablate}.md").write_text("\n".join(lines) + "\n")  # partial tables survive
     table = "\n".join(lines)
     print(f"\nablation {cfg.ablate} (k-shot = mean of caption CIDEr and VQA accuracy, as MM1 averages):\n{table}")
-    (Path(cfg.out_dir) / f"ablate_{cfg.ablate}.md").write_text(table + "\n")
     (Path(cfg.out_dir) / f"ablate_{cfg.ablate}.json").write_text(json.dumps(results, indent=2))
     return results
 
