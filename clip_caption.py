@@ -86,10 +86,10 @@ class Config:
     dec_heads: int = 4  # captioner decoder heads
     n_human: int = 2000  # captioner stage-1 images ("human" split, gold captions in every format)
     n_human2: int = 500  # captioner stage-2 images ("human2" split)
-    cap_steps: int = 300  # captioner stage-1 optimizer steps
+    cap_steps: int = 800  # captioner stage-1 optimizer steps
     stage2_steps: int = 0  # captioner stage-2 fine-tune steps (0 = skip)
-    cap_batch: int = 32  # captioner batch size (images, one random format each)
-    cap_lr: float = 2e-3  # captioner peak learning rate
+    cap_batch: int = 16  # captioner batch size (images, one random format each)
+    cap_lr: float = 1e-3  # captioner peak learning rate
     cap_max_tokens: int = 128  # captions are cut to this many tokens for training / generation / CIDEr
     alt_tokens: int = 32  # AltText tokens the AFC prompt reads (left-padded to this length)
     n_cap_eval: int = 200  # held-out "test" scenes for the captioner's CIDEr / hallucination eval
@@ -112,7 +112,7 @@ class Config:
 PRESETS = {
     "smoke": dict(image_size=16, patch_size=4, vit_width=32, vit_layers=1, vit_heads=2, text_width=32,
                   text_layers=1, text_heads=2, embed_dim=16, dec_width=48, dec_layers=1, dec_heads=2, n_human=16,
-                  n_human2=16, cap_steps=80, stage2_steps=2, cap_batch=16, cap_lr=5e-3, cap_max_tokens=32, alt_tokens=12,
+                  n_human2=16, cap_steps=100, stage2_steps=2, cap_batch=16, cap_lr=1e-2, cap_max_tokens=32, alt_tokens=12,
                   n_cap_eval=8, gen_batch=16, n_web=32, n_eval=24, recipes=("alt", "ssc50", "afc"),
                   clip_steps=4, clip_batch=16, log_every=20, ckpt_every=3),
     "cpu": dict(),
@@ -187,7 +187,9 @@ class ImageSet:
 def render_split(split: str, start: int, n: int, cfg: Config, gold: bool) -> ImageSet:
     """Scenes split[start:start+n], rendered once and cached as .npy (rendering dominates small runs)."""
     scenes = [shapes.make_scene(split, i, seed=cfg.seed) for i in range(start, start + n)]
-    cache = Path(cfg.out_dir) / "cache" / f"{split}_{start}_{n}_{cfg.image_size}_s{cfg.seed}.npy"
+    # the key fingerprints the world's first scene and pixels, so a changed generator never reads stale images
+    first = shapes.render(scenes[0], size=cfg.image_size).tobytes() + repr(scenes[0]).encode()
+    cache = Path(cfg.out_dir) / "cache" / f"{split}_{start}_{n}_{cfg.image_size}_{hashlib.sha1(first).hexdigest()[:8]}.npy"
     if cache.exists():
         pixels = np.load(cache)
     else:
@@ -333,8 +335,8 @@ class VisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.vit_width)
 
     def forward(self, images):
-        hidden = self.encoder(self.pre_layrnorm(self.embeddings(images)))  # (B, 1 + P, C)
-        return hidden, self.post_layernorm(hidden[:, 0])  # (B, 1 + P, C), (B, C)
+        hidden = self.post_layernorm(self.encoder(self.pre_layrnorm(self.embeddings(images))))  # (B, 1 + P, C)
+        return hidden, hidden[:, 0]  # all tokens (the captioner's prefix), pooled CLS (CLIP; = HF pooler_output)
 
 
 class TextTransformer(nn.Module):
@@ -355,6 +357,16 @@ class TextTransformer(nn.Module):
         return x[torch.arange(len(ids), device=ids.device), lengths.to(ids.device) - 1]  # (B, C) at <|endoftext|>
 
 
+def init_weights(module: nn.Module):
+    """GPT-2 / CLIP-style init: N(0, 0.02) for linear and embedding weights, zero biases. (PyTorch's default
+    N(0, 1) embeddings would let position embeddings drown the image signal of a fresh ViT.)"""
+    for m in module.modules():
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 class CLIP(nn.Module):
     """Two towers and a learned temperature (HF CLIPModel names; logit_scale stores log(1/temperature))."""
 
@@ -364,6 +376,7 @@ class CLIP(nn.Module):
         self.visual_projection = nn.Linear(cfg.vit_width, cfg.embed_dim, bias=False)
         self.text_projection = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        init_weights(self)
 
     def encode_image(self, images):
         return F.normalize(self.visual_projection(self.vision_model(images)[1]), dim=-1)  # (B, E)
@@ -376,31 +389,36 @@ class CLIP(nn.Module):
 
 
 class Captioner(nn.Module):
-    """ViT -> linear connector -> causal decoder over [image tokens, prompt, caption] (prefix-LM captioner)."""
+    """ViT -> linear connector -> causal decoder over [image tokens, prompt, caption] (prefix-LM captioner).
+    The mean image token is also added to every text embedding: a direct path that makes a tiny decoder
+    use the image sooner (through attention alone it first learns the captions' language, then the image)."""
 
     def __init__(self, cfg: Config, vocab_size: int):
         super().__init__()
         n_image = (cfg.image_size // cfg.patch_size) ** 2 + 1
         self.vision_model = VisionTransformer(cfg)
-        self.connector = nn.Sequential(nn.LayerNorm(cfg.vit_width), nn.Linear(cfg.vit_width, cfg.dec_width))
+        self.connector = nn.Linear(cfg.vit_width, cfg.dec_width)
         self.embed_tokens = nn.Embedding(vocab_size, cfg.dec_width)
         self.position_embedding = nn.Embedding(n_image + cfg.alt_tokens + 3 + cfg.cap_max_tokens, cfg.dec_width)
         self.decoder = Encoder(cfg.dec_width, cfg.dec_layers, cfg.dec_heads)
         self.norm = nn.LayerNorm(cfg.dec_width)
         self.lm_head = nn.Linear(cfg.dec_width, vocab_size, bias=False)
+        init_weights(self)
 
     def forward(self, images, ids, caches: list | None = None, start: int = 0):
         """Logits (B, T, V) for the text positions. With images: prefix them (training / prefill);
         without: continue from `caches` at position `start` (one decode step)."""
-        x = self.embed_tokens(ids)  # (B, T, C)
-        n_prefix = 0
         if images is not None:
             prefix = self.connector(self.vision_model(images)[0])  # (B, 1 + P, C)
-            n_prefix = prefix.shape[1]
-            x = torch.cat([prefix, x], 1)  # (B, 1 + P + T, C)
+            summary = prefix.mean(1, keepdim=True)  # (B, 1, C)
+            if caches is not None:
+                caches[0]["image"] = summary  # decode steps add it too
+            x = torch.cat([prefix, self.embed_tokens(ids) + summary], 1)  # (B, 1 + P + T, C)
+        else:
+            x = self.embed_tokens(ids) + caches[0]["image"]  # (B, T, C)
         x = x + self.position_embedding.weight[start: start + x.shape[1]]
         x = self.decoder(x, causal=True, caches=caches)
-        return self.lm_head(self.norm(x[:, n_prefix:]))  # (B, T, V)
+        return self.lm_head(self.norm(x[:, x.shape[1] - ids.shape[1]:]))  # (B, T, V)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -675,7 +693,9 @@ def train(model: nn.Module, step_loss, steps: int, lr: float, cfg: Config, ckpt:
 
 def train_captioner(data: ImageSet, cfg: Config, texts: Texts, device, log, steps: int, ckpt: Path,
                     name: str, model: Captioner | None = None) -> Captioner:
-    """Each sample: one image, one random format, its gold caption; loss on the caption tokens only."""
+    """Each sample: one image, one random format, its gold caption; loss on the caption tokens only.
+    Stage 2 (`model` given) fine-tunes at a quarter of the peak learning rate."""
+    lr = cfg.cap_lr if model is None else cfg.cap_lr / 4
     if model is None:
         torch.manual_seed(cfg.seed)
         model = Captioner(cfg, texts.enc.n_vocab).to(device)
@@ -694,7 +714,7 @@ def train_captioner(data: ImageSet, cfg: Config, texts: Texts, device, log, step
         tokens = len(idx) * ((cfg.image_size // cfg.patch_size) ** 2 + ids.shape[1])
         return caption_loss(logits, targets[:, : ids.shape[1] - 1].to(device)), len(idx), 6.0 * n_params * tokens
 
-    return train(model, step_loss, steps, cfg.cap_lr, cfg, ckpt, name, log, device, ARCH_KEYS + ("seed", "n_human"))
+    return train(model, step_loss, steps, lr, cfg, ckpt, name, log, device, ARCH_KEYS + ("seed", "n_human"))
 
 
 @torch.no_grad()
