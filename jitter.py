@@ -23,7 +23,9 @@ retrain (fresh model per snapshot), incremental (warm start from the previous sn
 fine-tune), ensemble (average the softmax of M models, each retrained).
 
 Commands:
-  python jitter.py                                   # cpu preset (default without CUDA): built-in table
+  OMP_NUM_THREADS=1 python jitter.py                 # cpu preset (default without CUDA): built-in table,
+      # all 6 tasks x 5 archs, the input / strategy rows on intent and slots; about 5-10 min on 2 cores
+      # (tiny models: one thread each is faster than two fighting over a busy machine)
   python jitter.py --preset=smoke                    # tiny end-to-end check (tests)
   python jitter.py --data=../shared/realdata/snips   # a JointBERT folder: intent + slots (SNIPS)
   python jitter.py --preset=gpu                      # one GPU: every arch x input x strategy, more data
@@ -36,6 +38,8 @@ Prints, per task:
 and writes out_dir/config.json, log.jsonl, metrics.json (same keys as the table), report.md,
 jitter_scatter.png (accuracy vs seed jitter), progress.json (finished jobs: a rerun with the same
 config resumes, skipping them, and prints the same table) and each row's seed-0 model as safetensors.
+Resuming is per job (one row x seed, all its snapshots): a job is a few seconds on CPU, so an
+interrupted job simply reruns, with the same seeds and therefore the same predictions.
 """
 
 from __future__ import annotations
