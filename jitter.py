@@ -301,7 +301,7 @@ def train_subword_vectors(sentences: list[list[str]], words_needed: list[str], c
     center word's vector and its n-gram vectors. Returns vectors for `words_needed`, unseen words included
     (their n-grams carry the meaning, which is what makes these vectors robust to ASR misspellings).
     """
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = seed_everything(cfg.seed)  # the tables' init draws from the global generator
     vocab = {w: i for i, w in enumerate(dict.fromkeys(w for s in sentences for w in s))}
     counts = np.zeros(len(vocab))
     for s in sentences:
