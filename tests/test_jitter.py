@@ -84,6 +84,8 @@ def test_learns_and_subword_vectors_know_unseen_spellings():
     assert res["scores"][-1] > 0.6  # 7 domains: chance is about 0.14
     text = [q.split() for q in voice.corpus(400)]
     vecs = J.train_subword_vectors(text, ["weather", "wether", "timer", "zzqx"], cfg, "cpu")
+    again = J.train_subword_vectors(text, ["weather", "wether", "timer", "zzqx"], cfg, "cpu")
+    assert all(torch.equal(vecs[w], again[w]) for w in vecs)  # same seed, same vectors
     cos = torch.nn.functional.cosine_similarity
     assert cos(vecs["weather"], vecs["wether"], 0) > cos(vecs["weather"], vecs["timer"], 0)  # shared n-grams
 
