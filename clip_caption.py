@@ -99,8 +99,9 @@ class Config:
     recipes: tuple = ("alt", "ssc30", "ssc50", "ssc70", "ssc100", "dsc30", "dsc50", "dsc70", "dsc100", "afc")  # text recipes, one CLIP each
     clip_steps: int = 150  # CLIP optimizer steps per recipe
     clip_batch: int = 128  # CLIP global batch size
-    clip_lr: float = 2e-3  # CLIP peak learning rate
-    warmup_frac: float = 0.1  # fraction of steps with linear warmup (then cosine to 10%)
+    clip_lr: float = 1e-3  # CLIP peak learning rate (2e-3 collapses the tiny towers to constant embeddings)
+    warmup_frac: float = 0.1  # captioner: fraction of steps with linear warmup (then cosine to 10%)
+    clip_warmup_frac: float = 0.3  # CLIP: fraction of steps with linear warmup
     weight_decay: float = 0.1  # AdamW decay on >= 2-D weights only
     grad_clip: float = 1.0  # max global grad norm
     log_every: int = 25  # steps between log lines
@@ -651,7 +652,7 @@ class Logger:
 
 
 def train(model: nn.Module, step_loss, steps: int, lr: float, cfg: Config, ckpt: Path, name: str, log, device,
-          keys=ARCH_KEYS):
+          keys=ARCH_KEYS, warmup_frac: float | None = None):
     """Generic loop. step_loss(runner, step) -> (loss, items, flops) for this rank's shard of batch `step`.
     Resumes from `ckpt` if present (weights, AdamW state, step; batches depend only on the step)."""
     optimizer = make_optimizer(model, lr, cfg.weight_decay)
@@ -665,7 +666,7 @@ def train(model: nn.Module, step_loss, steps: int, lr: float, cfg: Config, ckpt:
     t0, items, flops = time.time(), 0, 0.0
     for step in tqdm(range(start, steps), desc=name, disable=rank != 0, leave=False):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, cfg.warmup_frac)
+            group["lr"] = lr_at(step, steps, lr, cfg.warmup_frac if warmup_frac is None else warmup_frac)
         with autocast:
             loss, n_items, n_flops = step_loss(runner, step)
         optimizer.zero_grad(set_to_none=True)
@@ -817,7 +818,7 @@ def train_clip(recipe: str, data: ImageSet, synthetic: dict, cfg: Config, texts:
         return clip_loss(image_emb, text_emb, logit_scale), len(idx), flops
 
     return train(model, step_loss, cfg.clip_steps, cfg.clip_lr, cfg, Path(cfg.out_dir) / f"clip_{recipe}.safetensors",
-                 f"clip_{recipe}", log, device, ARCH_KEYS + ("seed", "data", "n_web"))
+                 f"clip_{recipe}", log, device, ARCH_KEYS + ("seed", "data", "n_web"), cfg.clip_warmup_frac)
 
 
 # Zero-shot prompt templates (averaged per class, as in CLIP's ImageNet eval).
