@@ -27,6 +27,9 @@ Prints (and writes to out_dir/metrics.json, keyed as in the table; report.md; sa
     | 4     | ...           | ...         | ...     |
     | 8     | ...           | ...         | ...     |
     text-only perplexity: ...
+    caption NLL gain from the right image (vs a wrong one): ... nats/token   (0: the model ignores images)
+
+Ablation grids print one row per setting: k-shot averages, text perplexity, image gain, params, minutes.
 """
 import ast
 import contextlib
