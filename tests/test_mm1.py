@@ -165,6 +165,24 @@ def test_paper_lr_rule_and_schedule():
     assert mm1.lr_at(60, cfg, 1.0) == pytest.approx(0.55) and mm1.lr_at(110, cfg, 1.0) == pytest.approx(0.1)
 
 
+def test_user_llava_file_becomes_caption_documents(tmp_path):
+    from data import shapes
+    from data.tokenizer import get_tokenizer
+    for i in range(2):
+        shapes.render(shapes.make_scene("train", i), size=48).save(tmp_path / f"im{i}.png")
+    convs = [{"id": str(i), "image": f"im{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": f"Answer number {i}."}]}
+        for i in range(2)]
+    (tmp_path / "data.json").write_text(json.dumps(convs))
+    cfg = tiny_cfg(train_data=str(tmp_path / "data.json"), n_documents=1, n_passages=1, eval_scenes=1, n_eval_passages=1)
+    pools = mm1.Pools(cfg, get_tokenizer())
+    assert len(pools.caption_docs) == 2
+    for i, (ids, images) in enumerate(pools.caption_docs):
+        assert ids[0] == pools.image_id and (ids == pools.image_id).sum() == 1 and ids[-1] == pools.eot_id
+        assert f"Answer number {i}." in pools.enc.decode(ids[1:-1].tolist())
+        assert pools.bank[images[0]].shape == (3, 32, 32) and pools.bank[images[0]].float().std() > 0
+
+
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
