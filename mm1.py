@@ -520,6 +520,7 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, Hq, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # under bf16 autocast q, k, v are bf16: keep them one dtype
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:  # cache: [k, v] of the earlier positions, extended in place
             if cache:

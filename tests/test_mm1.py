@@ -125,6 +125,20 @@ def test_images_land_in_image_slots():
     assert not torch.allclose(one[0, 5], two[0, 5])  # after the first image: depends on which image
 
 
+def test_bf16_autocast_forward_backward():
+    """The CUDA path trains under bf16 autocast; CPU autocast exercises the same dtype mixing (RoPE, splice)."""
+    cfg = tiny_cfg(moe_every=2, n_experts=4)
+    model = mm1.MM1(cfg, 60, image_token_id=59)
+    ids = torch.randint(0, 58, (2, 12))
+    ids[:, 2:6] = 59
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, aux = model(ids, torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+        loss = mm1.lm_loss_sum(logits, ids) / ids.numel() + mm1.moe_aux_loss(aux, cfg)
+    loss.backward()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+    assert model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+
+
 def test_cider_d_matches_pycocoevalcap():
     from pycocoevalcap.cider.cider_scorer import CiderScorer
     rng = np.random.default_rng(0)
