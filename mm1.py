@@ -155,7 +155,7 @@ def config_help():
     for line in inspect.getsource(Config).splitlines()[2:]:
         m = re.match(r"\s+(\w+): (\w+) = (.+?)\s+# (.*)", line)
         if m:
-            lines.append(f"  --{m[1]}={m[3]:<22} {m[4]}")
+            lines.append(f"  {'--' + m[1] + '=' + m[3]:<34} {m[4]}")
     lines.append(f"presets: {', '.join(PRESETS)}; ablations: {', '.join(ABLATIONS)}")
     return "\n".join(lines)
 
