@@ -13,6 +13,15 @@ import jitter as J  # noqa: E402
 from data import voice  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster than two (restored for the other test files)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def test_churn_and_jitter_hand_made():
     a, b, c = [0, 1, 2, 3], [0, 1, 2, 0], [1, 1, 2, 0]
     assert J.churn(a, b) == 0.25 and J.churn(a, c) == 0.5 and J.churn(b, c) == 0.25
