@@ -920,31 +920,35 @@ def markdown_table(first: str, rows: dict, columns) -> str:
     return "\n".join(lines + [f"| {name} | " + " | ".join(fmt(row[c]) for c in columns) + " |" for name, row in rows.items()])
 
 
-def findings(rows: dict) -> list[str]:
-    """The paper's three CLIP findings, checked on this run's numbers (no claim without its numbers)."""
-    retrieval = lambda r: (r["I->T R@1"] + r["T->I R@1"]) / 2
+def beats(a: float, b: float, n: int) -> str:
+    """YES / NO when accuracies a, b on n items differ by more than 2 standard errors, else 'within noise'."""
+    if abs(a - b) <= 2 * math.sqrt((a * (1 - a) + b * (1 - b)) / max(1, n)):
+        return "within noise"
+    return "YES" if a > b else "NO"
+
+
+def findings(rows: dict, n_images: int, n_emblem: int) -> list[str]:
+    """The paper's three CLIP findings, checked on this run's numbers, with a 2-standard-error noise check
+    (n_images eval images, n_emblem of them with an emblem)."""
+    retrieval = lambda r: (r["I->T R@1"] + r["T->I R@1"]) / 2  # over 2 * n_images queries
     out = []
+    if not rows or next(iter(rows.values()))["emblem top1"] is None:
+        return out
     for fmt in ("ssc", "dsc"):
         hybrids = {k: v for k, v in rows.items() if parse_recipe(k)[0] == fmt and 0 < parse_recipe(k)[1] < 1}
         only = next((v for k, v in rows.items() if parse_recipe(k) == (fmt, 1.0)), None)
-        if hybrids and only and rows[next(iter(rows))]["emblem top1"] is not None:
+        if hybrids and only:
             best = max(hybrids, key=lambda k: retrieval(hybrids[k]) + hybrids[k]["emblem top1"])
-            ok = retrieval(hybrids[best]) >= retrieval(only) and hybrids[best]["emblem top1"] > only["emblem top1"]
-            out.append(f"hybrid beats {fmt}-only: {'YES' if ok else 'NO'} (best hybrid {best}: retrieval R@1 "
-                       f"{retrieval(hybrids[best]):.3f} vs {retrieval(only):.3f}, emblem top1 "
-                       f"{hybrids[best]['emblem top1']:.3f} vs {only['emblem top1']:.3f})")
-    pairs = [(k, f"dsc{k[3:]}") for k in rows if k.startswith("ssc") and f"dsc{k[3:]}" in rows]
-    if pairs:
-        wins = sum(retrieval(rows[s]) > retrieval(rows[d]) for s, d in pairs)
-        out.append(f"short captions suit CLIP (SSC > DSC on short-query retrieval R@1): {wins}/{len(pairs)} mixes "
-                   + ", ".join(f"{s} {retrieval(rows[s]):.3f} vs {d} {retrieval(rows[d]):.3f}" for s, d in pairs))
-    if "alt" in rows and rows["alt"]["emblem top1"] is not None:
-        synth = {k: v["emblem top1"] for k, v in rows.items() if parse_recipe(k)[1] == 1.0 and k[:3] in ("ssc", "dsc")}
-        if synth:
-            ok = rows["alt"]["emblem top1"] > max(synth.values())
-            out.append(f"AltText carries the long tail (emblem top1 alt > synthetic-only): {'YES' if ok else 'NO'} "
-                       f"(alt {rows['alt']['emblem top1']:.3f}; " + ", ".join(f"{k} {v:.3f}" for k, v in synth.items())
-                       + (f"; afc {rows['afc']['emblem top1']:.3f})" if "afc" in rows else ")"))
+            out.append(f"hybrid beats {fmt}-only (best hybrid {best}): retrieval R@1 {retrieval(hybrids[best]):.3f} vs "
+                       f"{retrieval(only):.3f} -> {beats(retrieval(hybrids[best]), retrieval(only), 2 * n_images)}; "
+                       f"emblem top1 {hybrids[best]['emblem top1']:.3f} vs {only['emblem top1']:.3f} -> "
+                       f"{beats(hybrids[best]['emblem top1'], only['emblem top1'], n_emblem)}")
+    for s, d in [(k, f"dsc{k[3:]}") for k in rows if k.startswith("ssc") and f"dsc{k[3:]}" in rows]:
+        out.append(f"short captions suit CLIP ({s} vs {d}, short-query retrieval R@1): {retrieval(rows[s]):.3f} vs "
+                   f"{retrieval(rows[d]):.3f} -> {beats(retrieval(rows[s]), retrieval(rows[d]), 2 * n_images)}")
+    for k in [k for k in rows if parse_recipe(k)[1] == 1.0 and k[:3] in ("ssc", "dsc")] if "alt" in rows else []:
+        out.append(f"AltText carries the long tail (alt vs {k}, emblem top1): {rows['alt']['emblem top1']:.3f} vs "
+                   f"{rows[k]['emblem top1']:.3f} -> {beats(rows['alt']['emblem top1'], rows[k]['emblem top1'], n_emblem)}")
     return out
 
 
@@ -973,9 +977,10 @@ def plot_recipes(rows: dict, path: Path):
     plt.close(fig)
 
 
-def write_report(cfg: Config, cap_metrics: dict | None, samples: list, rows: dict, timings: dict):
+def write_report(cfg: Config, cap_metrics: dict | None, samples: list, rows: dict, timings: dict, ev: EvalSet):
     out = Path(cfg.out_dir)
-    verdict = findings(rows)
+    n_emblem = int(ev.emblem_labels.any(1).sum()) if ev.emblem_labels is not None else 0
+    verdict = findings(rows, len(ev.images), n_emblem)
     metrics = {"captioner": cap_metrics, "clip": rows, "findings": verdict, "timings_s": timings}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     clip_table = markdown_table("recipe", rows, COLUMNS)
@@ -1068,7 +1073,7 @@ def main(argv: list[str] | None = None):
             log(run=f"clip_{recipe}_eval", **{k: v for k, v in rows[recipe].items() if v is not None})
         barrier()
     if rank == 0:
-        write_report(cfg, cap_metrics, samples, rows, timings)
+        write_report(cfg, cap_metrics, samples, rows, timings, ev)
     if world > 1:
         torch.distributed.destroy_process_group()
 

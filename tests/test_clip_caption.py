@@ -82,6 +82,15 @@ def test_linear_probe_separates_separable_classes():
     assert cc.linear_probe(x[:80], shuffled[:80], x[80:], shuffled[80:], 4, iters=20) < 0.6
 
 
+def test_findings_call_small_differences_noise():
+    assert cc.beats(0.5, 0.1, 100) == "YES" and cc.beats(0.1, 0.5, 100) == "NO"
+    assert cc.beats(0.012, 0.007, 410) == "within noise"  # 5 vs 3 images of 410
+    row = lambda e, r: dict.fromkeys(cc.COLUMNS, 0.0) | {"emblem top1": e, "I->T R@1": r, "T->I R@1": r}
+    lines = cc.findings({"alt": row(0.30, 0.1), "ssc50": row(0.25, 0.5), "ssc100": row(0.02, 0.5)}, 500, 400)
+    assert any("ssc50" in x and x.endswith("emblem top1 0.250 vs 0.020 -> YES") for x in lines)
+    assert any("alt vs ssc100" in x and x.endswith("-> YES") for x in lines)
+
+
 def test_cider_d_matches_pycocoevalcap():
     cider_mod = pytest.importorskip("pycocoevalcap.cider.cider")
     rng = np.random.default_rng(0)
