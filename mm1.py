@@ -113,7 +113,10 @@ class Config:
     stop_after: int = 0             # stop after this many steps (0: run all), for split runs
     compile: bool = False           # torch.compile the model (CUDA only)
     init_llm: str = ""              # HF Llama safetensors (file or folder) to start the decoder from
-    init_vit: str = ""              # HF CLIP(Vision)Model safetensors to start the ViT from
+    init_vit: str = ""              # HF CLIP(Vision)Model safetensors to start the ViT from (skips stage 0)
+    vit_pretrain_steps: int = 300   # stage 0: tiny-CLIP contrastive steps for the ViT before MM1 (0: from scratch)
+    vit_pretrain_batch: int = 64    # stage 0 (image, caption) pairs per step
+    vit_pretrain_lr: float = 2e-3   # stage 0 peak lr (warmup + cosine)
     # evaluation
     eval_scenes: int = 30           # held-out test scenes for captioning and VQA
     shots: str = "0,4,8"            # few-shot settings to evaluate
@@ -127,7 +130,8 @@ PRESETS = {
     "smoke": dict(image_size=32, patch_size=8, vit_width=32, vit_layers=1, vit_heads=2, image_tokens=4,
                   n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_hidden=128, seq_len=96, batch_size=4,
                   steps=30, warmup=3, log_every=5, ckpt_every=15, n_caption_scenes=48, n_documents=12,
-                  n_passages=24, eval_scenes=3, shots="0,2", n_eval_passages=4, max_new_tokens=8, lr=3e-3),
+                  n_passages=24, eval_scenes=3, shots="0,2", n_eval_passages=4, max_new_tokens=8, lr=3e-3,
+                  vit_pretrain_steps=60, vit_pretrain_batch=16),
     "cpu": dict(),
     "ablate": dict(vit_width=96, vit_layers=3, n_layer=4, n_embd=128, n_head=4, n_kv_head=2, ffn_hidden=384,
                    steps=80, warmup=8, n_caption_scenes=1200, n_documents=300, n_passages=1000,
@@ -240,6 +244,7 @@ class Pools:
         self.eot_id = enc.encode_single_token("<|endoftext|>")
         self.pad_id = enc.encode_single_token("<|pad|>")
         self.bank = []  # uint8 (3, S, S) tensors
+        self.pretrained_vit = {}  # stage 0 results: ViT config -> (ViT state_dict, stats)
         formats = cfg.caption_formats.split(",")
         if cfg.train_data:
             self.captions = [[d] for d in self.read_user_file(cfg.train_data)]
@@ -623,10 +628,13 @@ class MM1(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def image_embeddings(self, images):  # uint8 (N, 3, S, S) -> (N, K, C)
+    def patch_features(self, images):  # uint8 (N, 3, S, S) -> normalised patch tokens (N, P, Cv)
         pixels = (images.float() / 255 - self.pixel_mean) / self.pixel_std
-        feats = self.vision_model(pixels.to(self.lm_head.weight.dtype))[:, 1:]  # patch tokens (N, P, Cv)
-        return self.connector(self.vision_model.post_layernorm(feats))
+        feats = self.vision_model(pixels.to(self.lm_head.weight.dtype))[:, 1:]  # drop the class token
+        return self.vision_model.post_layernorm(feats)
+
+    def image_embeddings(self, images):  # uint8 (N, 3, S, S) -> (N, K, C)
+        return self.connector(self.patch_features(images))
 
     def forward(self, ids, images=None, pos0=0, cache=None):
         """ids (B, T) with image_tokens `<image>` slots per image; images uint8 (N, 3, S, S) in reading
@@ -724,6 +732,60 @@ def lr_at(step, cfg, peak):
         return peak * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
     return peak * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# ----------------------------------------------------------------------------- stage 0: a tiny CLIP for the ViT
+
+def clip_loss(image_emb, text_emb, logit_scale):
+    """CLIP's symmetric InfoNCE (Radford et al. 2021, Fig. 3): cross-entropy of the scaled cosine similarities
+    of a batch of (image, text) pairs, the matching pair on the diagonal, image->text and text->image, in fp32."""
+    logits = logit_scale.exp() * F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T  # (B, B)
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def pretrain_vit(model, pools, cfg, device, log):
+    """Stage 0. MM1 starts from a pre-trained CLIP ViT; ours would start from noise and learn too slowly to
+    inform the decoder, so we pre-train a tiny CLIP first: the ViT (mean of its normalised patch tokens, what
+    the connector reads) is the image tower, mean-pooled token embeddings + a linear map the text tower, on
+    the caption stream's (image, caption) pairs. Only the ViT's weights are kept. Every rank runs the same
+    steps on the same data; DDP's start-up broadcast from rank 0 makes them bit-equal anyway.
+    Returns the first and last losses and the last batch's image->text retrieval accuracy."""
+    width = cfg.vit_width
+    text_embed = nn.EmbeddingBag(pools.enc.n_vocab, width, mode="mean").to(device)
+    heads = nn.ModuleDict(dict(image=nn.Linear(width, width), text=nn.Linear(width, width))).to(device)
+    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))  # CLIP's initial temperature
+    params = [*model.vision_model.parameters(), *text_embed.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                             {"params": [p for p in params if p.dim() < 2] + [logit_scale], "weight_decay": 0.0}],
+                            lr=cfg.vit_pretrain_lr, betas=(0.9, 0.98))
+    sched = dataclasses.replace(cfg, steps=cfg.vit_pretrain_steps, warmup=max(1, cfg.vit_pretrain_steps // 10))
+    rng = np.random.default_rng([cfg.seed, 0])  # its own stream: stage 0 never shifts the MM1 batches
+    batch = min(cfg.vit_pretrain_batch, len(pools.captions))
+    losses = []
+    for step in tqdm(range(cfg.vit_pretrain_steps), desc="stage 0: tiny CLIP", leave=False):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, sched, cfg.vit_pretrain_lr)
+        docs = [group[rng.integers(len(group))] for group in (pools.captions[i] for i in rng.choice(len(pools.captions), batch, replace=False))]
+        images = torch.stack([pools.bank[doc_images[0]] for _, doc_images in docs]).to(device)  # (B, 3, S, S)
+        texts = [torch.from_numpy(ids[(ids != pools.image_id) & (ids != pools.eot_id)]).long() for ids, _ in docs]
+        offsets = torch.tensor([0] + [len(t) for t in texts[:-1]]).cumsum(0)
+        text_emb = heads["text"](text_embed(torch.cat(texts).to(device), offsets.to(device)))  # (B, Cv)
+        image_emb = heads["image"](model.patch_features(images).mean(1))  # (B, Cv)
+        loss = clip_loss(image_emb, text_emb, logit_scale)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            logit_scale.clamp_(0, math.log(100))  # CLIP caps the scale at 100
+        losses.append(loss.item())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.vit_pretrain_steps:
+            log(dict(stage=0, step=step + 1, clip_loss=round(losses[-1], 4)))
+    with torch.no_grad():
+        accuracy = float((F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T).argmax(1).eq(torch.arange(batch, device=device)).float().mean())
+    return dict(clip_loss_first=round(losses[0], 4), clip_loss_last=round(losses[-1], 4),
+                clip_batch_retrieval=round(accuracy, 3), clip_chance=round(1 / batch, 3))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -941,8 +1003,14 @@ def evaluate(model, pools, cfg, device):
         cider = cider_d([" ".join(words(c)) for c in captions],
                         [[" ".join(words(r)) for r in item["refs"]] for item in pools.eval_items])[0]
         metrics[f"caption_cider_{k}shot"] = round(100 * cider, 2)  # x100 as papers report CIDEr
+        metrics[f"distinct_captions_{k}shot"] = len(set(captions))  # 1: the same caption for every image
         metrics[f"vqa_acc_{k}shot"] = round(100 * correct / len(pools.eval_items), 2)
         metrics[f"average_{k}shot"] = round((metrics[f"caption_cider_{k}shot"] + metrics[f"vqa_acc_{k}shot"]) / 2, 2)
+    # the blind baseline: the most frequent training caption for every test image (templated references reward it)
+    texts = Counter(pools.enc.decode(ids[(ids != pools.image_id) & (ids != pools.eot_id)].tolist()) for ids, _ in pools.caption_docs)
+    constant = texts.most_common(1)[0][0]
+    metrics["constant_caption_cider"] = round(100 * cider_d([" ".join(words(constant))] * len(pools.eval_items),
+                                                             [[" ".join(words(r)) for r in item["refs"]] for item in pools.eval_items])[0], 2)
     # does the model look at the image? caption NLL with a wrong image minus with the right one
     nll, count = {True: 0.0, False: 0.0}, 0
     for i, item in enumerate(pools.eval_items):
@@ -965,12 +1033,13 @@ def evaluate(model, pools, cfg, device):
 
 
 def results_table(metrics, cfg):
-    lines = ["| shots | caption CIDEr | VQA acc (%) | average |", "| --- | --- | --- | --- |"]
+    lines = ["| shots | caption CIDEr | distinct captions | VQA acc (%) | average |", "| --- | --- | --- | --- | --- |"]
     for k in cfg.shots.split(","):
-        lines.append(f"| {k} | {metrics[f'caption_cider_{k}shot']:.1f} | {metrics[f'vqa_acc_{k}shot']:.1f} | "
-                     f"{metrics[f'average_{k}shot']:.1f} |")
-    return "\n".join(lines) + (f"\n\ntext-only perplexity: {metrics['text_ppl']:.2f}\ncaption NLL gain from the right image "
-                              f"(vs a wrong one): {metrics['image_gain_nats']:.3f} nats/token")
+        lines.append(f"| {k} | {metrics[f'caption_cider_{k}shot']:.1f} | {metrics[f'distinct_captions_{k}shot']} / {cfg.eval_scenes} | "
+                     f"{metrics[f'vqa_acc_{k}shot']:.1f} | {metrics[f'average_{k}shot']:.1f} |")
+    return "\n".join(lines) + (f"\n\nconstant-caption baseline (the most frequent training caption for every image): CIDEr "
+                              f"{metrics['constant_caption_cider']:.1f}\ntext-only perplexity: {metrics['text_ppl']:.2f}\n"
+                              f"caption NLL gain from the right image (vs a wrong one): {metrics['image_gain_nats']:.3f} nats/token")
 
 
 def draw_samples(samples, pools, path):
@@ -1013,13 +1082,27 @@ def run(cfg, pools=None):
     pools = pools or Pools(cfg, get_tokenizer())
     data_time = time.time() - t0
     model = MM1(cfg, pools.enc.n_vocab, pools.image_id).to(device)
+    stage0 = {}
     if cfg.init_vit:
         n = load_hf_weights(model, cfg.init_vit, "vision_model.")
         print(f"loaded {n} ViT tensors from {cfg.init_vit}")
+    elif cfg.vit_pretrain_steps and not cfg.resume:  # a resumed run takes its ViT from the checkpoint
+        # one pre-trained ViT per ViT config and process: ablation rows share it, as MM1's ablations share CLIP
+        key = tuple(getattr(cfg, k) for k in ("seed", "image_size", "patch_size", "vit_width", "vit_layers", "vit_heads",
+                                                "vit_pretrain_steps", "vit_pretrain_batch", "vit_pretrain_lr"))
+        t_vit = time.time()
+        if key not in pools.pretrained_vit:
+            stats = pretrain_vit(model, pools, cfg, device, log)
+            pools.pretrained_vit[key] = ({k: v.clone() for k, v in model.vision_model.state_dict().items()}, stats)
+        state, stats = pools.pretrained_vit[key]
+        model.vision_model.load_state_dict(state)
+        stage0 = dict(stats, vit_pretrain_time_s=round(time.time() - t_vit, 1))
+        if rank == 0:
+            print(f"stage 0 (tiny CLIP, {cfg.vit_pretrain_steps} steps): " + json.dumps(stage0))
     if cfg.init_llm:
         n = load_hf_weights(model, cfg.init_llm, ("model.", "lm_head."))
         print(f"loaded {n} LLM tensors from {cfg.init_llm}")
-    summary = train(cfg, pools, model, device, rank, world, out_dir, log)
+    summary = {**stage0, **train(cfg, pools, model, device, rank, world, out_dir, log)}
     if world > 1:
         dist.barrier()
     if rank != 0 or (cfg.stop_after and cfg.stop_after < cfg.steps):  # a split run evaluates once, at its end

@@ -158,6 +158,17 @@ def test_cider_d_matches_pycocoevalcap():
     assert abs(got_mean - want_mean) < 1e-9 and got[0] > 1.0 and got[1] == 0.0
 
 
+def test_clip_loss_by_hand():
+    """Symmetric InfoNCE: one-hot embeddings, scale e^0 = 1 -> logits = identity, loss = -log(e / (e + B - 1))."""
+    B = 4
+    emb = torch.eye(B) * 3.0  # normalised away
+    loss = mm1.clip_loss(emb, emb, torch.tensor(0.0))
+    torch.testing.assert_close(loss, torch.tensor(-np.log(np.e / (np.e + B - 1)), dtype=torch.float32))
+    shuffled = mm1.clip_loss(emb, emb[[1, 0, 2, 3]], torch.tensor(0.0))  # two wrong pairs: higher loss
+    expect = (2 * -np.log(np.e / (np.e + 3)) + 2 * -np.log(1 / (np.e + 3))) / 4
+    torch.testing.assert_close(shuffled, torch.tensor(expect, dtype=torch.float32))
+
+
 def test_packing_never_splits_an_image():
     image_id, pad_id, k = 9, 0, 4
     docs = [(np.array([1, 9, 2, 3, 9, 9, 4, 5], dtype=np.int32), [10, 11, 12]), (np.array([6, 7, 8], dtype=np.int32), [])]
@@ -208,12 +219,15 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_loss_falls_and_outputs(smoke_run):
     out, metrics = smoke_run
-    losses = [line["loss"] for line in read_log(out)]
+    losses = [line["loss"] for line in read_log(out) if "loss" in line]
     assert losses[-1] < losses[0] - 1.0, losses
+    clip = [line["clip_loss"] for line in read_log(out) if line.get("stage") == 0]  # stage 0: tiny CLIP for the ViT
+    assert len(clip) == 12 and np.mean(clip[-3:]) < min(np.mean(clip[:3]) - 0.3, np.log(16) - 0.2), clip  # chance: ln 16
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("caption_cider_0shot", "vqa_acc_2shot", "average_2shot", "text_ppl"):
         assert key in saved and saved[key] == metrics[key]
     assert saved["text_ppl"] < 2048  # better than uniform over the vocabulary
+    assert 1 <= saved["distinct_captions_0shot"] <= 3 and saved["constant_caption_cider"] > 0
     for name in ("config.json", "report.md", "samples.png", "model.safetensors", "optim.safetensors"):
         assert (out / name).stat().st_size > 0
 
@@ -231,13 +245,13 @@ def test_resume_is_exact(smoke_run, tmp_path):
 
 
 def test_ddp_two_processes_equal_one(tmp_path):
-    args = SMOKE + ["--steps=8", "--stop_after=4", "--log_every=1", "--batch_size=4"]
+    args = SMOKE + ["--steps=8", "--stop_after=4", "--log_every=1", "--batch_size=4", "--vit_pretrain_steps=5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for launcher, out in (([], "one"), (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "two")):
         proc = subprocess.run([sys.executable, *launcher, str(ROOT / "mm1.py"), *args, f"--out_dir={tmp_path / out}"],
                               env=env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
-    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    one, two = ([x for x in read_log(tmp_path / d) if "loss" in x] for d in ("one", "two"))  # stage-0 lines aside
     assert [x["step"] for x in one] == [x["step"] for x in two] == [1, 2, 3, 4]
     np.testing.assert_allclose([x["loss"] for x in two], [x["loss"] for x in one], rtol=1e-5)
 
