@@ -21,7 +21,7 @@ What runs, top to bottom (one file, ShapesWorld data, no downloads):
      probe on frozen image features (which emblem: visual knowledge, no names). One table, rows = recipes.
 
 Commands:
-  python clip_caption.py                                  # cpu preset (default without CUDA), ~10 min on 2 cores
+  python clip_caption.py                                  # cpu preset (default without CUDA); measured ~20 min on 2 busy cores
   python clip_caption.py --preset=smoke                   # tiny end-to-end run (what the tests run)
   python clip_caption.py --preset=gpu                     # one GPU, bf16 autocast
   torchrun --standalone --nproc_per_node=8 clip_caption.py --preset=gpu   # DDP, CLIP loss over all ranks
@@ -210,12 +210,8 @@ def read_user_pairs(path: str, cfg: Config) -> ImageSet:
     rows = shapes.read_image_text(path)  # raises ValueError naming the file and line on bad rows
     if len(rows) < 10:
         raise ValueError(f"{path}: {len(rows)} rows; need at least 10 image-text pairs")
-    base = Path(path).resolve().parent
-    pixels = []
-    for row in rows:
-        image_path = Path(row["filepath"]) if Path(row["filepath"]).is_absolute() else base / row["filepath"]
-        image = shapes.load_image(image_path).resize((cfg.image_size, cfg.image_size))
-        pixels.append(np.asarray(image.convert("RGB")))
+    pixels = [np.asarray(shapes.load_image(row["filepath"]).resize((cfg.image_size, cfg.image_size)).convert("RGB"))
+              for row in rows]  # filepath comes back resolved against the file's folder
     alttexts = [row.get("alttext") or row["caption"] for row in rows]
     images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
     return ImageSet(images, alttexts, None, {"caption": [row["caption"] for row in rows]})
