@@ -107,7 +107,7 @@ class Config:
     batch_size: int = 8             # sequences per step (global, over all ranks)
     grad_accum: int = 1             # micro-batches per step
     lr: float = 0.0                 # peak lr (0: the paper's rule exp(-0.4214 ln N - 0.5535), N = decoder params)
-    vision_lr_mult: float = 1.0     # lr multiplier of the ViT and connector (trained from scratch here)
+    vision_lr_mult: float = 0.3     # lr multiplier of the ViT and connector (below 1: keeps the stage-0 features)
     weight_decay: float = 0.1       # decoupled AdamW decay; torch multiplies it by lr: per-step decay 0.1 * lr, as in the paper
     warmup: int = 30                # linear warmup steps, then cosine to min_lr_frac * lr
     min_lr_frac: float = 0.1        # final lr / peak lr
