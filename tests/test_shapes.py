@@ -391,3 +391,22 @@ def test_cli_preview_export_and_bad_arguments(tmp_path, capsys):
         cli.main(["bench", "--colour=1"])
     with pytest.raises(SystemExit, match="--n must be int"):
         cli.main(["bench", "--n=fast"])
+
+
+def test_same_text_in_every_process_whatever_the_hash_seed():
+    """Python randomises str hashes per process, so iterating a set of names changes order between runs:
+    scenes, VQA and documents must not depend on it (a resumed or DDP run would see other data)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import hashlib; from data import shapes; h = hashlib.sha1()\n"
+            "for i in range(60):\n"
+            "    s = shapes.make_scene('test', i)\n"
+            "    h.update(repr((shapes.vqa(s, seed=i), shapes.pope(s, 'popular'), shapes.caption(s, 'dsc+'),\n"
+            "                   shapes.interleaved_document('train', i))).encode())\n"
+            "print(h.hexdigest())")
+    repo = Path(__file__).resolve().parent.parent
+    digests = {subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(digests) == 1

@@ -410,7 +410,7 @@ def vqa(scene: Scene, seed: int = 0) -> list[tuple[str, str]]:
     objs = shapes_of(scene)
     if scene.kind in ("natural", "document") and (objs or scene.kind == "natural"):
         qa.append(("How many shapes are there?", str(len(objs))))
-        for s in {o.shape for o in objs}:
+        for s in dict.fromkeys(o.shape for o in objs):  # ordered: set order changes per process
             same = [o for o in objs if o.shape == s]
             qa.append((f"How many {plural(s, 2)} are there?", str(len(same))))
             if len(same) == 1:
@@ -422,7 +422,7 @@ def vqa(scene: Scene, seed: int = 0) -> list[tuple[str, str]]:
             ref = reference(o, scene)
             if ref:
                 qa.append((f"Where is {ref}?", position(o, scene)))
-        color_counts = {c: [o for o in objs if o.color == c] for c in {o.color for o in objs}}
+        color_counts = {c: [o for o in objs if o.color == c] for c in dict.fromkeys(o.color for o in objs)}  # ordered: no set
         for c, same in color_counts.items():
             if len(same) == 1:
                 qa.append((f"What shape is the {c} object?", same[0].shape))
