@@ -121,7 +121,7 @@ def load_ranks(path: Path = RANKS_PATH) -> dict[bytes, int]:
 
 # ----------------------------------------------------------------------------- loading
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_tokenizer(name: str = "shapesworld") -> tiktoken.Encoding:
     """The tokenizer every script uses. name: "shapesworld" (bundled, offline) or "gpt2" (network)."""
     if name == "shapesworld":
