@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.jsonl import iter_jsonl
+
 # ----------------------------------------------------------------------------- schema
 
 ENTITY_TYPES = ["city", "country", "artist", "song", "contact"]
@@ -282,21 +284,17 @@ def _by_type(seed: int) -> dict[str, tuple[list[Entity], list[float]]]:
 def read_catalog_jsonl(path: str | Path) -> list[Entity]:
     """One JSON object a line with id, name, aliases, type, popularity. Bad line -> ValueError('file:line: why')."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                missing = [k for k in ("id", "name", "aliases", "type", "popularity") if k not in d]
-                if missing:
-                    raise ValueError(f"missing key(s) {missing}")
-                if not isinstance(d["aliases"], list):
-                    raise ValueError("aliases must be a list")
-                out.append(Entity(str(d["id"]), str(d["name"]), [str(a) for a in d["aliases"]], str(d["type"]),
-                                  float(d["popularity"])))
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno}: bad catalogue line: {e}") from None
+    for lineno, d in iter_jsonl(path):
+        try:
+            missing = [k for k in ("id", "name", "aliases", "type", "popularity") if k not in d]
+            if missing:
+                raise ValueError(f"missing key(s) {missing}")
+            if not isinstance(d["aliases"], list):
+                raise ValueError("aliases must be a list")
+            out.append(Entity(str(d["id"]), str(d["name"]), [str(a) for a in d["aliases"]], str(d["type"]),
+                              float(d["popularity"])))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}:{lineno}: bad catalogue line: {e}") from None
     return out
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..jsonl import iter_jsonl
 from .render import render
 from .tasks import preference_pair
 from .text import caption, grounding, referring, vqa
@@ -56,21 +57,6 @@ def _resolve(base: Path, filepath: str) -> str:
     return str(p if p.is_absolute() else base.resolve().parent / p)
 
 
-def _jsonl(path: Path):
-    """(line number, object) for every non-blank line; malformed JSON -> ValueError with the line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
-
-
 def _need_str(path, where, obj: dict, key: str, optional=False):
     if key not in obj:
         if optional:
@@ -87,7 +73,7 @@ def read_image_text(path) -> list[dict]:
     path = _existing(path)
     rows = []
     if path.suffix.lower() in (".jsonl", ".json"):
-        for lineno, obj in _jsonl(path):
+        for lineno, obj in iter_jsonl(path):
             row = dict(obj)
             row["filepath"] = _resolve(path, _need_str(path, lineno, obj, "filepath"))
             _need_str(path, lineno, obj, "caption")
@@ -151,7 +137,7 @@ def read_preference_jsonl(path) -> list[dict]:
     """Preference JSONL (VLFeedback / POVID style): prompt, chosen, rejected, optional image."""
     path = _existing(path)
     rows = []
-    for lineno, obj in _jsonl(path):
+    for lineno, obj in iter_jsonl(path):
         row = dict(obj)
         for key in ("prompt", "chosen", "rejected"):
             _need_str(path, lineno, obj, key)
