@@ -14,6 +14,8 @@ CLI: python -m data.shapes preview | export --kind=caption|llava|preference|png 
 
 from .formats import (
     export,
+    llava_counts,
+    llava_turns,
     load_image,
     read_image_text,
     read_llava_json,
@@ -66,7 +68,7 @@ __all__ = [
     "BACKGROUNDS", "CAPTION_FORMATS", "COLORS", "COLOR_RGB", "DSC_MAX_TOKENS", "EMBLEMS", "EMBLEM_BADGE",
     "EMBLEM_GLYPHS", "KINDS", "SHAPES", "SIZES", "SPLITS", "Obj", "Scene", "TextItem", "alttext", "approx_tokens",
     "box_to_grid", "caption", "corpus", "emblem_facts", "export", "format_box", "grounding", "hallucinations", "interleaved_document",
-    "iou", "object_mentions", "load_image", "make_scene", "multi_image", "parse_box", "pope", "position", "preference_pair",
+    "iou", "llava_counts", "llava_turns", "object_mentions", "load_image", "make_scene", "multi_image", "parse_box", "pope", "position", "preference_pair",
     "read_image_text", "read_llava_json", "read_preference_jsonl", "reference", "referring", "render", "token_count",
     "scene_from_dict", "scene_to_dict", "text_passage", "video", "visual_name", "vqa",
 ]

@@ -3,7 +3,7 @@
     python -m data.shapes preview [--out=out/shapes/preview.png] [--split=train] [--seed=0]
         contact sheet: scenes of every kind with their SSC / DSC / AltText, grounding boxes drawn
     python -m data.shapes export --kind=caption|llava|preference|png --n=N --out=DIR [--split=train]
-        [--seed=0] [--size=64]
+        [--seed=0] [--size=0]   (size 0: 64 px natural scenes, 448 px text-rich ones)
     python -m data.shapes bench [--n=200]
         make_scene + render throughput (scenes/s) at 64 px and 448 px on one core, and text items/s
 """
@@ -38,7 +38,7 @@ from .render import font
 
 DEFAULTS = {
     "preview": {"out": "out/shapes/preview.png", "split": "train", "seed": 0, "size": 320},
-    "export": {"kind": "caption", "n": 16, "out": "out/shapes/export", "split": "train", "seed": 0, "size": 64},
+    "export": {"kind": "caption", "n": 16, "out": "out/shapes/export", "split": "train", "seed": 0, "size": 0},
     "bench": {"n": 200, "seed": 0},
 }
 
@@ -160,7 +160,7 @@ def main(argv: list[str]) -> None:
         if command == "preview":
             print(f"wrote {preview(**args)}")
         elif command == "export":
-            print(f"wrote {export(**args)}")
+            print(f"wrote {export(**{**args, 'size': args['size'] or None})}")
         else:
             for name, value in bench(**args).items():
                 print(f"{name:45s} {value:8.1f}")
