@@ -12,8 +12,16 @@ Byte-level means every Unicode string round-trips exactly, whatever it contains.
     enc.decode(ids)
     get_tokenizer("gpt2")                          # tiktoken's GPT-2 ranks + our specials (needs network once)
 
-    python -m data.tokenizer train [--vocab_size=4096] [--n_texts=60000]   # retrain, rewrite the ranks file
-    python -m data.tokenizer stats                                         # bytes/token on held-out text
+Retraining takes the corpus as text files, one text a line (the bundled ranks: 60000 ShapesWorld texts
+and 20000 voice queries), and writes data/shapesworld_bpe.new.tiktoken unless --out or --overwrite says
+otherwise; it never replaces an existing file without --overwrite:
+
+    python -m data.shapes corpus --n=60000 --out=out/tokenizer/shapes.txt
+    python -c "from data import voice; print(*voice.corpus(20000), sep=chr(10))" > out/tokenizer/voice.txt
+    python -m data.tokenizer train --corpus=out/tokenizer/shapes.txt,out/tokenizer/voice.txt [--vocab_size=4096]
+        [--out=PATH] [--overwrite]
+    python -m data.shapes corpus --n=3000 --seed=12345 --out=out/tokenizer/held_out.txt  # unseen seed
+    python -m data.tokenizer stats [--texts=out/tokenizer/held_out.txt] [--ranks=PATH]   # bytes per token
 """
 from __future__ import annotations
 
@@ -21,10 +29,14 @@ import base64
 import collections
 import functools
 import sys
+import time
 from pathlib import Path
 
 import regex
 import tiktoken
+
+from . import InputError
+from .jsonl import text_lines
 
 # GPT-2's pre-tokenisation: contractions, letters, numbers, other symbols, each with an optional
 # leading space, and runs of whitespace. BPE merges never cross these pieces.
@@ -99,7 +111,7 @@ def train_bpe(texts, vocab_size: int, n_special: int = len(SPECIAL_TOKENS)) -> d
     return {token: rank for rank, token in enumerate(vocab)}
 
 
-def save_ranks(ranks: dict[bytes, int], path: Path = RANKS_PATH) -> None:
+def save_ranks(ranks: dict[bytes, int], path: Path) -> None:
     """Write ranks in tiktoken's `.tiktoken` format (what `tiktoken.load.load_tiktoken_bpe` reads)."""
     lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
     tmp = path.with_suffix(".tmp")
@@ -107,7 +119,8 @@ def save_ranks(ranks: dict[bytes, int], path: Path = RANKS_PATH) -> None:
     tmp.replace(path)  # atomic: a killed run never leaves half a file
 
 
-def load_ranks(path: Path = RANKS_PATH) -> dict[bytes, int]:
+def load_ranks(path: Path | None = None) -> dict[bytes, int]:
+    path = RANKS_PATH if path is None else path
     if not path.exists():
         raise FileNotFoundError(f"{path}: tokenizer ranks missing; run `python -m data.tokenizer train`")
     ranks = {}
@@ -140,13 +153,46 @@ def get_tokenizer(name: str = "shapesworld") -> tiktoken.Encoding:
     return tiktoken.Encoding(name=f"{name}_mm", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
 
 
-# ----------------------------------------------------------------------------- training text & CLI
+# ----------------------------------------------------------------------------- CLI
+# The training corpus is passed in as text files (one text a line), so this file imports nothing from
+# data/: data/shapes/text.py counts tokens with it, and data/shapes stands above the tokenizer.
+OPTIONS = {
+    "train": {"corpus": "", "vocab_size": DEFAULT_VOCAB_SIZE, "out": "", "overwrite": False},
+    "stats": {"texts": "", "ranks": ""},
+}
+SNIPS_TEST = Path(__file__).resolve().parent.parent.parent / "shared" / "realdata" / "snips" / "test" / "seq.in"
 
-def training_texts(n_texts: int, split_seed: int = 0):
-    """Text the scripts will see: ShapesWorld captions / QA / documents / passages and voice queries."""
-    from data import shapes, voice
-    yield from shapes.corpus(n_texts, seed=split_seed)
-    yield from voice.corpus(n_texts // 3, seed=split_seed)
+
+def parse_args(argv: list[str]) -> tuple[str, dict]:
+    """`command --key=value ... [--overwrite]`; an unknown command or option, or a bad value, is an error
+    (a typo such as --vocab_sise=8000 must never retrain with the defaults)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0)
+    if argv[0] not in OPTIONS:
+        raise SystemExit(f"error: unknown command {argv[0]!r}: expected 'train' or 'stats'")
+    command, opts = argv[0], dict(OPTIONS[argv[0]])
+    for arg in argv[1:]:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in opts or (not eq and not isinstance(opts[key], bool)):
+            known = ", ".join(f"--{k}" if isinstance(v, bool) else f"--{k}=" for k, v in opts.items())
+            raise SystemExit(f"error: unknown option {arg!r} for {command}; known: {known}")
+        if isinstance(opts[key], bool):
+            if eq:
+                raise SystemExit(f"error: --{key} is a flag and takes no value, got {arg!r}")
+            opts[key] = True
+        elif isinstance(opts[key], int):
+            if not value.isdigit():
+                raise SystemExit(f"error: --{key} must be a positive integer, got {value!r}")
+            opts[key] = int(value)
+        else:
+            opts[key] = value
+    return command, opts
+
+
+def read_texts(paths: str) -> list[str]:
+    """The non-blank lines of comma-separated UTF-8 text files."""
+    return [line.rstrip("\r\n") for path in paths.split(",") for _, line in text_lines(path) if line.strip()]
 
 
 def bytes_per_token(enc: tiktoken.Encoding, texts) -> float:
@@ -156,29 +202,48 @@ def bytes_per_token(enc: tiktoken.Encoding, texts) -> float:
     return n_bytes / max(n_tokens, 1)
 
 
-def main(argv):
-    import time
-    cmd = argv[0] if argv else "stats"
-    opts = dict(a.lstrip("-").split("=", 1) for a in argv[1:])
-    if cmd == "train":
-        vocab_size, n_texts = int(opts.get("vocab_size", DEFAULT_VOCAB_SIZE)), int(opts.get("n_texts", 60000))
-        t0 = time.time()
-        ranks = train_bpe(training_texts(n_texts), vocab_size)
-        save_ranks(ranks)
-        get_tokenizer.cache_clear()
-        print(f"trained {len(ranks)} ranks (+{len(SPECIAL_TOKENS)} specials) in {time.time() - t0:.1f}s -> {RANKS_PATH}")
-    elif cmd == "stats":
-        from data import shapes, voice
-        enc = get_tokenizer()
-        held_out = list(shapes.corpus(3000, seed=12345))  # a seed the training text never uses
-        print(f"vocab size (n_vocab): {enc.n_vocab}")
-        print(f"bytes/token, held-out ShapesWorld text: {bytes_per_token(enc, held_out):.2f}")
-        print(f"bytes/token, held-out voice queries: {bytes_per_token(enc, voice.corpus(3000, seed=12345)):.2f}")
-        snips = Path(__file__).resolve().parent.parent.parent / "shared" / "realdata" / "snips" / "test" / "seq.in"
-        if snips.exists():
-            print(f"bytes/token, SNIPS test utterances (real text): {bytes_per_token(enc, snips.read_text().splitlines()):.2f}")
+def train_command(corpus: str, vocab_size: int, out: str, overwrite: bool) -> Path:
+    """Train on the corpus files and write the ranks: to `out`, else next to the bundled file as
+    *.new.tiktoken; the bundled file itself (or any existing file) only with --overwrite."""
+    if not corpus:
+        raise SystemExit("error: train needs --corpus=FILE[,FILE...] (one text a line); see --help")
+    path = Path(out) if out else RANKS_PATH.with_name(RANKS_PATH.stem + ".new.tiktoken")
+    if overwrite and not out:
+        path = RANKS_PATH
+    if path.exists() and not overwrite:
+        raise SystemExit(f"error: {path} exists; pass --overwrite to replace it")
+    texts = read_texts(corpus)
+    t0 = time.time()
+    ranks = train_bpe(texts, vocab_size)
+    save_ranks(ranks, path)
+    get_tokenizer.cache_clear()
+    print(f"trained {len(ranks)} ranks (+{len(SPECIAL_TOKENS)} specials) on {len(texts)} texts in "
+          f"{time.time() - t0:.1f}s -> {path}")
+    return path
+
+
+def stats_command(texts: str, ranks: str) -> None:
+    if ranks:
+        enc = tiktoken.Encoding(name="stats", pat_str=GPT2_PATTERN, mergeable_ranks=load_ranks(Path(ranks)),
+                                special_tokens={})
     else:
-        raise SystemExit(f"unknown command {cmd!r}: expected 'train' or 'stats'")
+        enc = get_tokenizer()
+    print(f"vocab size (n_vocab): {enc.n_vocab}")
+    for path in texts.split(",") if texts else []:
+        print(f"bytes/token, {path}: {bytes_per_token(enc, read_texts(path)):.2f}")
+    if SNIPS_TEST.exists():
+        print(f"bytes/token, SNIPS test utterances (real text): {bytes_per_token(enc, read_texts(str(SNIPS_TEST))):.2f}")
+
+
+def main(argv: list[str]) -> None:
+    command, opts = parse_args(argv)
+    try:
+        if command == "train":
+            train_command(**opts)
+        else:
+            stats_command(**opts)
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -75,3 +75,34 @@ def test_gpt2_offline_gives_a_clear_error(monkeypatch):
         T.get_tokenizer.cache_clear()
     with pytest.raises(ValueError, match="unknown tokenizer"):
         T.get_tokenizer("bert")
+
+
+def test_cli_rejects_unknown_options_and_never_overwrites_silently(tmp_path, monkeypatch, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a red circle left of a blue star\nthe Varnok emblem\n\n" * 20, encoding="utf-8")
+    bundled = tmp_path / "bundled.tiktoken"
+    bundled.write_text("tracked ranks\n")
+    monkeypatch.setattr(T, "RANKS_PATH", bundled)
+    try:
+        with pytest.raises(SystemExit, match=r"unknown option '--vocab_sise=8000' for train; known: --corpus="):
+            T.main(["train", f"--corpus={corpus}", "--vocab_sise=8000"])
+        with pytest.raises(SystemExit, match=r"--vocab_size must be a positive integer, got '8k'"):
+            T.main(["train", f"--corpus={corpus}", "--vocab_size=8k"])
+        with pytest.raises(SystemExit, match=r"unknown command 'trian'"):
+            T.main(["trian"])
+        with pytest.raises(SystemExit, match=r"train needs --corpus"):
+            T.main(["train"])
+        T.main(["train", f"--corpus={corpus}", "--vocab_size=300"])  # retrain: a new file beside the bundled one
+        new = tmp_path / "bundled.new.tiktoken"
+        assert bundled.read_text() == "tracked ranks\n" and len(T.load_ranks(new)) == 300 - len(T.SPECIAL_TOKENS)
+        with pytest.raises(SystemExit, match=r"bundled\.new\.tiktoken exists; pass --overwrite"):
+            T.main(["train", f"--corpus={corpus}", "--vocab_size=300"])
+        T.main(["train", f"--corpus={corpus}", "--vocab_size=300", "--overwrite"])
+        assert T.load_ranks(bundled) == T.load_ranks(new)
+        corpus.write_bytes(b"fine\ncaf\xe9\n")
+        with pytest.raises(SystemExit, match=r"corpus\.txt:2: not UTF-8"):
+            T.main(["train", f"--corpus={corpus}", f"--out={tmp_path / 'x.tiktoken'}"])
+        T.main(["stats", f"--ranks={new}", f"--texts={tmp_path / 'bundled.tiktoken'}"])
+        assert "vocab size (n_vocab): 272" in capsys.readouterr().out
+    finally:
+        T.get_tokenizer.cache_clear()

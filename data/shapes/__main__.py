@@ -4,6 +4,8 @@
         contact sheet: scenes of every kind with their SSC / DSC / AltText, grounding boxes drawn
     python -m data.shapes export --kind=caption|llava|preference|png --n=N --out=DIR [--split=train]
         [--seed=0] [--size=0]   (size 0: 64 px natural scenes, 448 px text-rich ones)
+    python -m data.shapes corpus --n=60000 --out=FILE [--seed=0]
+        mixed text of every kind, one text a line (the tokenizer's training corpus: python -m data.tokenizer)
     python -m data.shapes bench [--n=200]
         make_scene + render throughput (scenes/s) at 64 px and 448 px on one core, and text items/s
 """
@@ -25,6 +27,7 @@ from . import (
     Obj,
     Scene,
     caption,
+    corpus,
     export,
     grounding,
     make_scene,
@@ -39,6 +42,7 @@ from .render import font
 DEFAULTS = {
     "preview": {"out": "out/shapes/preview.png", "split": "train", "seed": 0, "size": 320},
     "export": {"kind": "caption", "n": 16, "out": "out/shapes/export", "split": "train", "seed": 0, "size": 0},
+    "corpus": {"n": 60000, "out": "out/tokenizer/shapes.txt", "seed": 0},
     "bench": {"n": 200, "seed": 0},
 }
 
@@ -159,6 +163,11 @@ def main(argv: list[str]) -> None:
     try:
         if command == "preview":
             print(f"wrote {preview(**args)}")
+        elif command == "corpus":
+            path = Path(args["out"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(text + "\n" for text in corpus(args["n"], args["seed"])), encoding="utf-8")
+            print(f"wrote {args['n']} texts to {path}")
         elif command == "export":
             print(f"wrote {export(**{**args, 'size': args['size'] or None})}")
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 
+from ..tokenizer import get_tokenizer
 from .world import (
     COLORS,
     EMBLEM_BADGE,
@@ -35,7 +36,7 @@ _PIECES = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z
 
 def approx_tokens(text: str) -> int:
     """Token count without a tokenizer (words of <= 4 letters count 1, longer ones one per 4 letters,
-    digits one per 2, punctuation one per character): the fallback when the bundled BPE is absent."""
+    digits one per 2, punctuation one per character): an estimate for other tokenizers' budgets."""
     total = 0
     for piece in _PIECES.findall(text):
         core = piece.strip()
@@ -50,20 +51,9 @@ def approx_tokens(text: str) -> int:
     return total
 
 
-_ENCODER: list = []  # the bundled tokenizer, loaded once (an empty list = not tried yet)
-
-
 def token_count(text: str) -> int:
-    """Tokens of `text` under the bundled BPE (data/tokenizer.py), or approx_tokens if it cannot load."""
-    if not _ENCODER:
-        try:
-            from data.tokenizer import get_tokenizer
-
-            _ENCODER.append(get_tokenizer())
-        except Exception:  # no ranks file yet (e.g. while the tokenizer is being retrained)
-            _ENCODER.append(None)
-    enc = _ENCODER[0]
-    return len(enc.encode_ordinary(text)) if enc is not None else approx_tokens(text)
+    """Tokens of `text` under the bundled BPE (data/tokenizer.py; loaded once, cached there)."""
+    return len(get_tokenizer().encode_ordinary(text))
 
 
 def a(phrase: str) -> str:
