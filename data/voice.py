@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data import InputError
 from data.jsonl import iter_jsonl
 
 # ----------------------------------------------------------------------------- schema
@@ -498,28 +499,46 @@ def check_bio(tags: list[str]) -> str | None:
     return None
 
 
+def read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; a byte that is not UTF-8 is an InputError naming file:line."""
+    lines = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                lines.append(raw.decode("utf-8").rstrip("\r\n"))
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{lineno}: byte 0x{raw[e.start]:02x} at column {e.start + 1} "
+                                 "is not UTF-8 (expected UTF-8 text)") from None
+    return lines
+
+
 def read_jointbert(folder: str | Path) -> list[Query]:
-    """Read a JointBERT folder (seq.in, seq.out, optional label). Malformed -> ValueError naming file and line."""
+    """Read a JointBERT folder (seq.in, seq.out, optional label). Malformed -> InputError naming file:line:
+    a missing file, a byte that is not UTF-8, an empty line (blamed on the file that has it), files of
+    different lengths, a tag count that differs from the token count, or tags that are not BIO."""
     folder = Path(folder)
     for name in ("seq.in", "seq.out"):
         if not (folder / name).is_file():
-            raise ValueError(f"{folder / name}: missing (a JointBERT folder holds seq.in, seq.out and label)")
-    lines = {n: (folder / n).read_text(encoding="utf-8").splitlines() for n in ("seq.in", "seq.out", "label")
-             if (folder / n).is_file()}
+            raise InputError(f"{folder / name}: missing (a JointBERT folder holds seq.in, seq.out and label)")
+    lines = {n: read_lines(folder / n) for n in ("seq.in", "seq.out", "label") if (folder / n).is_file()}
+    for name, ls in lines.items():
+        blank = next((i for i, line in enumerate(ls, 1) if not line.strip()), None)
+        if blank is not None:
+            raise InputError(f"{folder / name}:{blank}: empty line (expected one utterance per line)")
     n_in = len(lines["seq.in"])
     for name, ls in lines.items():
         if len(ls) != n_in:
-            raise ValueError(f"{folder / name}:{min(len(ls), n_in) + 1}: has {len(ls)} lines but seq.in has {n_in}")
+            raise InputError(f"{folder / name}:{min(len(ls), n_in) + 1}: has {len(ls)} lines "
+                             f"but seq.in has {n_in}")
     queries = []
     for i in range(n_in):
         tokens, tags = lines["seq.in"][i].split(), lines["seq.out"][i].split()
         if len(tokens) != len(tags):
-            raise ValueError(f"{folder / 'seq.out'}:{i + 1}: {len(tags)} tags for {len(tokens)} tokens in seq.in")
-        if not tokens:
-            raise ValueError(f"{folder / 'seq.in'}:{i + 1}: empty utterance")
+            raise InputError(f"{folder / 'seq.out'}:{i + 1}: {len(tags)} tags for {len(tokens)} tokens "
+                             "in seq.in")
         bad = check_bio(tags)
         if bad:
-            raise ValueError(f"{folder / 'seq.out'}:{i + 1}: bad BIO: {bad}")
+            raise InputError(f"{folder / 'seq.out'}:{i + 1}: bad BIO: {bad}")
         mentions = [Mention(s, e, t, None, " ".join(tokens[s:e])) for s, e, t in bio_spans(tags)]
         intent = lines["label"][i].strip() if "label" in lines else ""
         queries.append(Query(tokens, tags, "", intent, mentions, list(tokens)))
