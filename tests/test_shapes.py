@@ -156,7 +156,7 @@ def test_boxes_inside_image_and_on_their_object():
             if ref is None:
                 continue
             grid = S.parse_box(ground[ref])
-            assert grid == S.box_to_grid(obj.box, scene) and all(0 <= v <= 999 for v in grid)
+            assert grid == S.box_to_grid(obj.bbox, scene) and all(0 <= v <= 999 for v in grid)
             x1, y1, x2, y2 = _grid_to_px(grid, size)
             assert 0 <= x1 < x2 <= size and 0 <= y1 < y2 <= size
             region = pixels[y1:y2, x1:x2]
@@ -191,6 +191,56 @@ def test_text_boxes_hold_their_text():
         if scene.kind == "chart":  # the axis lines are drawn in dark gray, not black ink
             continue
         assert ink[~inside].sum() < 0.001 * ink.size, scene.uid  # no text outside the text boxes
+
+
+def test_boxes_hug_the_drawn_pixels():
+    """Shapes: IoU >= 0.95 of the grounding box with the bounding box of the object's pixels; text: no ink
+    outside its box and ink filling it. 250 scenes at 1000 px here (about 3 s); `python -m data.shapes boxes`
+    runs the same measure on 2000 (layout boxes gave 0.80 for arrows, 0.86 for stars, 0.58 for text)."""
+    fit = cli.box_fit(250, seed=3)
+    assert set(fit["shape_iou"]) >= set(S.SHAPES) | {"bar", "button", "toggle", "checkbox"}
+    worst = {shape: min(values) for shape, values in fit["shape_iou"].items()}
+    assert min(worst.values()) >= 0.95, worst
+    assert len(fit["text_iou"]) > 1000 and min(fit["text_iou"]) >= 0.95
+    assert fit["ink_pixels"] > 10**6 and fit["ink_outside"] == 0
+
+
+def test_data_files_import_without_loops():
+    """Each file of data/ stands above what it uses: the graph of imports between them has no cycle."""
+    import ast
+    data = ROOT / "data"
+    files = {p: ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+             for p in data.rglob("*.py")}
+    modules = set(files.values())
+    graph = {}
+    for path, name in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        uses = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                target = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+                uses |= {t for t in [target] + [f"{target}.{a.name}" for a in node.names] if t in modules}
+            elif isinstance(node, ast.Import):
+                uses |= {a.name for a in node.names if a.name in modules}
+        graph[name] = uses - {name}
+    done, path_stack = set(), []
+
+    def visit(module):
+        assert module not in path_stack, " -> ".join(path_stack[path_stack.index(module):] + [module])
+        if module in done:
+            return
+        path_stack.append(module)
+        for used in sorted(graph.get(module, ())):
+            visit(used)
+        path_stack.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+    assert "data.shapes.geometry" in graph["data.shapes.world"] and "data.tokenizer" in graph["data.shapes.text"]
 
 
 def test_pope_negatives_truly_absent_and_ranked():

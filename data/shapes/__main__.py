@@ -6,6 +6,8 @@
         [--seed=0] [--size=0]   (size 0: 64 px natural scenes, 448 px text-rich ones)
     python -m data.shapes corpus --n=60000 --out=FILE [--seed=0]
         mixed text of every kind, one text a line (the tokenizer's training corpus: python -m data.tokenizer)
+    python -m data.shapes boxes [--n=2000] [--size=1000]
+        how tightly the grounding boxes hug the drawn pixels (shape IoU, text ink inside its box)
     python -m data.shapes bench [--n=200]
         make_scene + render throughput (scenes/s) at 64 px and 448 px on one core, and text items/s
 """
@@ -13,14 +15,18 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import sys
 import textwrap
 import time
+from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from . import (
+    COLOR_RGB,
     EMBLEM_BADGE,
     EMBLEMS,
     KINDS,
@@ -30,6 +36,7 @@ from . import (
     corpus,
     export,
     grounding,
+    iou,
     make_scene,
     multi_image,
     parse_box,
@@ -37,12 +44,13 @@ from . import (
     video,
     vqa,
 )
-from .render import font
+from .geometry import font
 
 DEFAULTS = {
     "preview": {"out": "out/shapes/preview.png", "split": "train", "seed": 0, "size": 320},
     "export": {"kind": "caption", "n": 16, "out": "out/shapes/export", "split": "train", "seed": 0, "size": 0},
     "corpus": {"n": 60000, "out": "out/tokenizer/shapes.txt", "seed": 0},
+    "boxes": {"n": 2000, "seed": 0, "size": 1000},
     "bench": {"n": 200, "seed": 0},
 }
 
@@ -137,6 +145,70 @@ def preview(out: str, split: str, seed: int, size: int) -> Path:
     return path
 
 
+def _pixel_box(mask: np.ndarray, x0: int, y0: int):
+    """Bounding box (x1, y1, x2, y2), ends exclusive, of the True pixels of `mask` placed at (x0, y0)."""
+    cols, rows = np.flatnonzero(mask.any(0)), np.flatnonzero(mask.any(1))
+    if not len(cols):
+        return None
+    return (x0 + cols[0], y0 + rows[0], x0 + cols[-1] + 1, y0 + rows[-1] + 1)
+
+
+def _packed(img: Image.Image) -> np.ndarray:
+    """(H, W) int32 0xRRGGBB: one comparison per pixel instead of three."""
+    rgb = np.asarray(img).astype(np.int32)  # (H, W, 3)
+    return rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]
+
+
+def box_fit(n: int, seed: int = 0, size: int = 1000) -> dict:
+    """How the boxes of n scenes (all five kinds in turn) fit the pixels drawn at `size` px.
+
+    Shapes: IoU of Obj.bbox with the bounding box of the object's own colour inside its layout box (every
+    kind keeps objects apart, so no other object's pixels are there). Text: the scene rendered with and
+    without its text; the pixels that change are the ink. Reports the ink share outside every text box
+    and the IoU of each item's ink bounding box with its box."""
+    shape_iou, text_iou = defaultdict(list), []
+    ink_pixels = ink_outside = 0
+    k = size / 1000
+    for i in range(n):
+        scene = make_scene("train", i, seed, KINDS[i % len(KINDS)])
+        assert scene.width == scene.height == 1000
+        full = _packed(render(scene, size))  # (size, size)
+
+        def px(box, margin=0):
+            return [max(0, min(size, round(v * k) + d)) for v, d in zip(box, (-margin, -margin, margin, margin))]
+
+        for obj in scene.objects:
+            x1, y1, x2, y2 = px(obj.box, 3)
+            r, g, b = COLOR_RGB[obj.color]
+            drawn = _pixel_box(full[y1:y2, x1:x2] == (r << 16 | g << 8 | b), x1, y1)
+            shape_iou[obj.shape].append(iou(drawn, [v * k for v in obj.bbox]) if drawn else 0.0)
+        if scene.texts:
+            ink = full != _packed(render(dataclasses.replace(scene, texts=[]), size))  # (size, size) bool
+            inside = np.zeros_like(ink)
+            for t in scene.texts:
+                x1, y1, x2, y2 = px(t.bbox, 1)
+                inside[y1:y2, x1:x2] = True
+                x1, y1, x2, y2 = px(t.bbox, 4)
+                drawn = _pixel_box(ink[y1:y2, x1:x2], x1, y1)
+                text_iou.append(iou(drawn, [v * k for v in t.bbox]) if drawn else 0.0)
+            ink_pixels += int(ink.sum())
+            ink_outside += int((ink & ~inside).sum())
+    return {"shape_iou": dict(shape_iou), "text_iou": text_iou, "ink_pixels": ink_pixels,
+            "ink_outside": ink_outside}
+
+
+def boxes(n: int, seed: int, size: int) -> None:
+    t0 = time.perf_counter()
+    fit = box_fit(n, seed, size)
+    print(f"{n} scenes ({', '.join(KINDS)} in turn) rendered at {size} px, {time.perf_counter() - t0:.1f} s")
+    print(f"{'item':10s} {'count':>6s} {'min IoU':>8s} {'p1 IoU':>8s} {'mean IoU':>9s}")
+    rows = sorted(fit["shape_iou"].items()) + [("text", fit["text_iou"])]
+    for name, values in rows:
+        v = np.array(values)
+        print(f"{name:10s} {len(v):6d} {v.min():8.3f} {np.percentile(v, 1):8.3f} {v.mean():9.3f}")
+    print(f"text ink outside every text box (1 px margin): {fit['ink_outside']} of {fit['ink_pixels']} pixels")
+
+
 def bench(n: int, seed: int) -> dict:
     results = {}
     for size in (64, 448):
@@ -168,6 +240,8 @@ def main(argv: list[str]) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(text + "\n" for text in corpus(args["n"], args["seed"])), encoding="utf-8")
             print(f"wrote {args['n']} texts to {path}")
+        elif command == "boxes":
+            boxes(**args)
         elif command == "export":
             print(f"wrote {export(**{**args, 'size': args['size'] or None})}")
         else:

@@ -6,49 +6,10 @@ while the inside of every shape keeps its exact colour (tests check boxes by tha
 
 from __future__ import annotations
 
-import math
-from functools import lru_cache
+from PIL import Image, ImageDraw
 
-from PIL import Image, ImageDraw, ImageFont
-
+from .geometry import UNIT_POLYGONS, font
 from .world import BACKGROUNDS, COLOR_RGB, EMBLEM_BADGE, EMBLEM_GLYPHS, Scene, glyph_color
-
-
-@lru_cache(maxsize=256)
-def font(px: int) -> ImageFont.FreeTypeFont:
-    """Pillow's bundled scalable font (Pillow >= 10.1) at `px` pixels."""
-    return ImageFont.load_default(size=max(1, int(px)))
-
-
-def _regular(n: int, start: float = -math.pi / 2, radius: float = 0.5) -> list[tuple[float, float]]:
-    return [(0.5 + radius * math.cos(start + 2 * math.pi * k / n), 0.5 + radius * math.sin(start + 2 * math.pi * k / n))
-            for k in range(n)]
-
-
-def _star() -> list[tuple[float, float]]:
-    outer, inner = _regular(5), _regular(5, -math.pi / 2 + math.pi / 5, 0.2)
-    return [p for pair in zip(outer, inner) for p in pair]
-
-
-def _heart() -> list[tuple[float, float]]:
-    pts = [(16 * math.sin(t) ** 3, 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))
-           for t in (2 * math.pi * k / 48 for k in range(48))]
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    return [((x - min(xs)) / (max(xs) - min(xs)), (max(ys) - y) / (max(ys) - min(ys))) for x, y in pts]
-
-
-# Outlines in unit-box coordinates, scaled to each object's box when drawn.
-UNIT_POLYGONS = {
-    "triangle": [(0.5, 0.0), (1.0, 1.0), (0.0, 1.0)],
-    "diamond": [(0.5, 0.0), (1.0, 0.5), (0.5, 1.0), (0.0, 0.5)],
-    "hexagon": _regular(6, 0.0),
-    "pentagon": _regular(5),
-    "star": _star(),
-    "heart": _heart(),
-    "cross": [(0.33, 0), (0.67, 0), (0.67, 0.33), (1, 0.33), (1, 0.67), (0.67, 0.67), (0.67, 1), (0.33, 1),
-              (0.33, 0.67), (0, 0.67), (0, 0.33), (0.33, 0.33)],
-    "arrow": [(0, 0.35), (0.55, 0.35), (0.55, 0.1), (1, 0.5), (0.55, 0.9), (0.55, 0.65), (0, 0.65)],
-}
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, rgb) -> None:
@@ -90,6 +51,24 @@ def draw_glyph(draw: ImageDraw.ImageDraw, emblem: int, box, badge_color: str) ->
         for c, bit in enumerate(row):
             if bit:
                 draw.rectangle((gx + c * cell, gy + r * cell, gx + (c + 1) * cell - 1, gy + (r + 1) * cell - 1), fill=ink)
+
+
+def draw_text(img: Image.Image, text: str, box, rgb) -> None:
+    """`text` whose ink fills `box` (pixels) exactly: drawn at the font size of the box's height, cropped to
+    its ink and scaled to the box. Pillow's hinting makes ink at small sizes several % wider or narrower
+    than the scaled metrics that made the box, so drawing at a font size alone would not fit it."""
+    left, top = round(box[0]), round(box[1])
+    width, height = max(1, round(box[2]) - left), max(1, round(box[3]) - top)
+    ink_top, ink_bottom = font(100).getbbox(text)[1::2]
+    face = font(max(1, round(height * 100 / max(1, ink_bottom - ink_top))))
+    x1, y1, x2, y2 = face.getbbox(text)
+    mask = Image.new("L", (x2 - x1 + 2, y2 - y1 + 2))
+    ImageDraw.Draw(mask).text((1 - x1, 1 - y1), text, fill=255, font=face)
+    ink = mask.getbbox()
+    if ink is None:  # nothing drawn (whitespace)
+        return
+    mask = mask.crop(ink).resize((width, height), Image.Resampling.BILINEAR)
+    img.paste(rgb, (left, top, left + width, top + height), mask)
 
 
 def _texture(draw: ImageDraw.ImageDraw, texture: str, rgb, px: int) -> None:
@@ -140,9 +119,7 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
         if obj.emblem is not None:
             draw_glyph(draw, obj.emblem, box, obj.color)
     for item in scene.texts:
-        x1, y1, x2, y2 = scale(item.box)
-        # A font of size h puts ink between 0.22h and 1.18h below the origin: shift it into the box.
-        draw.text((x1, y1 - 0.2 * (y2 - y1)), item.text, fill=COLOR_RGB[item.color], font=font(round(y2 - y1)))
+        draw_text(img, item.text, scale(item.box), COLOR_RGB[item.color])
     if ss > 1:
         img = img.resize((size, size), Image.Resampling.BOX)
     return img

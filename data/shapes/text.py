@@ -495,14 +495,15 @@ def _unique_texts(scene: Scene):
 
 
 def grounding(scene: Scene) -> list[tuple[str, str]]:
-    """(referring expression, "[x1, y1, x2, y2]" on the 0-999 grid) for every uniquely nameable item."""
+    """(referring expression, "[x1, y1, x2, y2]" on the 0-999 grid) for every uniquely nameable item; the box
+    is the tight box of the drawn pixels (Obj.bbox), not the layout square."""
     out = []
     for o in scene.objects:
         ref = reference(o, scene)
         if ref:
-            out.append((ref, format_box(box_to_grid(o.box, scene))))
+            out.append((ref, format_box(box_to_grid(o.bbox, scene))))
     for t in _unique_texts(scene):
-        out.append((f'the text "{t.text}"', format_box(box_to_grid(t.box, scene))))
+        out.append((f'the text "{t.text}"', format_box(box_to_grid(t.bbox, scene))))
     return out
 
 
@@ -511,9 +512,9 @@ def referring(scene: Scene) -> list[tuple[str, str]]:
     out = []
     for o in scene.objects:
         if reference(o, scene):
-            out.append((f"What is the object at {format_box(box_to_grid(o.box, scene))}?", visual_name(o)))
+            out.append((f"What is the object at {format_box(box_to_grid(o.bbox, scene))}?", visual_name(o)))
     for t in _unique_texts(scene):
-        out.append((f"What does the text at {format_box(box_to_grid(t.box, scene))} say?", t.text))
+        out.append((f"What does the text at {format_box(box_to_grid(t.bbox, scene))} say?", t.text))
     return out
 
 

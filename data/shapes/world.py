@@ -11,6 +11,8 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
+from .geometry import drawn_box, text_ink_box, text_width
+
 SPLITS = ("train", "val", "test", "human", "human2", "web")
 KINDS = ("natural", "document", "receipt", "chart", "ui")
 CANVAS = 1000
@@ -89,17 +91,27 @@ class Obj:
     shape: str
     color: str
     size: str
-    box: tuple[int, int, int, int]  # (x1, y1, x2, y2) canvas units
+    box: tuple[int, int, int, int]  # (x1, y1, x2, y2) canvas units: the layout square the shape is drawn in
     emblem: int | None = None  # index into EMBLEMS: the object is that emblem's badge
     label: str = ""  # UI widget / chart bar label
     state: str = ""  # UI widget state ("on", "off", "checked", "unchecked") or chart bar value
+
+    @property
+    def bbox(self) -> tuple[int, int, int, int]:
+        """The tight box of the drawn shape (a star or an arrow covers less than its layout box):
+        what grounding and referring give."""
+        return drawn_box(self.shape, self.box)
 
 
 @dataclass
 class TextItem:
     text: str
-    box: tuple[int, int, int, int]
+    box: tuple[int, int, int, int]  # the ink's tight box; the renderer scales the text to fill it
     color: str = "black"
+
+    @property
+    def bbox(self) -> tuple[int, int, int, int]:
+        return self.box
 
 
 @dataclass
@@ -119,13 +131,6 @@ def rng_for(*parts) -> random.Random:
     """A private RNG seeded by a stable hash of the parts (never Python's salted hash())."""
     digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
     return random.Random(int.from_bytes(digest, "little"))
-
-
-def text_width(text: str, height: float) -> float:
-    """Width in canvas units of `text` drawn with a font of cap-to-descender `height` (Pillow's font)."""
-    from .render import font  # local import: world.py stays free of drawing code
-
-    return font(100).getlength(text) * height / 100
 
 
 def _overlaps(box, boxes, gap=20) -> bool:
@@ -187,7 +192,7 @@ def _natural(rng: random.Random, split: str, area=(30, 30, 970, 970), max_object
         box = _place(rng, w, h, taken, area)
         if box:
             taken.append(box)
-            texts.append(TextItem(word, box, rng.choice(["black", "blue", "red"])))
+            texts.append(TextItem(word, text_ink_box(word, box[0], box[1], h), rng.choice(["black", "blue", "red"])))
     return objects, texts
 
 
@@ -206,9 +211,9 @@ UI_SCREENS = ["Settings", "Profile", "Messages", "Downloads", "Privacy", "Displa
 
 
 def _text_line(rng, text, x, y, h, taken, color="black"):
-    box = (x, y, x + int(text_width(text, h)) + 2, y + h)
-    taken.append(box)
-    return TextItem(text, box, color)
+    """Text set in a line of height h at (x, y): the line keeps its room in `taken`, the item gets its ink box."""
+    taken.append((x, y, x + int(text_width(text, h)) + 2, y + h))
+    return TextItem(text, text_ink_box(text, x, y, h), color)
 
 
 def _document(rng: random.Random, split: str):
