@@ -12,7 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (CI 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels import attention, attention_reference  # noqa: E402
+from kernels import _common, attention, attention_reference  # noqa: E402
 
 # `kernels.attention` the attribute is the function (kernels/__init__.py re-exports it); this is the module
 attention_module = importlib.import_module("kernels.attention")
@@ -44,15 +44,18 @@ def forward_backward(fn, q, k, v, grad_out, **kwargs):
 def assert_flash_rule(got, q, k, v, grad_out, label, **kwargs):
     """got = (out, dq, dk, dv) of the path under test; compare with the fp32 and same-dtype references."""
     ref = forward_backward(attention_reference, q, k, v, grad_out, **kwargs)  # fp32 inside
-    same_dtype = forward_backward(lambda *a, **kw: attention_reference(*a, upcast=False, **kw), q, k, v, grad_out, **kwargs)
+    same_dtype = forward_backward(lambda *a, **kw: attention_reference(*a, upcast=False, **kw), q, k, v,
+                                  grad_out, **kwargs)
     for name, x, r, p in zip(NAMES, got, ref, same_dtype):
-        assert x.shape == r.shape and x.dtype == r.dtype, f"{label} {name}: {x.shape} {x.dtype} vs {r.shape} {r.dtype}"
+        assert x.shape == r.shape and x.dtype == r.dtype, \
+            f"{label} {name}: {x.shape} {x.dtype} vs {r.shape} {r.dtype}"
         assert torch.isfinite(x).all(), f"{label} {name}: non-finite values"
         err = (x.float() - r.float()).abs().max().item()
         err_pt = (p.float() - r.float()).abs().max().item()
         bound = 2 * err_pt + ATOL[q.dtype]
         print(f"{label} {name}: err {err:.2e} (same-dtype torch {err_pt:.2e}, bound {bound:.2e})")
-        assert err <= bound, f"{label} {name}: max error {err:.3e} > bound {bound:.3e} (torch same-dtype {err_pt:.3e})"
+        assert err <= bound, \
+            f"{label} {name}: max error {err:.3e} > bound {bound:.3e} (torch same-dtype {err_pt:.3e})"
 
 
 # (batch, h_q, h_kv, n, d, causal, key_lengths, dtype): every N, D, GQA / MQA, causal on / off,
@@ -99,10 +102,180 @@ def test_triton_scale_strided_inputs_and_cross_attention(monkeypatch):
 def test_triton_empty_sample_gives_zero_output_and_gradients(monkeypatch):
     monkeypatch.setenv("KERNELS", "triton")
     q, k, v, grad_out = make_inputs(2, 2, 1, 20, 16, torch.float32, seed=3)
-    out, dq, dk, dv = forward_backward(attention, q, k, v, grad_out, causal=True, key_lengths=torch.tensor([0, 20]))
+    out, dq, dk, dv = forward_backward(attention, q, k, v, grad_out, causal=True,
+                                       key_lengths=torch.tensor([0, 20]))
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(dq[0], torch.zeros_like(dq[0]))
     assert torch.equal(dk[0], torch.zeros_like(dk[0])) and torch.equal(dv[0], torch.zeros_like(dv[0]))
     assert out[1].abs().sum() > 0 and dq[1].abs().sum() > 0 and dk[1].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- masks
+
+def doc_ids_of(*rows):
+    """(B, N) document ids from per-row document lengths, ids counting up within each row."""
+    return torch.stack([torch.repeat_interleave(torch.arange(len(lengths)),
+                                                torch.tensor(lengths)) for lengths in rows])
+
+
+# documents of lengths 1, 7 and 40 (plus 3: N = 51, odd) in one row, one document in the other
+DOCS_1_7_40 = doc_ids_of([1, 7, 40, 3], [51])
+# sample 1 hides every key: all its queries see nothing (output 0, zero gradients)
+KEY_MASK_51 = torch.stack([torch.arange(51) % 3 != 1, torch.zeros(51, dtype=torch.bool)])
+
+# (label, batch, h_q, h_kv, n_q, n_kv, causal, masks, dtype); d = 16, or 40 (not a power of two) where noted
+MASK_CASES = [
+    ("docs causal GQA", 2, 4, 2, 51, 51, True, dict(doc_ids=DOCS_1_7_40), torch.float32),
+    ("docs bidirectional fp16", 2, 2, 1, 51, 51, False, dict(doc_ids=DOCS_1_7_40), torch.float16),
+    ("decode Nq=1 offset", 2, 4, 1, 1, 40, True, {}, torch.float32),
+    ("chunk Nq=5 offset fp16", 2, 2, 2, 5, 40, True, dict(key_lengths=torch.tensor([40, 23])), torch.float16),
+    ("Nq=5 offset + docs", 2, 2, 1, 5, 51, True, dict(doc_ids=DOCS_1_7_40), torch.float32),
+    ("Nq > Nkv offset", 1, 2, 1, 45, 30, True, {}, torch.float32),
+    ("key mask hides a sample", 2, 4, 2, 51, 51, False, dict(key_mask=KEY_MASK_51), torch.float32),
+    ("key mask + causal + docs", 2, 4, 2, 51, 51, True, dict(key_mask=KEY_MASK_51, doc_ids=DOCS_1_7_40),
+     torch.float16),
+    ("everything, Nq=5", 2, 2, 1, 5, 51, True,
+     dict(key_mask=KEY_MASK_51, doc_ids=DOCS_1_7_40, key_lengths=torch.tensor([49, 51])), torch.float32),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("label,batch,h_q,h_kv,n_q,n_kv,causal,masks,dtype", MASK_CASES,
+                         ids=[case[0] for case in MASK_CASES])
+def test_triton_masks_match_reference(monkeypatch, label, batch, h_q, h_kv, n_q, n_kv, causal, masks, dtype):
+    monkeypatch.setenv("KERNELS", "triton")
+    q, k, v, grad_out = make_inputs(batch, h_q, h_kv, n_q, 16, dtype, seed=n_q * 100 + n_kv, n_kv=n_kv)
+    got = forward_backward(attention, q, k, v, grad_out, causal=causal, **masks)
+    assert_flash_rule(got, q, k, v, grad_out, f"triton {label} {dtype}", causal=causal, **masks)
+    if "key_mask" in masks and not masks["key_mask"][1].any():  # the hidden sample: exact zeros
+        assert all(torch.equal(t[1], torch.zeros_like(t[1])) for t in got)
+
+
+@pytest.mark.parametrize("label,batch,h_q,h_kv,n_q,n_kv,causal,masks,dtype", MASK_CASES,
+                         ids=[case[0] for case in MASK_CASES])
+def test_sdpa_path_masks_match_reference(monkeypatch, label, batch, h_q, h_kv, n_q, n_kv, causal, masks,
+                                         dtype):
+    monkeypatch.setenv("KERNELS", "ref")
+    q, k, v, grad_out = make_inputs(batch, h_q, h_kv, n_q, 40, dtype, seed=n_q * 100 + n_kv, n_kv=n_kv)
+    got = forward_backward(attention, q, k, v, grad_out, causal=causal, **masks)
+    assert_flash_rule(got, q, k, v, grad_out, f"sdpa {label} {dtype}", causal=causal, **masks)
+
+
+def test_reference_masks_mean_what_the_docstring_says():
+    """The oracle against independent spellings: documents = separate attention per document; the causal
+    offset = the last Nq rows of a square causal attention; key_mask = deleting the hidden keys."""
+    q, k, v, _ = make_inputs(2, 2, 2, 51, 8, torch.float64, seed=11)
+    packed = attention_reference(q, k, v, causal=True, doc_ids=DOCS_1_7_40)
+    start = 0
+    for length in [1, 7, 40, 3]:
+        part = slice(start, start + length)
+        alone = attention_reference(q[:1, :, part], k[:1, :, part], v[:1, :, part], causal=True)
+        torch.testing.assert_close(packed[:1, :, part], alone)
+        start += length
+    torch.testing.assert_close(packed[1:], attention_reference(q[1:], k[1:], v[1:], causal=True))
+    square = attention_reference(q, k, v, causal=True)
+    torch.testing.assert_close(attention_reference(q[:, :, -5:], k, v, causal=True), square[:, :, -5:])
+    keep = KEY_MASK_51[0]
+    torch.testing.assert_close(attention_reference(q[:1], k[:1], v[:1], key_mask=KEY_MASK_51[:1]),
+                               attention_reference(q[:1], k[:1, :, keep], v[:1, :, keep]))
+
+
+@needs_triton
+# the dK / dV kernel recomputes P for hidden keys too (exp2 overflows to inf there) and zeroes their rows at
+# the end; the interpreter's numpy warns about those rows
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2",
+                            "ignore:invalid value encountered in matmul")
+@pytest.mark.parametrize("masks", [dict(key_lengths=torch.tensor([9, 20])),
+                                   dict(key_mask=torch.arange(20).repeat(2, 1) < 9)])
+def test_triton_hides_keys_when_every_visible_score_is_very_negative(monkeypatch, masks):
+    """Visible scores near -2e6 (log2 units): a finite 'minus infinity' of -1e6 would give the hidden keys
+    all the weight. The output must be the plain mean of the visible values, as in the reference."""
+    monkeypatch.setenv("KERNELS", "triton")
+    q = torch.ones(2, 1, 20, 16, requires_grad=True)
+    keys = torch.ones(2, 1, 20, 16)
+    keys[:, :, :9] = -1.0  # visible keys score -16 * scale, hidden ones +16 * scale
+    k = keys.requires_grad_()
+    v = torch.randn(2, 1, 20, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    grad_out = torch.randn(2, 1, 20, 16, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(scale=1e5, **masks)
+    got = forward_backward(attention, q, k, v, grad_out, **kwargs)
+    visible_mean = v[0, 0, :9].mean(0)
+    torch.testing.assert_close(got[0][0, 0], visible_mean.expand(20, 16).detach())
+    ref = forward_backward(attention_reference, q, k, v, grad_out, **kwargs)
+    # the backward rebuilds P = exp2(S - LSE) from scores near 2e6, where one fp32 ulp is 0.25: P is only
+    # good to ~20% there (the reference subtracts the row max exactly); dQ is pure cancellation (all
+    # visible keys are equal), so its scale is that of dV
+    for name, x, r in zip(NAMES, got, ref):
+        assert torch.isfinite(x).all(), name
+        bound = 0.25 * r.abs().max().item() + 0.1
+        assert (x - r).abs().max().item() <= bound, f"{name}: {(x - r).abs().max().item():.3g} > {bound:.3g}"
+    torch.testing.assert_close(got[0], ref[0])
+    assert torch.equal(got[2][0, :, 9:], torch.zeros_like(got[2][0, :, 9:]))  # hidden keys: dK = 0
+
+
+@needs_triton
+def test_triton_reads_expanded_kv_and_keeps_the_callers_layout(monkeypatch):
+    """k / v broadcast over heads with expand() (stride 0) and q a (B, N, H, D) view: read in place;
+    the output comes back in q's memory layout, so the caller's transpose(1, 2).reshape is free."""
+    monkeypatch.setenv("KERNELS", "triton")
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 19, 4, 16, generator=gen).transpose(1, 2).requires_grad_()  # (B, H, N, D) view
+    k_one = torch.randn(2, 1, 19, 16, generator=gen).requires_grad_()
+    v_one = torch.randn(2, 1, 19, 16, generator=gen).requires_grad_()
+    k, v = k_one.expand(2, 2, 19, 16), v_one.expand(2, 2, 19, 16)  # stride 0 over the 2 kv heads
+    grad_out = torch.randn(2, 4, 19, 16, generator=gen)
+    out = attention(q, k, v, causal=True)
+    assert out.transpose(1, 2).is_contiguous()
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+    assert_flash_rule(got, q, k, v, grad_out, "triton expand()", causal=True)
+
+
+def test_bf16_on_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("KERNELS", "triton")
+    q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
+    with pytest.raises((ValueError, RuntimeError), match="bf16|TRITON_INTERPRET"):
+        attention(q, q, q)
+
+
+def test_default_dispatch_by_device_and_dtype(monkeypatch):
+    """fp64 on CUDA runs the PyTorch path; kernel dtypes on CUDA run Triton; nothing else does."""
+    from types import SimpleNamespace
+    monkeypatch.delenv("KERNELS", raising=False)
+    cuda = lambda dtype: SimpleNamespace(is_cuda=True, dtype=dtype)
+    assert not _common.use_triton("attention", cuda(torch.float64))
+    assert _common.use_triton("attention", cuda(torch.bfloat16)) == _common.HAS_TRITON
+    assert not _common.use_triton("attention", cuda(torch.float16), kernels_fit=False)  # e.g. D = 256
+    assert not _common.use_triton("attention", SimpleNamespace(is_cuda=False, dtype=torch.float32))
+    monkeypatch.setenv("KERNELS", " Triton ")  # parsed like moe_ffn does: trimmed, any case
+    assert _common.forced_path() == "triton"
+
+
+def test_autotune_keys_bucket_lengths_and_decode_takes_one_tile(monkeypatch):
+    """Nearby lengths share a tuning key (no re-tune per generated token); Nq <= 16 takes the fixed decode
+    tile untimed; under DDP every rank takes the first config. Grids are 1-D (no 65535 limit on y / z)."""
+    launches = []
+
+    class Recorder:  # stands in for the autotuned kernel: records the launch instead of running it
+        keys = attention_module._attn_fwd.keys
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, kwargs))
+
+    monkeypatch.setattr(attention_module, "_attn_fwd", Recorder())
+    monkeypatch.setenv("KERNELS", "triton")
+    for n in (100, 120, 130):
+        q = torch.randn(1, 2, n, 16)
+        attention(q, q, q, causal=True)
+    keys = [tuple(kwargs[name] for name in Recorder.keys) for _, kwargs in launches]
+    assert "N_Q" not in Recorder.keys and "N_Q_BUCKET" in Recorder.keys
+    assert keys[0] == keys[1] != keys[2]
+    assert all(len(grid({"BLOCK_M": 16, "BLOCK_N": 16})) == 1 for grid, _ in launches)
+    assert [_common.length_bucket(n) for n in (1, 16, 17, 1000, 1024, 1025)] == [1, 16, 32, 1024, 1024, 2048]
+
+    configs = ["big", "medium", "decode"]
+    assert _common.prune_configs(configs, 5, decode_config="decode") == ["decode"]
+    assert _common.prune_configs(configs, 17, decode_config="decode") == ["big", "medium"]
+    monkeypatch.setattr(_common, "_more_than_one_rank", lambda: True)
+    assert _common.prune_configs(configs, 17, decode_config="decode") == ["big"]
 
 
 # the SDPA path (CPU default, KERNELS=ref on CUDA) is cheap: a wider matrix
@@ -115,7 +288,8 @@ def test_sdpa_path_matches_reference(monkeypatch, n, causal, key_lengths, dtype)
     q, k, v, grad_out = make_inputs(2, 4, 2, n, 40, dtype, seed=n)
     kwargs = dict(causal=causal, key_lengths=None if key_lengths is None else torch.tensor(key_lengths))
     got = forward_backward(attention, q, k, v, grad_out, **kwargs)
-    assert_flash_rule(got, q, k, v, grad_out, f"sdpa N{n} causal={causal} lengths={key_lengths} {dtype}", **kwargs)
+    assert_flash_rule(got, q, k, v, grad_out, f"sdpa N{n} causal={causal} lengths={key_lengths} {dtype}",
+                      **kwargs)
 
 
 def test_autocast_runs_in_the_autocast_dtype(monkeypatch):
@@ -153,9 +327,67 @@ def test_bad_inputs_raise_one_line_reasons():
     k = torch.randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         attention(q, k, k)
-    with pytest.raises(ValueError, match="causal=True needs as many queries as keys"):
-        attention(q, q[:, :, :4], q[:, :, :4], causal=True)
+    with pytest.raises(ValueError, match=r"doc_ids needs Nq <= Nkv"):
+        attention(q, q[:, :, :4], q[:, :, :4], doc_ids=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"key_mask must be a bool tensor of shape \(1, 8\)"):
+        attention(q, q, q, key_mask=torch.ones(1, 8))
+    with pytest.raises(ValueError, match=r"doc_ids must be an integer tensor"):
+        attention(q, q, q, doc_ids=torch.ones(1, 7, dtype=torch.long))
     with pytest.raises(ValueError, match="key_lengths must be an integer tensor"):
         attention(q, q, q, key_lengths=torch.tensor([1.5]))
     with pytest.raises(ValueError, match="4-D"):
         attention(q[0], q[0], q[0])
+
+
+# ------------------------------------------------------------------- the CUDA path compiles (no GPU needed)
+
+def compile_kernels_for_hopper():
+    """Compile the four kernels for sm_90 with bf16 pointers, every mask on, at D = 128 with the largest
+    tiles of the GPU config lists; in a subprocess without TRITON_INTERPRET (the interpreter patches
+    triton.language in-process). Catches what the interpreter accepts but the compiler does not."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointer_types = dict(LSE="*fp32", Delta="*fp32", KeyLen="*i32", DocStart="*i32", DocEnd="*i32",
+                         KeyMask="*i8")
+    constants = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_LENGTHS=True, HAS_DOCS=True,
+                     HAS_KEY_MASK=True)
+    for kernel, tiles in [(attention_module._attn_fwd, dict(BLOCK_M=128, BLOCK_N=64)),
+                          (attention_module._attn_bwd_dkdv, dict(BLOCK_M=32, BLOCK_N=128)),
+                          (attention_module._attn_bwd_dq, dict(BLOCK_M=128, BLOCK_N=64)),
+                          (attention_module._attn_bwd_preprocess, dict(BLOCK_M=128))]:
+        jit_fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+        signature, values, attrs = {}, {}, {}
+        for i, name in enumerate(jit_fn.arg_names):
+            if name in constants or name in tiles:
+                signature[name], values[name] = "constexpr", {**constants, **tiles}[name]
+            elif name in ("qk_scale", "sm_scale"):
+                signature[name] = "fp32"
+            elif name[0].isupper() and not name.isupper() or name in ("Q", "K", "V", "O", "DO", "DQ", "DK",
+                                                                      "DV", "LSE"):
+                signature[name] = pointer_types.get(name, "*bf16")
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                signature[name] = "i32"
+        compiled = triton.compile(ASTSource(jit_fn, signature, values, attrs), target=GPUTarget("cuda", 90,
+                                                                                                32),
+                                  options=dict(num_warps=8, num_stages=3))
+        print(jit_fn.__name__, "shared bytes", compiled.metadata.shared,
+              "wgmma" if "wgmma" in compiled.asm["ptx"] else "")
+
+
+@needs_triton
+def test_kernels_compile_for_hopper_gpu():
+    import subprocess
+    import sys
+
+    import triton.backends
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import tests.test_attention as t; t.compile_kernels_for_hopper()"
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True,
+                            env={**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wgmma") == 3, result.stdout  # the three matmul kernels use tensor cores
