@@ -10,7 +10,7 @@ Byte-level means every Unicode string round-trips exactly, whatever it contains.
     enc = get_tokenizer()                          # bundled BPE (default)
     ids = enc.encode("a red circle <image>", allowed_special="all")
     enc.decode(ids)
-    get_tokenizer("gpt2")                          # tiktoken's GPT-2 ranks + our specials (needs network once)
+    get_tokenizer("gpt2")                          # tiktoken's GPT-2 ranks + our specials (network once)
 
 Retraining takes the corpus as text files, one text a line (the bundled ranks: 60000 ShapesWorld texts
 and 20000 voice queries), and writes data/shapesworld_bpe.new.tiktoken unless --out or --overwrite says
@@ -18,8 +18,8 @@ otherwise; it never replaces an existing file without --overwrite:
 
     python -m data.shapes corpus --n=60000 --out=out/tokenizer/shapes.txt
     python -c "from data import voice; print(*voice.corpus(20000), sep=chr(10))" > out/tokenizer/voice.txt
-    python -m data.tokenizer train --corpus=out/tokenizer/shapes.txt,out/tokenizer/voice.txt [--vocab_size=4096]
-        [--out=PATH] [--overwrite]
+    python -m data.tokenizer train --corpus=out/tokenizer/shapes.txt,out/tokenizer/voice.txt
+        [--vocab_size=4096] [--out=PATH] [--overwrite]
     python -m data.shapes corpus --n=3000 --seed=12345 --out=out/tokenizer/held_out.txt  # unseen seed
     python -m data.tokenizer stats [--texts=out/tokenizer/held_out.txt] [--ranks=PATH]   # bytes per token
 """
@@ -113,7 +113,8 @@ def train_bpe(texts, vocab_size: int, n_special: int = len(SPECIAL_TOKENS)) -> d
 
 def save_ranks(ranks: dict[bytes, int], path: Path) -> None:
     """Write ranks in tiktoken's `.tiktoken` format (what `tiktoken.load.load_tiktoken_bpe` reads)."""
-    lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
+    lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in by_rank]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)  # atomic: a killed run never leaves half a file
@@ -150,7 +151,8 @@ def get_tokenizer(name: str = "shapesworld") -> tiktoken.Encoding:
     else:
         raise ValueError(f"unknown tokenizer {name!r}: expected 'shapesworld' or 'gpt2'")
     specials = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
-    return tiktoken.Encoding(name=f"{name}_mm", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    return tiktoken.Encoding(name=f"{name}_mm", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens=specials)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -160,7 +162,7 @@ OPTIONS = {
     "train": {"corpus": "", "vocab_size": DEFAULT_VOCAB_SIZE, "out": "", "overwrite": False},
     "stats": {"texts": "", "ranks": ""},
 }
-SNIPS_TEST = Path(__file__).resolve().parent.parent.parent / "shared" / "realdata" / "snips" / "test" / "seq.in"
+SNIPS_TEST = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "snips" / "test" / "seq.in"
 
 
 def parse_args(argv: list[str]) -> tuple[str, dict]:
@@ -232,7 +234,8 @@ def stats_command(texts: str, ranks: str) -> None:
     for path in texts.split(",") if texts else []:
         print(f"bytes/token, {path}: {bytes_per_token(enc, read_texts(path)):.2f}")
     if SNIPS_TEST.exists():
-        print(f"bytes/token, SNIPS test utterances (real text): {bytes_per_token(enc, read_texts(str(SNIPS_TEST))):.2f}")
+        snips = bytes_per_token(enc, read_texts(str(SNIPS_TEST)))
+        print(f"bytes/token, SNIPS test utterances (real text): {snips:.2f}")
 
 
 def main(argv: list[str]) -> None:

@@ -21,7 +21,8 @@ def test_llava_mix_excerpt_text_only_multi_image_and_image_folder():
     items = S.read_llava_json(FIXTURES / "llava_mix_excerpt.json", image_folder=IMAGES)
     assert S.llava_counts(items) == {"items": 4, "text-only": 1, "single-image": 2, "multi-image": 1}
     coco, sharegpt, ocr, multi = items
-    assert coco["image"] == str(IMAGES / "coco/train2017/000000215677.jpg") and coco["images"] == [coco["image"]]
+    assert coco["image"] == str(IMAGES / "coco/train2017/000000215677.jpg")
+    assert coco["images"] == [coco["image"]]
     assert sharegpt["id"] == "Kq3xZpa_0" and sharegpt["images"] == [] and "image" not in sharegpt
     assert "\u2014" in sharegpt["conversations"][1]["value"]  # JSON escapes decoded
     assert ocr["conversations"][0]["value"].endswith("<image>")  # the marker may close the question too
@@ -30,7 +31,7 @@ def test_llava_mix_excerpt_text_only_multi_image_and_image_folder():
     assert all(S.load_image(p).size == (16, 16) for it in items for p in it["images"])
     # without the image folder, LLaVA-style relative paths are looked for next to the JSON file: not there
     with pytest.raises(InputError, match=r"llava_mix_excerpt\.json:2: item 0 \(id 000000215677\): image "
-                                         r"'coco/train2017/000000215677\.jpg' not found .*data file's folder"):
+                       r"'coco/train2017/000000215677\.jpg' not found .*data file's folder"):
         S.read_llava_json(FIXTURES / "llava_mix_excerpt.json")
 
 
@@ -38,11 +39,13 @@ def test_open_clip_tsv_and_excel_csv():
     rows = S.read_image_text(FIXTURES / "openclip_train.tsv")  # tab, filepath / title, file-relative paths
     assert [r["caption"] for r in rows][:2] == ["a yellow taxi waiting at a crossing, seen from above",
                                                  'the "blue hour" over a harbour']
-    assert rows[0]["title"] == rows[0]["caption"] and rows[3]["filepath"] == str(IMAGES / "cc3m/00000/000000078.jpg")
-    rows = S.read_image_text(FIXTURES / "excel_utf8_bom.csv", image_folder=IMAGES)  # BOM, CRLF, comma, caption
+    assert rows[0]["title"] == rows[0]["caption"]
+    assert rows[3]["filepath"] == str(IMAGES / "cc3m/00000/000000078.jpg")
+    # Excel's "CSV UTF-8": BOM, CRLF, comma, a `caption` column, paths relative to an image folder
+    rows = S.read_image_text(FIXTURES / "excel_utf8_bom.csv", image_folder=IMAGES)
     assert list(rows[0])[:3] == ["caption", "filepath", "photographer"]  # no invisible BOM in the first name
-    assert [r["caption"] for r in rows] == ["Café terrace at night, Arles", 'A 5" vinyl single on a turntable',
-                                            "Sunflowers in a field"]
+    assert [r["caption"] for r in rows] == ["Café terrace at night, Arles",
+                                            'A 5" vinyl single on a turntable', "Sunflowers in a field"]
     assert rows[0]["photographer"] == "R. Müller" and rows[1]["photographer"] == ""
     assert rows[2]["filepath"] == str(IMAGES / "cc3m/00000/000000056.jpg")
 
@@ -54,7 +57,8 @@ def test_trl_preference_jsonl():
     assert vision["chosen"] == "A red square fills the whole picture."
     assert vision["images"] == [str(IMAGES / "rlaif/00001.png")] == [vision["image"]]
     assert vision["prompt_messages"] == [{"role": "user", "content": vision["prompt"]}]
-    assert standard["prompt"] == "<image>\nWhat colour is the background?" and standard["prompt_messages"] is None
+    assert standard["prompt"] == "<image>\nWhat colour is the background?"
+    assert standard["prompt_messages"] is None
     assert chat["prompt_messages"][0] == {"role": "system", "content": "Answer in one word."}
     assert (chat["chosen"], chat["rejected"], chat["images"]) == ("Red.", "Purple.", [])
     assert (plain["prompt"], plain["chosen"], plain["rejected"]) == ("The sky is", " blue.", " green.")
@@ -64,7 +68,8 @@ BROKEN = [  # (reader, fixture, keyword arguments, the one-line error it must pr
     (S.read_llava_json, "llava_broken_json.json", {"image_folder": IMAGES},
      r"llava_broken_json\.json:38: invalid JSON \(Expecting ',' or '\]' after a list item at column 3\)"),
     (S.read_llava_json, "llava_missing_image.json", {"image_folder": IMAGES},
-     r"llava_missing_image\.json:38: item 2 \(id 0439139597\): image 'ocr_vqa/images/0439139598\.jpg' not found"),
+     r"llava_missing_image\.json:38: item 2 \(id 0439139597\): image "
+     r"'ocr_vqa/images/0439139598\.jpg' not found"),
     (S.read_llava_json, "llava_marker_mismatch.json", {"image_folder": IMAGES},
      r"llava_marker_mismatch\.json:60: item 3 \(id ov_multi_chart_0\): 2 image\(s\) but 1 '<image>' marker"),
     (S.read_llava_json, "llava_latin1.json", {"image_folder": IMAGES},
@@ -75,7 +80,7 @@ BROKEN = [  # (reader, fixture, keyword arguments, the one-line error it must pr
      r"openclip_missing_field\.tsv:3: expected 2 tab-separated fields like the header, got 1"),
     (S.read_image_text, "excel_cp1252.csv", {"image_folder": IMAGES},
      r"excel_cp1252\.csv:2: not UTF-8 \(byte 0xe9 at column 5\)"),
-    (S.read_image_text, "excel_utf8_bom.csv", {},  # its paths are relative to an image folder, not to the file
+    (S.read_image_text, "excel_utf8_bom.csv", {},  # paths relative to an image folder, not to the file
      r"excel_utf8_bom\.csv:2: image 'cc3m/00000/000000012\.jpg' not found"),
     (S.read_preference_jsonl, "trl_legacy_image_key.jsonl", {},
      r"trl_legacy_image_key\.jsonl:1: unknown key\(s\) 'image' \(TRL's key is 'images', a list of paths\)"),
@@ -93,12 +98,18 @@ def test_broken_fixture_gives_one_line_error(reader, name, kwargs, error):
     assert "\n" not in str(info.value) and str(info.value).startswith(str(FIXTURES / name))
 
 
-@pytest.mark.parametrize("reader", [S.read_llava_json, S.read_image_text, S.read_preference_jsonl, S.load_image])
+READERS = [S.read_llava_json, S.read_image_text, S.read_preference_jsonl, S.load_image]
+
+
+@pytest.mark.parametrize("reader", READERS)
 def test_every_reader_names_a_folder_or_a_missing_file(reader, tmp_path):
     with pytest.raises(InputError, match=rf"{re.escape(str(tmp_path))}: is a folder, expected a file"):
         reader(tmp_path)
     with pytest.raises(InputError, match=r"nope\.x: file not found"):
         reader(tmp_path / "nope.x")
+    if reader is not S.load_image:
+        with pytest.raises(InputError, match=r"nowhere: image folder not found"):
+            reader(FIXTURES / "trl_preference.jsonl", image_folder=tmp_path / "nowhere")
 
 
 def test_jsonl_reader_bad_bytes_and_lines(tmp_path):
@@ -137,7 +148,8 @@ def test_csv_separator_sniffed_and_columns_configurable(tmp_path):
 
 def test_csv_strict_quotes_and_oversized_field(tmp_path):
     # non-strict csv would return 2 rows here: the open quote on line 3 swallows lines 4 and 5
-    path = _pairs_file(tmp_path, "p.csv", 'filepath,caption\na.png,one\na.png,"two\na.png,three\na.png,four\n')
+    text = 'filepath,caption\na.png,one\na.png,"two\na.png,three\na.png,four\n'
+    path = _pairs_file(tmp_path, "p.csv", text)
     with pytest.raises(InputError, match=r"p\.csv:3: a quoted field starting here never closes"):
         S.read_image_text(path)
     path = _pairs_file(tmp_path, "p.csv", 'filepath,caption\na.png,"two" words\n')
@@ -178,11 +190,14 @@ def test_llava_export_round_trip_and_448px_text_rich(tmp_path):
     for i, it in enumerate(items):
         kind = S.formats._kind_for(i)
         scene = S.make_scene("train", i, 0, kind)
-        turns = [(q["value"], a["value"]) for q, a in zip(it["conversations"][::2], it["conversations"][1::2])]
-        assert turns[0][0].startswith("<image>\n") and turns[-1] == ("Describe the image.", S.caption(scene, "dsc"))
+        convs = it["conversations"]
+        turns = [(q["value"], a["value"]) for q, a in zip(convs[::2], convs[1::2])]
+        assert turns[0][0].startswith("<image>\n")
+        assert turns[-1] == ("Describe the image.", S.caption(scene, "dsc"))
         assert [(q.removeprefix("<image>\n"), a) for q, a in turns] == S.llava_turns(scene)
         assert S.load_image(it["image"]).size == ((64, 64) if kind == "natural" else (448, 448))
-    assert S.load_image(S.read_llava_json(S.export("llava", 4, tmp_path / "s", size=40))[3]["image"]).size == (40, 40)
+    items = S.read_llava_json(S.export("llava", 4, tmp_path / "s", size=40))
+    assert S.load_image(items[3]["image"]).size == (40, 40)
 
 
 _BOX = re.compile(r"\[\d+, \d+, \d+, \d+\]")
@@ -214,7 +229,8 @@ def test_llava_export_no_turn_gives_away_a_later_answer(tmp_path):
             question, answer = values[j - 1], values[j]
             assert not _given_away(earlier, answer), (it["id"], question, answer)
             where_questions += question.startswith("Where is") and not question.endswith("box.")
-        ground = [S.parse_box(a) for q, a in zip(values[::2], values[1::2]) if q.endswith("Answer with a box.")]
+        pairs = list(zip(values[::2], values[1::2]))
+        ground = [S.parse_box(a) for q, a in pairs if q.endswith("Answer with a box.")]
         refer = [S.parse_box(q) for q in values[::2] if q.startswith("What is the object at")
                  or q.startswith("What does the text at")]
         if ground and refer:
@@ -240,10 +256,11 @@ def test_leak_checker_catches_the_old_export_order():
 def test_preference_export_is_trl_conversational_and_reads_back(tmp_path):
     main = S.export("preference", 3, tmp_path / "pref")
     raw = [json.loads(line) for line in main.read_text().splitlines()]
-    assert all(set(r) == {"prompt", "chosen", "rejected", "images"} and isinstance(r["images"], list) for r in raw)
+    assert all(set(r) == {"prompt", "chosen", "rejected", "images"} for r in raw)
+    assert all(isinstance(r["images"], list) for r in raw)
     assert raw[0]["prompt"][0]["content"][0] == {"type": "image"}
     for i, row in enumerate(S.read_preference_jsonl(main)):
         pair = S.preference_pair("train", i)
-        assert (row["prompt"], row["chosen"], row["rejected"]) == ("<image>\n" + pair["prompt"], pair["chosen"],
-                                                                  pair["rejected"])
+        assert row["prompt"] == "<image>\n" + pair["prompt"]
+        assert (row["chosen"], row["rejected"]) == (pair["chosen"], pair["rejected"])
         assert S.load_image(row["images"][0]).tobytes() == S.render(pair["scene"], 64).tobytes()

@@ -49,7 +49,8 @@ def test_determinism_same_args_same_pixels_and_text():
         assert other[0].objects != a[0].objects or other[0].texts != a[0].texts
         assert other[1] != a[1]
     assert S.interleaved_document("web", 3) == S.interleaved_document("web", 3)
-    assert S.video("test", 2)[1:] == S.video("test", 2)[1:] and S.corpus(5, 3).__next__() == next(S.corpus(5, 3))
+    assert S.video("test", 2)[1:] == S.video("test", 2)[1:]
+    assert next(S.corpus(5, 3)) == next(S.corpus(5, 3))
     assert S.make_scene("train", 0, seed=0) != S.make_scene("train", 0, seed=1)
 
 
@@ -59,7 +60,8 @@ def test_determinism_across_processes():
             "print(hashlib.sha1(S.render(s, 48).tobytes() + S.caption(s, 'alttext', 2).encode()"
             " + S.caption(s, 'dsc+').encode()).hexdigest())")
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True)
     import hashlib
     s = S.make_scene("web", 7, 2)
     here = hashlib.sha1(S.render(s, 48).tobytes() + S.caption(s, "alttext", 2).encode()
@@ -240,7 +242,8 @@ def test_data_files_import_without_loops():
 
     for module in sorted(graph):
         visit(module)
-    assert "data.shapes.geometry" in graph["data.shapes.world"] and "data.tokenizer" in graph["data.shapes.text"]
+    assert "data.shapes.geometry" in graph["data.shapes.world"]
+    assert "data.tokenizer" in graph["data.shapes.text"]
 
 
 def test_pope_negatives_truly_absent_and_ranked():
@@ -313,7 +316,8 @@ def test_captions_true_to_the_scene_graph():
     afc_named = [any(S.EMBLEMS[o.emblem] in S.caption(s, "afc") for o in s.objects if o.emblem is not None)
                  for s in with_emblem]
     assert np.mean(afc_named) > 0.9
-    changed = np.mean([S.caption(s, "alttext", misalign=0.3) != S.caption(s, "alttext", misalign=0.0) for s in web])
+    changed = np.mean([S.caption(s, "alttext", misalign=0.3) != S.caption(s, "alttext", misalign=0.0)
+                       for s in web])
     assert 0.2 < changed < 0.4
 
 
@@ -381,8 +385,8 @@ def test_exporters_round_trip_through_readers(tmp_path):
     prefs = S.read_preference_jsonl(S.export("preference", 3, tmp_path / "pref", size=40))
     for i, row in enumerate(prefs):
         pair = S.preference_pair("train", i)
-        assert (row["prompt"], row["chosen"], row["rejected"]) == ("<image>\n" + pair["prompt"], pair["chosen"],
-                                                                  pair["rejected"])
+        assert row["prompt"] == "<image>\n" + pair["prompt"]
+        assert (row["chosen"], row["rejected"]) == (pair["chosen"], pair["rejected"])
         assert S.load_image(row["image"]).tobytes() == S.render(pair["scene"], 40).tobytes()
     scenes_file = S.export("png", 3, tmp_path / "png", split="test", size=40)
     for i, line in enumerate(scenes_file.read_text().splitlines()):
@@ -429,10 +433,12 @@ def test_same_text_in_every_process_whatever_the_hash_seed():
     code = ("import hashlib; from data import shapes; h = hashlib.sha1()\n"
             "for i in range(60):\n"
             "    s = shapes.make_scene('test', i)\n"
-            "    h.update(repr((shapes.vqa(s, seed=i), shapes.pope(s, 'popular'), shapes.caption(s, 'dsc+'),\n"
+            "    h.update(repr((shapes.vqa(s, seed=i), shapes.pope(s, 'popular'),\n"
+            "                   shapes.caption(s, 'dsc+'),\n"
             "                   shapes.interleaved_document('train', i))).encode())\n"
             "print(h.hexdigest())")
     repo = Path(__file__).resolve().parent.parent
-    digests = {subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True,
-                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    digests = {subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                              check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+               for seed in ("1", "2")}
     assert len(digests) == 1

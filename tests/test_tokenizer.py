@@ -11,7 +11,8 @@ from data import tokenizer as T
 def test_round_trip_any_unicode():
     enc = T.get_tokenizer()
     rng = random.Random(0)
-    alphabet = [chr(c) for c in range(0x20, 0x250)] + list("東京ß€🙂👍🏽\n\t\r  \u200b\u0301") + ["\x00", "\ufffd"]
+    alphabet = [chr(c) for c in range(0x20, 0x250)] + list("東京ß€🙂👍🏽\n\t\r  \u200b\u0301")
+    alphabet += ["\x00", "\ufffd"]
     for _ in range(200):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
         assert enc.decode(enc.encode_ordinary(text)) == text
@@ -84,7 +85,7 @@ def test_cli_rejects_unknown_options_and_never_overwrites_silently(tmp_path, mon
     bundled.write_text("tracked ranks\n")
     monkeypatch.setattr(T, "RANKS_PATH", bundled)
     try:
-        with pytest.raises(SystemExit, match=r"unknown option '--vocab_sise=8000' for train; known: --corpus="):
+        with pytest.raises(SystemExit, match=r"unknown option '--vocab_sise=8000' for train; known: "):
             T.main(["train", f"--corpus={corpus}", "--vocab_sise=8000"])
         with pytest.raises(SystemExit, match=r"--vocab_size must be a positive integer, got '8k'"):
             T.main(["train", f"--corpus={corpus}", "--vocab_size=8k"])
@@ -92,9 +93,10 @@ def test_cli_rejects_unknown_options_and_never_overwrites_silently(tmp_path, mon
             T.main(["trian"])
         with pytest.raises(SystemExit, match=r"train needs --corpus"):
             T.main(["train"])
-        T.main(["train", f"--corpus={corpus}", "--vocab_size=300"])  # retrain: a new file beside the bundled one
+        T.main(["train", f"--corpus={corpus}", "--vocab_size=300"])  # a new file beside the bundled one
         new = tmp_path / "bundled.new.tiktoken"
-        assert bundled.read_text() == "tracked ranks\n" and len(T.load_ranks(new)) == 300 - len(T.SPECIAL_TOKENS)
+        assert bundled.read_text() == "tracked ranks\n"
+        assert len(T.load_ranks(new)) == 300 - len(T.SPECIAL_TOKENS)
         with pytest.raises(SystemExit, match=r"bundled\.new\.tiktoken exists; pass --overwrite"):
             T.main(["train", f"--corpus={corpus}", "--vocab_size=300"])
         T.main(["train", f"--corpus={corpus}", "--vocab_size=300", "--overwrite"])

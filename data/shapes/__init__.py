@@ -9,7 +9,8 @@ with every caption / QA / document format the paper scripts train and evaluate o
 
 Modules: world (vocabulary, emblems, scene graphs), render (Pillow), text (captions and per-scene
 tasks), tasks (multi-scene and text-only items, corpus), formats (readers / exporters).
-CLI: python -m data.shapes preview | export --kind=caption|llava|preference|png --n=N --out=DIR | bench
+CLI: python -m data.shapes preview | export --kind=caption|llava|preference|png --n=N --out=DIR | corpus
+    | boxes | bench
 """
 
 from .formats import (
@@ -66,9 +67,11 @@ from .world import (
 
 __all__ = [
     "BACKGROUNDS", "CAPTION_FORMATS", "COLORS", "COLOR_RGB", "DSC_MAX_TOKENS", "EMBLEMS", "EMBLEM_BADGE",
-    "EMBLEM_GLYPHS", "KINDS", "SHAPES", "SIZES", "SPLITS", "Obj", "Scene", "TextItem", "alttext", "approx_tokens",
-    "box_to_grid", "caption", "corpus", "emblem_facts", "export", "format_box", "grounding", "hallucinations", "interleaved_document",
-    "iou", "llava_counts", "llava_turns", "object_mentions", "load_image", "make_scene", "multi_image", "parse_box", "pope", "position", "preference_pair",
-    "read_image_text", "read_llava_json", "read_preference_jsonl", "reference", "referring", "render", "token_count",
-    "scene_from_dict", "scene_to_dict", "text_passage", "video", "visual_name", "vqa",
+    "EMBLEM_GLYPHS", "KINDS", "SHAPES", "SIZES", "SPLITS", "Obj", "Scene", "TextItem", "alttext",
+    "approx_tokens", "box_to_grid", "caption", "corpus", "emblem_facts", "export", "format_box",
+    "grounding", "hallucinations", "interleaved_document", "iou", "llava_counts", "llava_turns",
+    "object_mentions", "load_image", "make_scene", "multi_image", "parse_box", "pope", "position",
+    "preference_pair", "read_image_text", "read_llava_json", "read_preference_jsonl", "reference",
+    "referring", "render", "token_count", "scene_from_dict", "scene_to_dict", "text_passage", "video",
+    "visual_name", "vqa",
 ]

@@ -48,7 +48,8 @@ from .geometry import font
 
 DEFAULTS = {
     "preview": {"out": "out/shapes/preview.png", "split": "train", "seed": 0, "size": 320},
-    "export": {"kind": "caption", "n": 16, "out": "out/shapes/export", "split": "train", "seed": 0, "size": 0},
+    "export": {"kind": "caption", "n": 16, "out": "out/shapes/export", "split": "train", "seed": 0,
+               "size": 0},
     "corpus": {"n": 60000, "out": "out/tokenizer/shapes.txt", "seed": 0},
     "boxes": {"n": 2000, "seed": 0, "size": 1000},
     "bench": {"n": 200, "seed": 0},
@@ -91,7 +92,8 @@ def _panel(img: Image.Image, title: str, lines: list[str], boxes=(), width=None)
     for ref, grid in boxes:
         x1, y1, x2, y2 = (v / 999 * img.width for v in parse_box(grid))
         draw.rectangle((x0 + x1, 24 + y1, x0 + x2, 24 + y2), outline=(255, 0, 255), width=2)
-        draw.text((x0 + x1 + 2, 24 + y1 + 1), ref.removeprefix("the ")[:22], fill=(255, 0, 255), font=text_font)
+        label = ref.removeprefix("the ")[:22]
+        draw.text((x0 + x1 + 2, 24 + y1 + 1), label, fill=(255, 0, 255), font=text_font)
     for i, line in enumerate(wrapped):
         draw.text((4, img.height + 28 + 16 * i), line, fill=(30, 30, 30), font=text_font)
     return panel
@@ -103,12 +105,14 @@ def preview(out: str, split: str, seed: int, size: int) -> Path:
         scene = make_scene(split, i, seed, kind)
         q, ans = vqa(scene, seed)[0]
         panels.append(_panel(render(scene, size), f"{kind} {split}/{i}", [
-            "SSC: " + caption(scene, "ssc", seed), "DSC: " + caption(scene, "dsc", seed), f"VQA: {q} -> {ans}"],
+            "SSC: " + caption(scene, "ssc", seed), "DSC: " + caption(scene, "dsc", seed),
+            f"VQA: {q} -> {ans}"],
             grounding(scene)))
     for i in range(2):
         scene = make_scene("web", i, seed)
         panels.append(_panel(render(scene, size), f"natural web/{i}", [
-            "AltText: " + caption(scene, "alttext", seed), "AFC: " + caption(scene, "afc", seed)], grounding(scene)))
+            "AltText: " + caption(scene, "alttext", seed), "AFC: " + caption(scene, "afc", seed)],
+            grounding(scene)))
     frames, q, ans = video(split, 0, seed)
     strip = Image.new("RGB", (size, size), (255, 255, 255))
     for f, frame in enumerate(frames[:4]):
@@ -128,8 +132,8 @@ def preview(out: str, split: str, seed: int, size: int) -> Path:
         x, y = (e % 4) * cell, (e // 4) * cell
         legend.paste(render(badge, cell), (x, y))
         draw.text((x + 2, y + cell - 13), EMBLEMS[e], fill=(0, 0, 0), font=font(max(8, cell // 8)))
-    panels.append(_panel(legend, f"emblems 0-15 of {len(EMBLEMS)}", ["AltText / AFC name them; SSC / DSC / DSC+ "
-                                                                      "describe them only visually."]))
+    panels.append(_panel(legend, f"emblems 0-15 of {len(EMBLEMS)}", [
+        "AltText / AFC name them; SSC / DSC / DSC+ describe them only visually."]))
     cols = 4
     rows = [panels[r:r + cols] for r in range(0, len(panels), cols)]
     heights = [max(p.height for p in row) for row in rows]
@@ -175,7 +179,8 @@ def box_fit(n: int, seed: int = 0, size: int = 1000) -> dict:
         full = _packed(render(scene, size))  # (size, size)
 
         def px(box, margin=0):
-            return [max(0, min(size, round(v * k) + d)) for v, d in zip(box, (-margin, -margin, margin, margin))]
+            pad = (-margin, -margin, margin, margin)
+            return [max(0, min(size, round(v * k) + d)) for v, d in zip(box, pad)]
 
         for obj in scene.objects:
             x1, y1, x2, y2 = px(obj.box, 3)
@@ -206,7 +211,8 @@ def boxes(n: int, seed: int, size: int) -> None:
     for name, values in rows:
         v = np.array(values)
         print(f"{name:10s} {len(v):6d} {v.min():8.3f} {np.percentile(v, 1):8.3f} {v.mean():9.3f}")
-    print(f"text ink outside every text box (1 px margin): {fit['ink_outside']} of {fit['ink_pixels']} pixels")
+    print(f"text ink outside every text box (1 px margin): {fit['ink_outside']} of {fit['ink_pixels']} "
+          "pixels")
 
 
 def bench(n: int, seed: int) -> dict:
@@ -238,7 +244,8 @@ def main(argv: list[str]) -> None:
         elif command == "corpus":
             path = Path(args["out"])
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(text + "\n" for text in corpus(args["n"], args["seed"])), encoding="utf-8")
+            texts = corpus(args["n"], args["seed"])
+            path.write_text("".join(text + "\n" for text in texts), encoding="utf-8")
             print(f"wrote {args['n']} texts to {path}")
         elif command == "boxes":
             boxes(**args)

@@ -63,8 +63,14 @@ def _image_path(data_file: Path, where: str, value, image_folder) -> str:
         p = (Path(image_folder).resolve() if image_folder is not None else data_file.resolve().parent) / p
     if not p.is_file():
         base = f"image folder {image_folder}" if image_folder is not None else "the data file's folder"
-        raise InputError(f"{data_file}:{where}: image {value!r} not found (looked for {p}, relative to {base})")
+        raise InputError(f"{data_file}:{where}: image {value!r} not found (looked for {p}, relative to "
+                         f"{base})")
     return str(p)
+
+
+def _check_folder(image_folder) -> None:
+    if image_folder is not None and not Path(image_folder).is_dir():
+        raise InputError(f"{image_folder}: image folder not found")
 
 
 def _need_str(path, where, obj: dict, key: str):
@@ -124,6 +130,7 @@ def read_llava_json(path, image_folder=None) -> list[dict]:
     `line` (where the item starts in the file); `image` is absolute too (a list for multi-image items).
     `llava_counts(items)` tells how many are text-only / single / multi-image."""
     path = existing_file(path)
+    _check_folder(image_folder)
     items = []
     for i, (line, item) in enumerate(_json_list(path, read_text(path))):
         if not isinstance(item, dict):
@@ -142,8 +149,8 @@ def read_llava_json(path, image_folder=None) -> list[dict]:
         images = [_image_path(path, where, p, image_folder) for p in paths]
         markers = sum(turn["value"].count(IMAGE_TOKEN) for turn in convs)
         if markers != len(images):
-            raise InputError(f"{path}:{where}: {len(images)} image(s) but {markers} '{IMAGE_TOKEN}' marker(s) in "
-                             f"the conversation; LLaVA needs one marker per image")
+            raise InputError(f"{path}:{where}: {len(images)} image(s) but {markers} '{IMAGE_TOKEN}' "
+                             f"marker(s) in the conversation; LLaVA needs one marker per image")
         out = dict(item, id=str(item.get("id", i)), images=images, line=line)
         if image is not None:
             out["image"] = images if isinstance(image, list) else images[0]
@@ -182,13 +189,13 @@ def _csv_rows(path: Path, sep: str | None, img_key: str):
             return
         except csv.Error as e:
             if "field larger than field limit" in str(e):
-                why = (f"a field is longer than {csv.field_size_limit()} characters (csv's limit); usually a quote "
-                       f"that never closes")
+                why = (f"a field is longer than {csv.field_size_limit()} characters (csv's limit); usually "
+                       f"a quote that never closes")
             elif "unexpected end of data" in str(e):
                 why = "a quoted field starting here never closes (it would swallow the rest of the file)"
             else:
-                why = f"malformed {SEPARATORS.get(sep, repr(sep))}-separated line ({e}); a field with a quote " \
-                      f"must be quoted whole, with quotes inside doubled"
+                why = (f"malformed {SEPARATORS.get(sep, repr(sep))}-separated line ({e}); a field with a "
+                       f"quote must be quoted whole, with quotes inside doubled")
             raise InputError(f"{path}:{start}: {why}") from None
         yield start, sep, fields
         start = reader.line_num + 1
@@ -206,6 +213,7 @@ def read_image_text(path, image_folder=None, img_key: str = "filepath", caption_
 
     Rows come back with every column, `filepath` absolute and `caption` holding the caption column's text."""
     path = existing_file(path)
+    _check_folder(image_folder)
     rows = []
     if path.suffix.lower() in (".jsonl", ".json"):
         for lineno, obj in iter_jsonl(path):
@@ -225,8 +233,9 @@ def read_image_text(path, image_folder=None, img_key: str = "filepath", caption_
             if not fields:
                 continue  # a blank line
             if len(fields) != len(header):
-                raise InputError(f"{path}:{lineno}: expected {len(header)} {SEPARATORS.get(sep, repr(sep))}-separated "
-                                 f"fields like the header, got {len(fields)}")
+                raise InputError(f"{path}:{lineno}: expected {len(header)} "
+                                 f"{SEPARATORS.get(sep, repr(sep))}-separated fields like the header, "
+                                 f"got {len(fields)}")
             row = dict(zip(header, fields))
             for column in (img_key, key):
                 if not row[column]:
@@ -256,8 +265,8 @@ def _message_text(path, where, key, value) -> tuple[str, list[dict] | None, int]
     for m, msg in enumerate(value):
         if not isinstance(msg, dict) or set(msg) != {"role", "content"} \
                 or msg["role"] not in ("system", "user", "assistant"):
-            raise InputError(f"{path}:{where}: {key}[{m}] must be {{'role': system|user|assistant, 'content': ...}}, "
-                             f"got {msg!r}"[:300])
+            raise InputError(f"{path}:{where}: {key}[{m}] must be {{'role': system|user|assistant, "
+                             f"'content': ...}}, got {msg!r}"[:300])
         content = msg["content"]
         if isinstance(content, str):
             parts = [{"type": "text", "text": content}]
@@ -276,7 +285,9 @@ def _message_text(path, where, key, value) -> tuple[str, list[dict] | None, int]
                 raise InputError(f"{path}:{where}: {key}[{m}].content has a part that is neither "
                                  f"{{'type': 'text', 'text': ...}} nor {{'type': 'image'}}: {part!r}"[:300])
         text = "".join(t + "\n" if t == IMAGE_TOKEN else t for t in texts)  # "<image>\nquestion", LLaVA's way
-        messages.append({"role": msg["role"], "content": text.rstrip("\n") if texts[-1] == IMAGE_TOKEN else text})
+        if texts[-1] == IMAGE_TOKEN:
+            text = text.rstrip("\n")
+        messages.append({"role": msg["role"], "content": text})
     return "\n".join(msg["content"] for msg in messages), messages, n_images
 
 
@@ -290,6 +301,7 @@ def read_preference_jsonl(path, image_folder=None) -> list[dict]:
     paths, image: the path when there is exactly one (older callers), prompt_messages: the conversational
     prompt as [{role, content: text}] or None, line}."""
     path = existing_file(path)
+    _check_folder(image_folder)
     rows = []
     for lineno, obj in iter_jsonl(path):
         unknown = [k for k in obj if k not in PREFERENCE_KEYS]
@@ -308,9 +320,9 @@ def read_preference_jsonl(path, image_folder=None) -> list[dict]:
             raise InputError(f"{path}:{lineno}: key 'images' must be a list of paths, got {paths!r}"[:300])
         images = [_image_path(path, lineno, p, image_folder) for p in paths]
         if n_markers != len(images):
-            raise InputError(f"{path}:{lineno}: {len(images)} image(s) but {n_markers} image placeholder(s) in the "
-                             f"prompt; put '{IMAGE_TOKEN}' in a string prompt or {{'type': 'image'}} in a message, "
-                             f"one per image")
+            raise InputError(f"{path}:{lineno}: {len(images)} image(s) but {n_markers} image placeholder(s) "
+                             f"in the prompt; put '{IMAGE_TOKEN}' in a string prompt or {{'type': 'image'}} "
+                             f"in a message, one per image")
         row = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "images": images,
                "prompt_messages": prompt_messages, "line": lineno}
         if len(images) == 1:
@@ -321,7 +333,7 @@ def read_preference_jsonl(path, image_folder=None) -> list[dict]:
     return rows
 
 
-# ----------------------------------------------------------------------------- LLaVA conversations without leaks
+# ----------------------------------------------------------------------------- LLaVA turns without leaks
 def _states(text: str, answer: str) -> bool:
     """Does `text` already give `answer` away? A box or a number (also as its word) if it occurs; a phrase
     if each of its words occurs ("What colour is the star? blue" gives away "blue star"). yes/no never."""
@@ -379,6 +391,15 @@ def _kind_for(i: int) -> str:
     return KINDS[1 + (i // 4) % 4] if i % 4 == 3 else "natural"
 
 
+def _message(role: str, *parts: dict) -> list[dict]:
+    """A one-message TRL conversation."""
+    return [{"role": role, "content": list(parts)}]
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
 def export_size(kind: str) -> int:
     """Default export size: 64 px for natural scenes; 448 px for text-rich ones, whose fine print
     (26 canvas units) would be under 2 px tall at 64 px."""
@@ -411,9 +432,9 @@ def export(kind: str, n: int, out, split: str = "train", seed: int = 0, size: in
         rel = f"images/{split}_{seed}_{i:06d}.png"
         render(scene, size or export_size(scene.kind)).save(out / rel)
         if kind == "caption":
-            rows.append({"filepath": rel, "caption": caption(scene, "dsc", seed), "alttext": caption(scene, "alttext", seed),
-                         "ssc": caption(scene, "ssc", seed), "dsc_plus": caption(scene, "dsc+", seed),
-                         "afc": caption(scene, "afc", seed)})
+            rows.append({"filepath": rel, "caption": caption(scene, "dsc", seed),
+                         "alttext": caption(scene, "alttext", seed), "ssc": caption(scene, "ssc", seed),
+                         "dsc_plus": caption(scene, "dsc+", seed), "afc": caption(scene, "afc", seed)})
         elif kind == "llava":
             convs = []
             for t, (q, ans) in enumerate(llava_turns(scene, seed)):
@@ -421,10 +442,9 @@ def export(kind: str, n: int, out, split: str = "train", seed: int = 0, size: in
                           {"from": "gpt", "value": ans}]
             rows.append({"id": f"{split}-{seed}-{i}", "image": rel, "conversations": convs})
         elif kind == "preference":
-            rows.append({"prompt": [{"role": "user", "content": [{"type": "image"},
-                                                                 {"type": "text", "text": pair["prompt"]}]}],
-                         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": pair["chosen"]}]}],
-                         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": pair["rejected"]}]}],
+            rows.append({"prompt": _message("user", {"type": "image"}, _text_part(pair["prompt"])),
+                         "chosen": _message("assistant", _text_part(pair["chosen"])),
+                         "rejected": _message("assistant", _text_part(pair["rejected"])),
                          "images": [rel]})
         else:
             rows.append({"filepath": rel, "scene": scene_to_dict(scene)})

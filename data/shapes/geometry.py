@@ -17,8 +17,8 @@ def font(px: int) -> ImageFont.FreeTypeFont:
 
 
 def _regular(n: int, start: float = -math.pi / 2, radius: float = 0.5) -> list[tuple[float, float]]:
-    return [(0.5 + radius * math.cos(start + 2 * math.pi * k / n), 0.5 + radius * math.sin(start + 2 * math.pi * k / n))
-            for k in range(n)]
+    angles = [start + 2 * math.pi * k / n for k in range(n)]
+    return [(0.5 + radius * math.cos(a), 0.5 + radius * math.sin(a)) for a in angles]
 
 
 def _star() -> list[tuple[float, float]]:
@@ -27,8 +27,9 @@ def _star() -> list[tuple[float, float]]:
 
 
 def _heart() -> list[tuple[float, float]]:
-    pts = [(16 * math.sin(t) ** 3, 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))
-           for t in (2 * math.pi * k / 48 for k in range(48))]
+    angles = [2 * math.pi * k / 48 for k in range(48)]
+    pts = [(16 * math.sin(t) ** 3, 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t)
+            - math.cos(4 * t)) for t in angles]
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     return [((x - min(xs)) / (max(xs) - min(xs)), (max(ys) - y) / (max(ys) - min(ys))) for x, y in pts]
 

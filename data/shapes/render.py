@@ -27,8 +27,9 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, rgb) -> None:
         draw.rectangle(box, fill=rgb if rgb != COLOR_RGB["gray"] else (255, 255, 255), outline=rgb,
                        width=max(1, round(w * 0.12)))
         if rgb != COLOR_RGB["gray"]:  # checked: a white tick
-            draw.line([(x1 + w * 0.2, y1 + h * 0.5), (x1 + w * 0.42, y1 + h * 0.75), (x1 + w * 0.8, y1 + h * 0.25)],
-                      fill=(255, 255, 255), width=max(1, round(w * 0.12)))
+            tick = [(x1 + w * 0.2, y1 + h * 0.5), (x1 + w * 0.42, y1 + h * 0.75),
+                    (x1 + w * 0.8, y1 + h * 0.25)]
+            draw.line(tick, fill=(255, 255, 255), width=max(1, round(w * 0.12)))
     elif shape == "toggle":
         draw.rounded_rectangle(box, radius=h / 2, fill=rgb)
         knob_x = x2 - h if rgb != COLOR_RGB["gray"] else x1  # knob right when on
@@ -50,7 +51,8 @@ def draw_glyph(draw: ImageDraw.ImageDraw, emblem: int, box, badge_color: str) ->
     for r, row in enumerate(EMBLEM_GLYPHS[emblem]):
         for c, bit in enumerate(row):
             if bit:
-                draw.rectangle((gx + c * cell, gy + r * cell, gx + (c + 1) * cell - 1, gy + (r + 1) * cell - 1), fill=ink)
+                x, y = gx + c * cell, gy + r * cell
+                draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=ink)
 
 
 def draw_text(img: Image.Image, text: str, box, rgb) -> None:
@@ -112,7 +114,8 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     elif scene.kind == "chart":
         x1, y1, x2, y2 = scene.meta["axis"]
         width = max(1, round(4 * k))
-        draw.line([scale((x1, y1))[:2], scale((x2, y2))[:2], (930 * k, y2 * k)], fill=(60, 60, 60), width=width)
+        axis = [scale((x1, y1))[:2], scale((x2, y2))[:2], (930 * k, y2 * k)]
+        draw.line(axis, fill=(60, 60, 60), width=width)
     for obj in scene.objects:
         box = scale(obj.box)
         draw_shape(draw, obj.shape, box, COLOR_RGB[obj.color])

@@ -159,7 +159,10 @@ def _pick_shape(rng: random.Random, theme: list[str] | None) -> str:
 def _natural(rng: random.Random, split: str, area=(30, 30, 970, 970), max_objects=8, taken=None):
     """Objects and a label text for a natural scene: non-overlapping, so every box shows its object."""
     taken = [] if taken is None else taken
-    n = rng.choice([1, 2, 2, 3, 3, 4, 4, 5]) if split == "web" else rng.choice([1, 2, 3, 3, 4, 4, 5, 5, 6, 7, 8])
+    if split == "web":
+        n = rng.choice([1, 2, 2, 3, 3, 4, 4, 5])
+    else:
+        n = rng.choice([1, 2, 3, 3, 4, 4, 5, 5, 6, 7, 8])
     n = min(n, max_objects)
     theme = rng.choice(THEMES) if rng.random() < 0.7 else None
     n_emblems = 0
@@ -169,7 +172,8 @@ def _natural(rng: random.Random, split: str, area=(30, 30, 970, 970), max_object
     for i in range(n):
         is_emblem = i < n_emblems
         # emblems are drawn big: their glyph must stay legible at 64 px
-        size = rng.choice(["medium", "large", "large", "large"] if is_emblem else ["small", "medium", "medium", "large"])
+        sizes = ["medium", "large", "large", "large"] if is_emblem else ["small", "medium", "medium", "large"]
+        size = rng.choice(sizes)
         for size_try in (size, "medium", "small"):
             side = rng.randint(*SIZES[size_try])
             box = _place(rng, side, side, taken, area)
@@ -192,7 +196,8 @@ def _natural(rng: random.Random, split: str, area=(30, 30, 970, 970), max_object
         box = _place(rng, w, h, taken, area)
         if box:
             taken.append(box)
-            texts.append(TextItem(word, text_ink_box(word, box[0], box[1], h), rng.choice(["black", "blue", "red"])))
+            color = rng.choice(["black", "blue", "red"])
+            texts.append(TextItem(word, text_ink_box(word, box[0], box[1], h), color))
     return objects, texts
 
 
@@ -211,7 +216,8 @@ UI_SCREENS = ["Settings", "Profile", "Messages", "Downloads", "Privacy", "Displa
 
 
 def _text_line(rng, text, x, y, h, taken, color="black"):
-    """Text set in a line of height h at (x, y): the line keeps its room in `taken`, the item gets its ink box."""
+    """Text set in a line of height h at (x, y): the line keeps its room in `taken`; the item gets its
+    ink box."""
     taken.append((x, y, x + int(text_width(text, h)) + 2, y + h))
     return TextItem(text, text_ink_box(text, x, y, h), color)
 
@@ -248,7 +254,8 @@ def _receipt(rng: random.Random):
         qty, cents = rng.randint(1, 4), rng.randint(50, 990)
         amount = qty * cents
         total += amount
-        items.append({"item": name, "qty": qty, "price": f"{cents / 100:.2f}", "amount": f"{amount / 100:.2f}"})
+        items.append({"item": name, "qty": qty, "price": f"{cents / 100:.2f}",
+                      "amount": f"{amount / 100:.2f}"})
         texts.append(_text_line(rng, f"{qty} x {name}", 120, y, 44, taken))
         amount_text = f"{amount / 100:.2f}"
         texts.append(_text_line(rng, amount_text, 880 - int(text_width(amount_text, 44)), y, 44, taken))
@@ -256,7 +263,8 @@ def _receipt(rng: random.Random):
     total_text = f"{total / 100:.2f}"
     texts.append(_text_line(rng, "TOTAL", 120, y + 30, 52, taken))
     texts.append(_text_line(rng, total_text, 880 - int(text_width(total_text, 52)), y + 30, 52, taken))
-    meta = {"store": store, "date": date, "items": items, "total": total_text, "paper": [90, 30, 910, y + 110]}  # lists: meta stays JSON-native
+    meta = {"store": store, "date": date, "items": items, "total": total_text,
+            "paper": [90, 30, 910, y + 110]}  # lists: meta stays JSON-native
     return [], texts, meta
 
 
