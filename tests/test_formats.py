@@ -140,6 +140,10 @@ def test_csv_separator_sniffed_and_columns_configurable(tmp_path):
     assert (row["caption"], row["title"], row["filepath"]) == ("x", "y", str(tmp_path / "a.png"))
     with pytest.raises(InputError, match=r"p\.tsv:1: missing column 'filepath' \(header split on tab"):
         S.read_image_text(path)
+    path = _pairs_file(tmp_path, "p.csv", "filepath,text\na.png,x\n")
+    with pytest.raises(InputError, match=r"p\.csv:1: missing column 'title' \(open_clip's\) or 'caption' "
+                       r"\(header split on comma: \['filepath', 'text'\]\)"):
+        S.read_image_text(path)
     path = _pairs_file(tmp_path, "p.csv", "filepath,caption\na.png,x\n")
     with pytest.raises(InputError, match=r"p\.csv:1: missing column 'title'"):
         S.read_image_text(path, caption_key="title")

@@ -227,7 +227,10 @@ def read_image_text(path, image_folder=None, img_key: str = "filepath", caption_
         key = caption_key or ("title" if "title" in header else "caption")
         for column in (img_key, key):
             if column not in header:
-                raise InputError(f"{path}:1: missing column {column!r} (header split on "
+                name = repr(column)
+                if column != img_key and not caption_key:
+                    name = "'title' (open_clip's) or 'caption'"
+                raise InputError(f"{path}:1: missing column {name} (header split on "
                                  f"{SEPARATORS.get(sep, repr(sep))}: {header})"[:300])
         for lineno, _, fields in csv_rows:
             if not fields:
