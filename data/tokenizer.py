@@ -36,7 +36,7 @@ import regex
 import tiktoken
 
 from . import InputError
-from .jsonl import text_lines
+from .jsonl import existing_file, text_lines
 
 # GPT-2's pre-tokenisation: contractions, letters, numbers, other symbols, each with an optional
 # leading space, and runs of whitespace. BPE merges never cross these pieces.
@@ -64,7 +64,7 @@ def train_bpe(texts, vocab_size: int, n_special: int = len(SPECIAL_TOKENS)) -> d
     """
     n_merges = vocab_size - 256 - n_special
     if n_merges < 0:
-        raise ValueError(f"vocab_size={vocab_size} is smaller than 256 bytes + {n_special} special tokens")
+        raise InputError(f"vocab_size={vocab_size} is smaller than 256 bytes + {n_special} special tokens")
     pattern = regex.compile(GPT2_PATTERN)
     word_counts = collections.Counter()
     for text in texts:
@@ -128,7 +128,7 @@ def load_ranks(path: Path | None = None) -> dict[bytes, int]:
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         parts = line.split()
         if len(parts) != 2 or not parts[1].isdigit():
-            raise ValueError(f"{path}:{lineno}: expected 'base64_token rank', got {line[:60]!r}")
+            raise InputError(f"{path}:{lineno}: expected 'base64_token rank', got {line[:60]!r}")
         ranks[base64.b64decode(parts[0])] = int(parts[1])
     return ranks
 
@@ -226,8 +226,8 @@ def train_command(corpus: str, vocab_size: int, out: str, overwrite: bool) -> Pa
 
 def stats_command(texts: str, ranks: str) -> None:
     if ranks:
-        enc = tiktoken.Encoding(name="stats", pat_str=GPT2_PATTERN, mergeable_ranks=load_ranks(Path(ranks)),
-                                special_tokens={})
+        enc = tiktoken.Encoding(name="stats", pat_str=GPT2_PATTERN, special_tokens={},
+                                mergeable_ranks=load_ranks(existing_file(ranks)))
     else:
         enc = get_tokenizer()
     print(f"vocab size (n_vocab): {enc.n_vocab}")

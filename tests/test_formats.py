@@ -179,6 +179,9 @@ def test_caption_export_is_what_open_clip_csvdataset_reads(tmp_path, monkeypatch
         table = list(csv.reader(f, delimiter="\t", quotechar='"', doublequote=True, strict=True))
     header, body = table[0], table[1:]
     assert header[:2] == ["filepath", "title"] and len(body) == 6
+    pandas_na = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                 "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+    assert not {field for fields in body for field in fields} & pandas_na  # read_csv would turn them to NaN
     for i, fields in enumerate(body):
         row = dict(zip(header, fields))
         scene = S.make_scene("val", i)

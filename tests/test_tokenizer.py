@@ -106,5 +106,9 @@ def test_cli_rejects_unknown_options_and_never_overwrites_silently(tmp_path, mon
             T.main(["train", f"--corpus={corpus}", f"--out={tmp_path / 'x.tiktoken'}"])
         T.main(["stats", f"--ranks={new}", f"--texts={tmp_path / 'bundled.tiktoken'}"])
         assert "vocab size (n_vocab): 272" in capsys.readouterr().out
+        with pytest.raises(SystemExit, match=r"nope\.tiktoken: file not found"):
+            T.main(["stats", f"--ranks={tmp_path / 'nope.tiktoken'}"])
+        with pytest.raises(SystemExit, match=r"vocab_size=100 is smaller than 256 bytes \+ 28 special"):
+            T.main(["train", f"--corpus={tmp_path / 'bundled.tiktoken'}", "--vocab_size=100", "--overwrite"])
     finally:
         T.get_tokenizer.cache_clear()
