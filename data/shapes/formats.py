@@ -171,16 +171,17 @@ def llava_counts(items: list[dict]) -> dict[str, int]:
 SEPARATORS = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe"}
 
 
-def _csv_rows(path: Path, sep: str | None, img_key: str):
-    """(line, fields) of a CSV/TSV file with the separator given or sniffed from the header line (the one that
-    splits it into a `img_key` column; tab first, open_clip's default), in csv's strict mode."""
-    lines = text_lines(path)
-    first = next(lines, None)
-    if first is None:
-        raise InputError(f"{path}: empty file, expected a header line")
-    if sep is None:
-        sep = next((s for s in SEPARATORS if img_key in next(csv.reader([first[1]], delimiter=s))), "\t")
-    reader = csv.reader((line for _, line in [first, *lines]), delimiter=sep, strict=True)
+def _sniff_separator(path: Path, img_key: str) -> str:
+    """The separator that splits the header line into an `img_key` column; tab (open_clip's) first and when
+    none does."""
+    header = next(text_lines(path), (1, ""))[1]
+    return next((s for s in SEPARATORS if img_key in next(csv.reader([header], delimiter=s), [])), "\t")
+
+
+def _csv_rows(path: Path, sep: str):
+    """(line where the record starts, fields) of a CSV/TSV file, in csv's strict mode: a stray quote is an
+    error, never a field that swallows the lines after it."""
+    reader = csv.reader((line for _, line in text_lines(path)), delimiter=sep, strict=True)
     start = 1
     while True:
         try:
@@ -197,7 +198,7 @@ def _csv_rows(path: Path, sep: str | None, img_key: str):
                 why = (f"malformed {SEPARATORS.get(sep, repr(sep))}-separated line ({e}); a field with a "
                        f"quote must be quoted whole, with quotes inside doubled")
             raise InputError(f"{path}:{start}: {why}") from None
-        yield start, sep, fields
+        yield start, fields
         start = reader.line_num + 1
 
 
@@ -222,8 +223,9 @@ def read_image_text(path, image_folder=None, img_key: str = "filepath", caption_
             row["filepath"] = _image_path(path, lineno, _need_str(path, lineno, obj, img_key), image_folder)
             rows.append(row)
     else:
-        csv_rows = _csv_rows(path, sep, img_key)
-        _, sep, header = next(csv_rows, (1, sep, []))
+        sep = sep or _sniff_separator(path, img_key)
+        csv_rows = _csv_rows(path, sep)
+        _, header = next(csv_rows, (1, []))
         key = caption_key or ("title" if "title" in header else "caption")
         for column in (img_key, key):
             if column not in header:
@@ -232,7 +234,7 @@ def read_image_text(path, image_folder=None, img_key: str = "filepath", caption_
                     name = "'title' (open_clip's) or 'caption'"
                 raise InputError(f"{path}:1: missing column {name} (header split on "
                                  f"{SEPARATORS.get(sep, repr(sep))}: {header})"[:300])
-        for lineno, _, fields in csv_rows:
+        for lineno, fields in csv_rows:
             if not fields:
                 continue  # a blank line
             if len(fields) != len(header):
