@@ -250,7 +250,9 @@ def main(argv: list[str]) -> None:
         elif command == "boxes":
             boxes(**args)
         elif command == "export":
-            print(f"wrote {export(**{**args, 'size': args['size'] or None})}")
+            written = export(**{**args, "size": args["size"] or None})
+            also = f" and {written.with_suffix('.tsv')} (open_clip)" if args["kind"] == "caption" else ""
+            print(f"wrote {written}{also}")
         else:
             for name, value in bench(**args).items():
                 print(f"{name:45s} {value:8.1f}")
