@@ -7,44 +7,40 @@
 Each expert is a SwiGLU FFN, y_e(x) = w2_e (silu(w1_e x) * w3_e x), as in a Llama-style decoder, and
 y = sum_j gate_j * y_{e_j}(x) over the token's top-k experts (MM1's MoE: top-2 of 64 experts).
 
-The Triton path (vLLM fused_moe / ScatterMoE style) never drops a token and never copies x:
+The Triton path (vLLM fused_moe / ScatterMoE style) never drops a token, never copies x and never
+synchronises with the host (counts by scatter_add_, not bincount, which reads min / max back on CUDA):
   1. plan_dispatch: stable-sort the T*k (token, slot) pairs by expert and pad each expert's segment to
      a multiple of BLOCK_M, so every BLOCK_M block of the sorted order belongs to a single expert.
   2. grouped_matmul_kernel: one program per (block, N tile) multiplies its rows by that expert's weight,
-     gathering the token rows of x on load; results are written in the sorted order. h1 = x w1^T and
-     h3 = x w3^T, then swiglu_kernel (silu(h1) * h3 in one pass), then the same GEMM with w2.
+     gathering the token rows of x on load; results are written in the sorted order. The up projection
+     is one gathered GEMM for w1 and w3 together (GATED: each x tile loaded once feeds both products),
+     whose epilogue also writes silu(h1) * h3; then the same GEMM with w2.
   3. combine_kernel: y[t] = sum_j gate[t, j] * out[position of (t, j)]; one program owns each output
      row, so the sum over k needs no atomics and is deterministic.
-  Backward: dX with the same grouped GEMM against w^T (then the combine over k), dW with a grouped
-  X^T dY per expert (grouped_weight_grad_kernel), d(gates) from the combine; torch.autograd glues them.
-Dispatch: Triton on CUDA tensors, the per-expert loop elsewhere; KERNELS=triton / KERNELS=ref forces one
-(the tests run the Triton kernels on CPU through TRITON_INTERPRET=1, set before triton is imported).
+  Backward: swiglu_backward_kernel (it stops at the end of the last expert's segment: the padded tail
+  past it is never written nor read), dX with the same grouped GEMM against w^T (then the combine over
+  k), dW with a grouped X^T dY per expert (grouped_weight_grad_kernel, one launch for w1 and w3),
+  d(gates) from the combine; torch.autograd glues them.
+Offsets into the weights and the sorted rows are int64 (E * F * C passes 2^31 at MoE-LLM sizes). GEMM
+tiles are autotuned per (N, K, power-of-two bucket of the row count) (kernels/_common.py).
+Dispatch: Triton on CUDA tensors of fp16 / bf16 / fp32, the per-expert loop elsewhere (fp64 on CUDA
+included); KERNELS=triton / KERNELS=ref forces one (the tests run the Triton kernels on CPU through
+TRITON_INTERPRET=1, set before triton is imported; bf16 there is an error).
 """
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
+from kernels import _common
+from kernels._common import HAS_TRITON, INTERPRET, tile_mask, tl, triton  # noqa: F401  (HAS_TRITON: for the tests)
 
-    HAS_TRITON = True
-except ImportError:  # CPU-only torch wheels come without Triton: the reference path still works
-    from types import SimpleNamespace
-
-    HAS_TRITON = False  # a stand-in just rich enough for the kernel definitions below to be parsed
-    triton = SimpleNamespace(jit=lambda fn: fn, autotune=lambda **_: lambda fn: fn, Config=lambda *a, **k: None)
-    tl = SimpleNamespace(constexpr=None)
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels on CPU tensors (tests); no bf16 there
 BLOCK_M = 16 if INTERPRET else 64  # rows per GEMM block = the padding unit of every expert's segment
-ELEMENTWISE_BLOCK = 1024  # elements per program of the fused SwiGLU activation
+ELEMENTWISE_BLOCK = 1024  # elements per program of the SwiGLU backward
 
 
 def gemm_configs():
-    """Tile candidates, autotuned once per (N, K) on the GPU; a single small tile in the slow interpreter."""
+    """Tile candidates, autotuned per (N, K, row bucket) on the GPU; one small tile in the interpreter."""
     if INTERPRET:
         return [triton.Config(dict(BLOCK_N=32, BLOCK_K=32), num_warps=1, num_stages=1)]
     return [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s) for n, k, w, s in
@@ -72,11 +68,18 @@ def route(logits, top_k):
     probs = logits.softmax(dim=-1)  # (T, E)
     top_probs, expert_idx = probs.topk(top_k, dim=-1)  # (T, k)
     gates = top_probs / top_probs.sum(dim=-1, keepdim=True)  # (T, k), renormalised over the k chosen
-    counts = torch.bincount(expert_idx.flatten(), minlength=num_experts)  # (E,)
+    counts = expert_counts(expert_idx, num_experts)  # (E,)
     dispatch_fraction = counts.float() / (num_tokens * top_k)  # f_i: no gradient (argmax)
     balance_loss = num_experts * (dispatch_fraction * probs.mean(dim=0)).sum()
     z_loss = torch.logsumexp(logits, dim=-1).square().mean()
     return gates, expert_idx, dict(balance_loss=balance_loss, z_loss=z_loss, counts=counts)
+
+
+def expert_counts(expert_idx, num_experts):
+    """(T, k) expert ids -> (E,) int64 counts. scatter_add_, not bincount: no host sync on CUDA."""
+    flat = expert_idx.flatten()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def router_logits(x, router_weight):
@@ -156,7 +159,7 @@ def plan_dispatch(expert_idx, num_experts, block_m):
     num_pairs, device = num_tokens * top_k, expert_idx.device
     flat_expert = expert_idx.flatten()  # (T*k,) expert of pair p
     order = torch.argsort(flat_expert, stable=True)  # pairs grouped by expert, token order kept inside
-    counts = torch.bincount(flat_expert, minlength=num_experts)  # (E,)
+    counts = expert_counts(flat_expert, num_experts)  # (E,)
     padded_counts = (counts + block_m - 1) // block_m * block_m
     segment_offsets = F.pad(padded_counts.cumsum(0), (1, 0))  # (E+1,)
     unpadded_offsets = F.pad(counts.cumsum(0), (1, 0))  # where each expert starts in `order`
@@ -178,67 +181,94 @@ def plan_dispatch(expert_idx, num_experts, block_m):
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 
-@triton.autotune(configs=gemm_configs(), key=["N", "K"])
+def _prune_gemm(configs, named_args, **kwargs):
+    return _common.prune_configs(configs, {**named_args, **kwargs}["ROWS_BUCKET"])
+
+
+GEMM_TUNING = dict(configs=gemm_configs(), key=["N", "K", "ROWS_BUCKET", "GATED"],
+                   prune_configs_by={"early_config_prune": _prune_gemm})
+
+
+@triton.jit
+def _gathered_rows(sorted_pair_ptr, offs_m, num_pairs, TOP_K: tl.constexpr, GATHER: tl.constexpr):
+    """For sorted rows offs_m: which ones hold a real (token, slot) pair, and the row of `a` each reads:
+    the pair's token when GATHER (rows of x gathered on load), else the sorted row itself."""
+    pair = tl.load(sorted_pair_ptr + offs_m)
+    if GATHER:
+        return pair < num_pairs, pair // TOP_K
+    return pair < num_pairs, offs_m
+
+
+@triton.autotune(**GEMM_TUNING)
 @triton.jit
 def grouped_matmul_kernel(
-    a_ptr, w_ptr, out_ptr, sorted_pair_ptr, block_expert_ptr,
-    N, K, num_pairs, num_experts,
-    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-    TOP_K: tl.constexpr, GATHER: tl.constexpr,
+    a_ptr, w_ptr, w3_ptr, out_ptr, act_ptr, sorted_pair_ptr, block_expert_ptr,
+    N, K, num_pairs, num_experts, ROWS_BUCKET,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, stride_actm,
+    TOP_K: tl.constexpr, GATHER: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[p, :] = a[row(p), :] @ w[e].T for the BLOCK_M sorted rows p of this program, all of expert e.
 
-    row(p) = token of pair p if GATHER (rows of x are gathered on load: no permuted copy of x is ever
-    written), else p (a is already in the sorted order). Padding rows load zeros and store zeros.
+    row(p) = token of pair p if GATHER (no permuted copy of x is ever written), else p. Padding rows load
+    zeros and store zeros. GATED: w3 (same strides as w) is multiplied too, from the same a tiles;
+    out[p] = [h1 | h3] (2N columns, kept for the backward) and act[p] = silu(h1) * h3 (N columns).
     """
     num_n_tiles = tl.cdiv(N, BLOCK_N)  # N tiles vary fastest: they reuse this block's gathered rows from L2,
     pid_m = tl.program_id(0) // num_n_tiles  # and an expert's blocks run close together, sharing its w tiles
     pid_n = tl.program_id(0) % num_n_tiles
-    expert = tl.load(block_expert_ptr + pid_m)
+    expert = tl.load(block_expert_ptr + pid_m)  # int64
     if expert >= num_experts:  # block past the last expert's segment
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_pair_ptr + offs_m)
-    is_real = pair < num_pairs
-    if GATHER:
-        a_row = pair // TOP_K
-    else:
-        a_row = offs_m
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    is_real, a_row = _gathered_rows(sorted_pair_ptr, offs_m, num_pairs, TOP_K, GATHER)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BM, BK)
-    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # (BK, BN)
+    w_offsets = expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # (BK, BN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k
-        a = tl.load(a_ptrs, mask=is_real[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
-        acc = tl.dot(a, w, acc)  # fp32 accumulation
+        a = tl.load(a_ptrs, mask=is_real[:, None] & (offs_k[None, :] < K - k), other=0.0)
+        w_mask = tile_mask(offs_k, K - k, offs_n, N, True)
+        acc = tl.dot(a, tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0), acc)  # fp32 accumulation
+        if GATED:
+            acc3 = tl.dot(a, tl.load(w3_ptr + w_offsets, mask=w_mask, other=0.0), acc3)
         a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
+        w_offsets += BLOCK_K * stride_wk
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=offs_n[None, :] < N)
+    n_ok = offs_n[None, :] < N
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+    if GATED:
+        h1 = acc.to(out_ptr.dtype.element_ty)  # the rounded values the backward will read
+        h3 = acc3.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptrs + N * stride_on, h3, mask=n_ok)
+        h1, h3 = h1.to(tl.float32), h3.to(tl.float32)
+        act = h1 * tl.sigmoid(h1) * h3
+        tl.store(act_ptr + offs_m[:, None] * stride_actm + offs_n[None, :], act.to(act_ptr.dtype.element_ty),
+                 mask=n_ok)
 
 
-@triton.autotune(configs=gemm_configs(), key=["N", "K"])
+@triton.autotune(**GEMM_TUNING)
 @triton.jit
 def grouped_weight_grad_kernel(
     grad_out_ptr, a_ptr, grad_w_ptr, sorted_pair_ptr, segment_offsets_ptr,
-    N, K, num_pairs,
+    N, K, num_pairs, ROWS_BUCKET,
     stride_gm, stride_gn, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
-    TOP_K: tl.constexpr, GATHER: tl.constexpr,
+    TOP_K: tl.constexpr, GATHER: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_w[e] (N, K) = sum over the sorted rows p of expert e of grad_out[p, :]^T a[row(p), :].
 
-    One program per (N tile, K tile, expert) walks that expert's whole segment: every grad_w tile has
+    One program per (expert, N tile, K tile) walks that expert's whole segment: every grad_w tile has
     a single owner and a fixed summation order (no atomics, bitwise reproducible). An expert that got
-    no token walks nothing and stores zeros.
+    no token walks nothing and stores zeros. 1-D grid (no 65535 limit on y / z). GATED is unused here
+    (it only keeps this kernel's tuning key apart for the up projection's 2F columns).
     """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    expert = tl.program_id(2)
+    num_n_tiles, num_k_tiles = tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K)
+    expert = (tl.program_id(0) // (num_n_tiles * num_k_tiles)).to(tl.int64)
+    pid_n = tl.program_id(0) // num_k_tiles % num_n_tiles
+    pid_k = tl.program_id(0) % num_k_tiles
     segment_start = tl.load(segment_offsets_ptr + expert)
     segment_end = tl.load(segment_offsets_ptr + expert + 1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -246,19 +276,14 @@ def grouped_weight_grad_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m in range(segment_start, segment_end, BLOCK_M):
         offs_m = m + tl.arange(0, BLOCK_M)
-        pair = tl.load(sorted_pair_ptr + offs_m)
-        is_real = pair < num_pairs
-        if GATHER:
-            a_row = pair // TOP_K
-        else:
-            a_row = offs_m
+        is_real, a_row = _gathered_rows(sorted_pair_ptr, offs_m, num_pairs, TOP_K, GATHER)
         grad = tl.load(grad_out_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                        mask=is_real[:, None] & (offs_n[None, :] < N), other=0.0)  # (BM, BN)
         a = tl.load(a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak,
                     mask=is_real[:, None] & (offs_k[None, :] < K), other=0.0)  # (BM, BK)
         acc = tl.dot(tl.trans(grad), a, acc)
     grad_w_ptrs = grad_w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-    tl.store(grad_w_ptrs, acc.to(grad_w_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+    tl.store(grad_w_ptrs, acc.to(grad_w_ptr.dtype.element_ty), mask=tile_mask(offs_n, N, offs_k, K, True))
 
 
 @triton.jit
@@ -267,7 +292,7 @@ def combine_kernel(
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out[t] = sum_j weight[t, j] * rows[pair_position[t, j]]: token t's k sorted rows, fixed order."""
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -287,7 +312,7 @@ def combine_backward_kernel(
     """For each slot j of token t: grad_rows[pair_position[t, j]] = weight[t, j] * grad_out[t] and
     grad_weight[t, j] = <grad_out[t], rows[pair_position[t, j]]> (the gradient into the router's gates).
     Every sorted row belongs to one pair, so the scatter has one writer per row: no atomics."""
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     for j in tl.static_range(TOP_K):
         position = tl.load(pair_position_ptr + token * TOP_K + j)
         weight = tl.load(weight_ptr + token * TOP_K + j).to(tl.float32)
@@ -304,50 +329,58 @@ def combine_backward_kernel(
 
 
 @triton.jit
-def swiglu_kernel(h1_ptr, h3_ptr, out_ptr, num_elements, BLOCK: tl.constexpr):
-    """out = silu(h1) * h3, elementwise in fp32: one pass instead of torch's silu, then mul."""
+def swiglu_backward_kernel(grad_ptr, h13_ptr, grad_h13_ptr, segment_offsets_ptr, num_experts, F_DIM,
+                           BLOCK: tl.constexpr):
+    """d(silu(h1) h3) over the (R, F) sorted rows, h13 / grad_h13 = [h1 | h3] rows of 2F:
+    grad_h3 = grad silu(h1), grad_h1 = grad h3 sigmoid(h1) (1 + h1 (1 - sigmoid(h1))).
+    Elements past the last expert's segment (the padded tail nothing wrote) are skipped."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    num_elements = tl.load(segment_offsets_ptr + num_experts) * F_DIM  # read on the device: no host sync
+    if tl.program_id(0).to(tl.int64) * BLOCK >= num_elements:
+        return
     ok = offs < num_elements
-    h1 = tl.load(h1_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    h3 = tl.load(h3_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, (h1 * tl.sigmoid(h1) * h3).to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def swiglu_backward_kernel(grad_ptr, h1_ptr, h3_ptr, grad_h1_ptr, grad_h3_ptr, num_elements, BLOCK: tl.constexpr):
-    """d(silu(h1) h3): grad_h3 = grad silu(h1), grad_h1 = grad h3 sigmoid(h1) (1 + h1 (1 - sigmoid(h1)))."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < num_elements
+    row, col = offs // F_DIM, offs % F_DIM
+    h1_offs = row * 2 * F_DIM + col
     grad = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    h1 = tl.load(h1_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    h3 = tl.load(h3_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    h1 = tl.load(h13_ptr + h1_offs, mask=ok, other=0.0).to(tl.float32)
+    h3 = tl.load(h13_ptr + h1_offs + F_DIM, mask=ok, other=0.0).to(tl.float32)
     sig = tl.sigmoid(h1)
-    tl.store(grad_h3_ptr + offs, (grad * h1 * sig).to(grad_h3_ptr.dtype.element_ty), mask=ok)
-    tl.store(grad_h1_ptr + offs, (grad * h3 * sig * (1 + h1 * (1 - sig))).to(grad_h1_ptr.dtype.element_ty), mask=ok)
+    out_ty = grad_h13_ptr.dtype.element_ty
+    tl.store(grad_h13_ptr + h1_offs + F_DIM, (grad * h1 * sig).to(out_ty), mask=ok)
+    tl.store(grad_h13_ptr + h1_offs, (grad * h3 * sig * (1 + h1 * (1 - sig))).to(out_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers and autograd
 
-def grouped_matmul(a, w, plan, gather):
-    """(rows, K) x (E, N, K) -> (R, N) in the sorted order: out[p] = a[row(p)] @ w[expert(p)].T."""
+def grouped_matmul(a, w, plan, gather, w3=None):
+    """(rows, K) x (E, N, K) -> (R, N) in the sorted order: out[p] = a[row(p)] @ w[expert(p)].T.
+    With w3: the gated up projection, returning h13 (R, 2N) = [h1 | h3] and act (R, N) = silu(h1) * h3."""
     num_experts, n, k = w.shape
-    out = a.new_empty(plan.sorted_pair.numel(), n)
+    gated = w3 is not None
+    if gated and w3.stride() != w.stride():  # the kernel walks both with one set of strides
+        w, w3 = w.contiguous(), w3.contiguous()
+    out = a.new_empty(plan.sorted_pair.numel(), 2 * n if gated else n)
+    act = a.new_empty(plan.sorted_pair.numel(), n) if gated else out
     grid = lambda meta: (plan.block_expert.numel() * triton.cdiv(n, meta["BLOCK_N"]),)
     grouped_matmul_kernel[grid](
-        a, w, out, plan.sorted_pair, plan.block_expert, n, k, plan.num_pairs, num_experts,
-        *a.stride(), *w.stride(), *out.stride(), TOP_K=plan.top_k, GATHER=gather, BLOCK_M=plan.block_m)
-    return out
+        a, w, w3 if gated else w, out, act, plan.sorted_pair, plan.block_expert, n, k, plan.num_pairs,
+        num_experts, _common.length_bucket(plan.num_pairs), *a.stride(), *w.stride(), *out.stride(),
+        act.stride(0), TOP_K=plan.top_k, GATHER=gather, GATED=gated, BLOCK_M=plan.block_m)
+    return (out, act) if gated else out
 
 
-def grouped_weight_grad(grad_out, a, plan, gather):
-    """(R, N) sorted grads x (rows, K) inputs -> (E, N, K): each expert's X^T dY over its own rows."""
+def grouped_weight_grad(grad_out, a, plan, gather, gated_up=False):
+    """(R, N) sorted grads x (rows, K) inputs -> (E, N, K): each expert's X^T dY over its own rows.
+    gated_up: grad_out is the [dh1 | dh3] of the gated up projection (only keeps the tuning key apart)."""
     n, k = grad_out.shape[1], a.shape[1]
     grad_w = grad_out.new_empty(plan.num_experts, n, k)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]), plan.num_experts)
+    tiles = lambda meta: triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"])
+    grid = lambda meta: (plan.num_experts * tiles(meta),)
     grouped_weight_grad_kernel[grid](
         grad_out, a, grad_w, plan.sorted_pair, plan.segment_offsets, n, k, plan.num_pairs,
-        *grad_out.stride(), *a.stride(), *grad_w.stride(), TOP_K=plan.top_k, GATHER=gather, BLOCK_M=plan.block_m)
+        _common.length_bucket(plan.num_pairs), *grad_out.stride(), *a.stride(), *grad_w.stride(),
+        TOP_K=plan.top_k, GATHER=gather, GATED=gated_up, BLOCK_M=plan.block_m)
     return grad_w
 
 
@@ -366,6 +399,15 @@ def combine(rows, weight, plan):
     return out
 
 
+def input_grad(grad_sorted, plan, gather):
+    """dA from the (R, K) sorted-order gradient: a gathered token's k rows each carry part of it (summed by
+    the combine kernel, no atomics); an ungathered input already is in the sorted order."""
+    if not gather:
+        return grad_sorted
+    ones = torch.ones(plan.pair_position.shape, device=grad_sorted.device, dtype=torch.float32)
+    return combine(grad_sorted, ones, plan)
+
+
 class GroupedMatmul(torch.autograd.Function):
     """out (R, N) = a[row(p)] @ w[expert(p)].T in the sorted order, with dA and dW (every expert)."""
 
@@ -382,34 +424,35 @@ class GroupedMatmul(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_a = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_sorted = grouped_matmul(grad_out, w.transpose(1, 2), plan, gather=False)  # (R, K): dY w[e]
-            if gather:  # a token's k rows each carry part of its gradient: sum them (no atomics)
-                ones = torch.ones(plan.pair_position.shape, device=a.device, dtype=torch.float32)
-                grad_a = combine(grad_sorted, ones, plan)
-            else:
-                grad_a = grad_sorted
+            grad_a = input_grad(grouped_matmul(grad_out, w.transpose(1, 2), plan, gather=False), plan, gather)
         if ctx.needs_input_grad[1]:
             grad_w = grouped_weight_grad(grad_out, a, plan, gather)
         return grad_a, grad_w, None, None
 
 
-class SwiGLU(torch.autograd.Function):
-    """silu(h1) * h3 on the (R, F) sorted rows in one fused pass, forward and backward."""
+class GatedUpProjection(torch.autograd.Function):
+    """act (R, F) = silu(x[token(p)] @ w1[e].T) * (x[token(p)] @ w3[e].T): one gathered GEMM for both."""
 
     @staticmethod
-    def forward(ctx, h1, h3):
-        ctx.save_for_backward(h1, h3)
-        out = torch.empty_like(h1)
-        swiglu_kernel[(triton.cdiv(h1.numel(), ELEMENTWISE_BLOCK),)](h1, h3, out, h1.numel(), BLOCK=ELEMENTWISE_BLOCK)
-        return out
+    def forward(ctx, x, w1, w3, plan):
+        h13, act = grouped_matmul(x, w1, plan, gather=True, w3=w3)  # (R, 2F), (R, F)
+        ctx.save_for_backward(x, w1, w3, h13)
+        ctx.plan = plan
+        return act
 
     @staticmethod
-    def backward(ctx, grad_out):
-        h1, h3 = ctx.saved_tensors
-        grad_h1, grad_h3 = torch.empty_like(h1), torch.empty_like(h3)
-        swiglu_backward_kernel[(triton.cdiv(h1.numel(), ELEMENTWISE_BLOCK),)](
-            grad_out.contiguous(), h1, h3, grad_h1, grad_h3, h1.numel(), BLOCK=ELEMENTWISE_BLOCK)
-        return grad_h1, grad_h3
+    def backward(ctx, grad_act):
+        x, w1, w3, h13 = ctx.saved_tensors
+        plan, d_ff = ctx.plan, w1.shape[1]
+        grad_act = grad_act.contiguous()
+        grad_h13 = torch.empty_like(h13)  # (R, 2F); the tail past the last segment stays unwritten
+        swiglu_backward_kernel[(triton.cdiv(grad_act.numel(), ELEMENTWISE_BLOCK),)](
+            grad_act, h13, grad_h13, plan.segment_offsets, plan.num_experts, d_ff, BLOCK=ELEMENTWISE_BLOCK)
+        grad_h1, grad_h3 = grad_h13[:, :d_ff], grad_h13[:, d_ff:]  # (R, F) views, row stride 2F
+        grad_sorted = grouped_matmul(grad_h1, w1.transpose(1, 2), plan, gather=False)  # (R, C)
+        grad_sorted += grouped_matmul(grad_h3, w3.transpose(1, 2), plan, gather=False)
+        grad_w13 = grouped_weight_grad(grad_h13, x, plan, gather=True, gated_up=True)  # (E, 2F, C)
+        return input_grad(grad_sorted, plan, gather=True), grad_w13[:, :d_ff], grad_w13[:, d_ff:], None
 
 
 class Combine(torch.autograd.Function):
@@ -438,21 +481,19 @@ class Combine(torch.autograd.Function):
 def moe_ffn_triton(x, router_weight, w1, w3, w2, top_k):
     """MoE SwiGLU FFN through the Triton kernels (same contract as moe_ffn)."""
     check_shapes(x, router_weight, w1, w3, w2, top_k)
-    if not x.is_cuda and not INTERPRET:
-        raise RuntimeError("moe_ffn: Triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
     if torch.is_autocast_enabled(x.device.type):  # the kernels need one dtype: cast like autocast would
         dtype = torch.get_autocast_dtype(x.device.type)
         x_in, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
     else:
         x_in = x
     dtypes = (x_in.dtype, w1.dtype, w3.dtype, w2.dtype)
-    if len(set(dtypes)) != 1 or dtypes[0] not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"moe_ffn: the Triton path needs x, w1, w3, w2 in one dtype (fp16 / bf16 / fp32), got {dtypes}")
+    if len(set(dtypes)) != 1:
+        raise ValueError(f"moe_ffn: the Triton path needs x, w1, w3, w2 in one dtype, got {dtypes}")
+    _common.check_triton_can_run("moe_ffn", x_in)
     gates, expert_idx, aux = route(router_logits(x, router_weight), top_k)
     plan = plan_dispatch(expert_idx, router_weight.shape[0], BLOCK_M)
-    h1 = GroupedMatmul.apply(x_in, w1, plan, True)  # (R, F) sorted rows, x gathered on load
-    h3 = GroupedMatmul.apply(x_in, w3, plan, True)  # (R, F)
-    expert_out = GroupedMatmul.apply(SwiGLU.apply(h1, h3), w2, plan, False)  # (R, C)
+    act = GatedUpProjection.apply(x_in, w1, w3, plan)  # (R, F) sorted rows, x gathered on load
+    expert_out = GroupedMatmul.apply(act, w2, plan, False)  # (R, C)
     return Combine.apply(expert_out, gates, plan), aux  # (T, C)
 
 
@@ -460,16 +501,12 @@ def moe_ffn_triton(x, router_weight, w1, w3, w2, top_k):
 # Entry point
 
 def moe_ffn(x, router_weight, w1, w3, w2, top_k):
-    """MoE SwiGLU FFN. Triton on CUDA tensors, the reference elsewhere; KERNELS=triton|ref forces one.
+    """MoE SwiGLU FFN. Triton on CUDA tensors of a kernel dtype, the reference elsewhere; KERNELS=triton|ref
+    forces one (kernels/_common.py).
 
     x (T, C), router_weight (E, C), w1 / w3 (E, F, C), w2 (E, C, F) -> y (T, C), aux dict with
     balance_loss, z_loss (scalars, to be weighted by the caller, e.g. 0.01 and 0.001) and counts (E,).
     """
-    choice = os.environ.get("KERNELS", "").lower()
-    if choice not in ("", "triton", "ref"):
-        raise ValueError(f"KERNELS={choice!r}: expected 'triton' or 'ref'")
-    if choice == "triton" or (choice == "" and x.is_cuda):
-        if not HAS_TRITON:
-            raise RuntimeError("moe_ffn: KERNELS=triton needs the triton package (pip install triton)")
+    if _common.use_triton("moe_ffn", x):
         return moe_ffn_triton(x, router_weight, w1, w3, w2, top_k)
     return moe_ffn_reference(x, router_weight, w1, w3, w2, top_k)
