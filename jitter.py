@@ -6,8 +6,8 @@ Paper: "Model Stability with Continuous Data Updates", Liu, Patwardhan, Grasch, 
 N models is the mean J_ij over their N(N-1)/2 pairs (0 = perfectly stable). Per task and per row
 (architecture / input representation / strategy) we measure accuracy (tagging: conlleval span F1) of the
 final model over N seeds; seed jitter among the N final models (they differ only by init + data order);
-update jitter between the models of nested snapshots D_t c D_t+1 (tagging: an utterance changes when any
-tag does; the token rate is reported too).
+update jitter between the models of nested snapshots D_t c D_t+1, with the same seed (data effect) and a
+new one (data + seed); built-in snapshots add new entities, then a new intent and slot type (--updates).
 Tasks: 4 classification (voice domain, voice intent under heavy ASR noise, catalogue entity type from a
 name, continent of a real city from its name) and 2 slot-tagging tasks (voice queries, light / heavy ASR
 noise) from data/voice_tasks.py, or any JointBERT folder (--data=DIR: intent + slots). Architectures: bag
@@ -22,17 +22,19 @@ Commands:
   python jitter.py --data=DIR                        # a JointBERT folder (SNIPS, ATIS): intent + slots
   torchrun --standalone --nproc_per_node=8 jitter.py --preset=gpu   # ranks share out the (row, seed) jobs
 
-Prints per task | model | acc/F1 (mean +- std) | seed jitter | update jitter | (tagging: token rates) |
-and writes out_dir/config.json, log.jsonl, metrics.json, report.md, jitter_scatter.png (accuracy vs seed
-jitter), progress.json (finished jobs: --resume=True with the same config skips them) and per row the
-seed-0 model of the last snapshot, models/<task>__<arch>__<input>__<strategy>.safetensors (save_checkpoint
-without optimizer state: a job, one row x seed over all snapshots, takes seconds, so an interrupted job
-simply reruns with the same seeds and predictions).
+Prints per task a table (every figure with its 95% bootstrap interval over test examples and seeds):
+| model | acc or slot F1 | seed jitter | update jitter, same seed | update jitter, new seed | (old / new
+examples) | (tagging: token rates) |, then findings (a difference is real only when intervals separate).
+Writes out_dir/config.json, log.jsonl, metrics.json, report.md, progress.json (--resume=True skips its
+finished jobs) and per row the seed-0 model of the last snapshot, models/<task>__<arch>__<input>__
+<strategy>.safetensors (save_checkpoint, no optimizer state: a job, one row x seed over all snapshots,
+takes seconds, so an interrupted job reruns with the same seeds and predictions).
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import csv
 import dataclasses
 import inspect
@@ -53,12 +55,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from data import InputError, voice
-from data.metrics import span_f1
+from data.metrics import bio_spans, span_f1
 from data.subword import read_vec, train_subword_vectors
 from data.voice_tasks import TASKS, Task, load_tasks
 
@@ -97,6 +98,10 @@ class Config:
     max_chars: int = 16  # characters kept per word (char input)
     epochs: int = 10  # epochs per training from scratch
     incremental_epochs: int = 2  # epochs of fine-tuning on the next snapshot (incremental strategy)
+    incremental_lr: float = 2e-3  # its peak lr: cosine from here, no warmup, AdamW state carried over
+    unk_dropout: float = 0.5  # random-init input: singletons -> the unknown word with this probability
+    updates: str = "shift"  # built-in voice tasks: shift (new entities, then a new intent + slot) | iid
+    bootstrap: int = 1000  # resamples (of test examples and seeds) for the 95% intervals
     batch_size: int = 64  # utterances per step
     lr: float = 1e-2  # peak AdamW learning rate
     weight_decay: float = 0.01  # on >= 2-D parameters only
@@ -118,8 +123,8 @@ class Config:
 PRESETS = {
     "smoke": dict(tasks=("intent", "slots"), archs_cls=("bag", "gru"), archs_tag=("bilstm", "seq2seq"),
                   input_archs=("gru", "bilstm"), strategy_archs=("bag", "bilstm"), n_seeds=2, n_snapshots=2,
-                  ensemble_size=2, n_train=160, n_test=40, d_model=16, epochs=2, incremental_epochs=1,
-                  ft_sentences=300, ft_epochs=1, ft_buckets=2000),
+                  ensemble_size=2, n_train=240, n_test=40, d_model=24, epochs=12, batch_size=32, lr=0.03,
+                  incremental_epochs=2, ft_sentences=300, ft_epochs=1, ft_buckets=2000, bootstrap=200),
     "cpu": dict(input_archs=("cnn", "gru", "transformer"), strategy_archs=("gru", "transformer"),
                 detail_tasks=("intent", "slots"), n_snapshots=2, n_train=600, n_test=400),
     "gpu": dict(n_train=20000, n_test=2000, d_model=128, n_layers=2, n_heads=4, n_seeds=10, n_snapshots=5,
@@ -139,6 +144,8 @@ def check_config(cfg: Config) -> None:
         unknown = [x for x in getattr(cfg, key) if x not in allowed]
         if unknown:
             raise InputError(f"--{key}: unknown {', '.join(unknown)} (expected some of {', '.join(allowed)})")
+    if cfg.updates not in ("shift", "iid") or cfg.bootstrap < 10:
+        raise InputError(f"--updates={cfg.updates} --bootstrap={cfg.bootstrap}: expected shift or iid, >= 10")
     if cfg.base_input not in ("", *INPUTS):
         raise InputError(f"--base_input={cfg.base_input}: expected one of {', '.join(INPUTS)} or empty")
     if cfg.data and not Path(cfg.data).is_dir():
@@ -637,21 +644,31 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- train
 
 
-def train(model: nn.Module, data: Encoded, n_rows: int, epochs: int, gen: torch.Generator, cfg: Config,
-          log: RunLog, **log_extra) -> float:
-    """AdamW (decay on >= 2-D params only), warmup + cosine to 10% of the peak, grad clip, bf16 autocast on
-    CUDA, on the first n_rows training rows. One log.jsonl line at the end. Returns the last loss."""
-    opt = make_adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.999))
+def train(model: nn.Module, opt: torch.optim.Optimizer, data: Encoded, n_rows: int, epochs: int,
+          gen: torch.Generator, cfg: Config, log: RunLog, peak: float, warmup: bool, unk_dropout: float,
+          **log_extra) -> None:
+    """Train on the first n_rows rows (a snapshot: nested by construction), cosine from `peak` to 10% of it,
+    after a warmup over cfg.warmup_frac of the steps when `warmup` (from scratch; incremental fine-tuning
+    continues AdamW's moments and step without one). unk_dropout: words seen once in the snapshot become
+    the unknown word (row 1) with this probability, which trains that row for the test words unseen in
+    training. Grad clip, bf16 autocast on CUDA, one log.jsonl line at the end."""
     total = epochs * math.ceil(n_rows / cfg.batch_size)
-    warmup, step, loss, lr = max(1, int(cfg.warmup_frac * total)), 0, torch.tensor(0.0), cfg.lr
-    cuda = cfg.device.startswith("cuda")
+    n_warmup = max(1, int(cfg.warmup_frac * total)) if warmup else 0
+    counts = torch.bincount(data.words[:n_rows].flatten(), minlength=2)  # (V,)
+    singleton = (counts == 1) & (torch.arange(len(counts)) > 1)  # (V,) never pad / unknown
+    step, loss, lr, tokens, cuda = 0, torch.tensor(0.0), peak, 0, cfg.device.startswith("cuda")
     model.train()
-    log.last, tokens = time.time(), 0
+    log.last = time.time()
     for _ in range(epochs):
-        perm = torch.randperm(n_rows, generator=gen)  # snapshot = the first n_rows rows (nested)
+        perm = torch.randperm(n_rows, generator=gen)
         for i in range(0, n_rows, cfg.batch_size):
-            batch = data.batch(perm[i: i + cfg.batch_size], cfg.device)
-            lr = lr_at(step, total, cfg.lr, warmup, 0.1 * cfg.lr)
+            idx = perm[i: i + cfg.batch_size]
+            batch = data.batch(idx, cfg.device)
+            if unk_dropout > 0:
+                words = data.words[idx, : batch["words"].shape[1]]  # (B, T)
+                drop = singleton[words] & (torch.rand(words.shape, generator=gen) < unk_dropout)
+                batch["words"] = words.masked_fill(drop, 1).to(cfg.device)
+            lr = lr_at(step, total, peak, n_warmup, 0.1 * peak)
             set_lr(opt, lr)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 loss = task_loss(model(batch), batch["labels"])
@@ -661,20 +678,20 @@ def train(model: nn.Module, data: Encoded, n_rows: int, epochs: int, gen: torch.
             opt.step()
             step, tokens = step + 1, tokens + int(batch["lengths"].sum())
     log(step, loss.item(), lr, tokens, **log_extra)
-    return loss.item()
 
 
 class Experiment:
-    """One task: its vocabularies, tensors and pre-trained vectors; builds and trains the models of every
-    row."""
+    """One task: vocabularies, tensors, pre-trained vectors; builds and trains every row's models. Models
+    of the `reuse` (arch, input) pairs are kept (on CPU) for the rows that reuse them bit for bit: ensemble
+    member 0 is the retrain model (same seed and snapshot); incremental starts from its snapshot 0."""
 
-    def __init__(self, task: Task, cfg: Config, vectors: dict):
-        self.task, self.cfg = task, cfg
+    def __init__(self, task: Task, cfg: Config, vectors: dict, reuse: set = frozenset()):
+        self.task, self.cfg, self.reuse, self.kept = task, cfg, reuse, {}
         train_words = {w for toks, _ in task.train for w in toks}
         all_words = sorted({w for toks, _ in task.train + task.test for w in toks})
         self.vocab_all = {w: i + 2 for i, w in enumerate(all_words)}  # 0 pad, 1 unknown
-        # random init: words never seen in training share the unknown row (their rows would stay random);
-        # fastText: every word keeps its own row, initialised from its subword vector
+        # random init: words never seen in training share the unknown row (trained by word dropout on
+        # singletons); fastText: every word keeps its own row, initialised from its subword vector
         self.vocab_train = {w: (i if w in train_words else 1) for w, i in self.vocab_all.items()}
         chars = sorted({c for toks, _ in task.train for w in toks for c in w})
         char_index = {c: i + 2 for i, c in enumerate(chars)}
@@ -690,9 +707,7 @@ class Experiment:
         for w, i in self.vocab_all.items():
             if w in vectors:  # unit scale like nn.Embedding's init
                 self.pretrained[i] = vectors[w] * (1.0 / (vectors[w].std() + 1e-6))
-        n, s, first = len(task.train), cfg.n_snapshots, cfg.first_snapshot
-        self.snapshot_sizes = [round(n * (first + (1 - first) * t / (s - 1))) if s > 1 else n
-                               for t in range(s)]
+        self.snapshot_sizes = task.snapshot_sizes(cfg.n_snapshots, cfg.first_snapshot)
 
     def build(self, arch: str, inp: str) -> nn.Module:
         emb = InputEmbedder(inp, len(self.vocab_all) + 2, self.n_chars, self.cfg,
@@ -704,27 +719,41 @@ class Experiment:
             model = Seq2SeqTagger(emb, k, self.cfg) if arch == "seq2seq" else Tagger(arch, emb, k, self.cfg)
         return model.to(self.cfg.device)
 
+    def from_scratch(self, arch: str, inp: str, seed: int, t: int, log: RunLog, keep: bool, **log_extra):
+        """(model, optimizer) trained on snapshot t with this seed (init, data order; the same for every
+        snapshot). keep: hold it for reuse (with the optimizer state at snapshot 0: incremental)."""
+        key, gen = (arch, inp, seed, t), seed_everything(seed)  # seeds the init too
+        model = self.build(arch, inp)
+        opt = make_adamw(model, self.cfg.lr, self.cfg.weight_decay, betas=(0.9, 0.999))
+        if key in self.kept:
+            model.load_state_dict(self.kept[key][0])
+            if self.kept[key][1] is not None:
+                opt.load_state_dict(copy.deepcopy(self.kept[key][1]))
+            return model, opt
+        vk, cfg = "train" if inp == "random" else "all", self.cfg
+        train(model, opt, self.enc[("train", vk)], self.snapshot_sizes[t], cfg.epochs, gen, cfg, log, cfg.lr,
+              True, cfg.unk_dropout if inp == "random" else 0.0, snapshot=t, **log_extra)
+        if keep:
+            self.kept[key] = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                              copy.deepcopy(opt.state_dict()) if t == 0 else None)
+        return model, opt
+
     def run(self, arch: str, inp: str, strategy: str, seed_k: int, log: RunLog, job: str = "") -> dict:
         """All snapshots of one (row, seed) job: test predictions and scores (percent) per snapshot."""
-        cfg, kind = self.cfg, self.task.kind
-        vk = "train" if inp == "random" else "all"
-        train_data, test_data = self.enc[("train", vk)], self.enc[("test", vk)]
+        cfg, seed, vk = self.cfg, self.cfg.seed * 1000 + seed_k, "train" if inp == "random" else "all"
         members = cfg.ensemble_size if strategy == "ensemble" else 1
-        model_seed = cfg.seed * 1000 + seed_k
-        models, preds, scores = None, [], []
+        keep = (arch, inp) in self.reuse
+        models, opt, preds, scores = [], None, [], []
         for t, n_rows in enumerate(self.snapshot_sizes):
-            if strategy == "incremental" and models is not None:  # warm start: keep weights, fine-tune on D_t
-                gen = seed_everything(model_seed * 100 + t)
-                train(models[0], train_data, n_rows, cfg.incremental_epochs, gen, cfg, log, job=job,
-                      snapshot=t, member=0)
-            else:
-                models = []
-                for m in range(members):
-                    gen = seed_everything(model_seed * 100 + t + 7919 * m)
-                    model = self.build(arch, inp)
-                    train(model, train_data, n_rows, cfg.epochs, gen, cfg, log, job=job, snapshot=t, member=m)
-                    models.append(model)
-            p = predict(models, test_data, kind, cfg)
+            if strategy == "incremental" and t > 0:  # fine-tune the previous snapshot's model on D_t
+                train(models[0], opt, self.enc[("train", vk)], n_rows, cfg.incremental_epochs,
+                      seed_everything(seed * 100 + t), cfg, log, cfg.incremental_lr, False,
+                      cfg.unk_dropout if inp == "random" else 0.0, job=job, snapshot=t, member=0)
+            else:  # member 0 has the retrain row's seed; the other members their own
+                trained = [self.from_scratch(arch, inp, seed * 100 + 7919 * m, t, log, keep and m == 0,
+                                             job=job, member=m) for m in range(members)]
+                models, opt = [m for m, _ in trained], trained[0][1]
+            p = predict(models, self.enc[("test", vk)], self.task.kind, cfg)
             preds.append(p)
             scores.append(self.score(p))
         return {"preds": preds, "scores": scores, "models": models}
@@ -756,25 +785,6 @@ def predict(models: list[nn.Module], data: Encoded, kind: str, cfg: Config) -> l
     return out
 
 
-def churn(a: list, b: list) -> float:
-    """Pairwise jitter J_ab: the share of test items whose prediction differs (a tag sequence differs if any
-    tag does)."""
-    assert len(a) == len(b) and len(a) > 0
-    return sum(x != y for x, y in zip(a, b)) / len(a)
-
-
-def token_churn(a: list[list], b: list[list]) -> float:
-    """Token-level jitter of two taggers: the share of tokens whose tag differs."""
-    pairs = [(x, y) for sa, sb in zip(a, b) for x, y in zip(sa, sb)]
-    return sum(x != y for x, y in pairs) / len(pairs)
-
-
-def jitter(predictions: list[list], pair_metric=churn) -> float:
-    """Jitter of N models: mean pairwise churn over the N(N-1)/2 unordered pairs (the paper's metric)."""
-    pairs = list(itertools.combinations(predictions, 2))
-    return sum(pair_metric(a, b) for a, b in pairs) / len(pairs)
-
-
 def rows_for(task: Task, cfg: Config) -> list[tuple[str, str, str]]:
     """(arch, input, strategy) rows of a task: every arch x input retrained, plus the strategy rows."""
     archs = cfg.archs_cls if task.kind == "cls" else cfg.archs_tag
@@ -788,59 +798,105 @@ def rows_for(task: Task, cfg: Config) -> list[tuple[str, str, str]]:
     return list(dict.fromkeys(rows))
 
 
-def summarize(task: Task, results: list[dict]) -> dict:
-    """Table entries of one row from its N seed jobs (scores are percentages already)."""
-    final = [r["preds"][-1] for r in results]
-    acc = np.array([r["scores"][-1] for r in results])
-    steps = [(r["preds"][t], r["preds"][t + 1]) for r in results for t in range(len(r["preds"]) - 1)]
-    out = {"score_mean": round(float(acc.mean()), 2), "score_std": round(float(acc.std()), 2),
-           "seed_jitter": round(100 * jitter(final), 2),
-           "update_jitter": round(100 * float(np.mean([churn(a, b) for a, b in steps])), 2) if steps
-           else None}
-    if task.kind == "tag":
-        out["seed_jitter_tok"] = round(100 * jitter(final, token_churn), 2)
-        out["update_jitter_tok"] = (round(100 * float(np.mean([token_churn(a, b) for a, b in steps])), 2)
-                                    if steps else None)
+def per_example(ex: Experiment, pred: list) -> tuple[np.ndarray, np.ndarray]:
+    """(numerator, denominator) per test example, (X,) each: accuracy (correct, 1) or F1 (2 x correct spans,
+    gold + predicted spans)."""
+    if ex.task.kind == "cls":
+        return np.array([ex.task.labels[p] == g for p, g in zip(pred, ex.gold)], float), np.ones(len(pred))
+    gold = [bio_spans(g) for g in ex.gold]
+    hyp = [bio_spans([ex.task.labels[x] for x in p]) for p in pred]
+    return (np.array([2.0 * len(g & h) for g, h in zip(gold, hyp)]),
+            np.array([len(g) + len(h) for g, h in zip(gold, hyp)], float))
+
+
+def differ(a: list, b: list, tokens: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(changed, total) per test example of two models' predictions: the utterance (or its tags)."""
+    if not tokens:
+        return np.array([x != y for x, y in zip(a, b)], float), np.ones(len(a))
+    return (np.array([sum(u != v for u, v in zip(x, y)) for x, y in zip(a, b)], float),
+            np.array([len(x) for x in a], float))
+
+
+def interval(units: list, unit_w: np.ndarray, example_w: np.ndarray, keep=None) -> list[float]:
+    """[value, low, high] in percent: the mean over units (seeds, seed pairs, ...) of sum(numerator) /
+    sum(denominator) over the test examples (those in the mask `keep`), and its 95% bootstrap interval over
+    examples (example_w: (R, X) resampling counts) and seeds (unit_w: (R, U), a unit's weight in each
+    resample of the seeds: for a pair, the product of its two seeds' counts)."""
+    num, den = np.stack([u[0] for u in units]), np.stack([u[1] for u in units])  # (U, X)
+    if keep is not None:
+        num, den, example_w = num[:, keep], den[:, keep], example_w[:, keep]
+    point = np.mean(num.sum(1) / np.maximum(den.sum(1), 1e-12))
+    ratios = (example_w @ num.T) / np.maximum(example_w @ den.T, 1e-12)  # (R, U)
+    with np.errstate(invalid="ignore"):  # a resample with one distinct seed has no pair: left out
+        stats = (ratios * unit_w).sum(1) / unit_w.sum(1)
+    low, high = np.nanpercentile(stats, [2.5, 97.5])
+    return [round(100 * float(v), 2) for v in (point, low, high)]
+
+
+def summarize(ex: Experiment, results: list[dict], seed_w: np.ndarray, example_w: np.ndarray) -> dict:
+    """Table entries of one row from its N seed jobs, each [value, low, high] (percent, 95% bootstrap
+    interval over test examples and seeds). Update jitter two ways: between the models of consecutive
+    snapshots with the same seed (the data effect alone) and with different seeds (data + seed); with update
+    groups also on the old and the new test examples apart."""
+    preds = [r["preds"] for r in results]  # [seed][snapshot] -> predictions
+    final, n, steps, tag = [p[-1] for p in preds], len(preds), range(len(preds[0]) - 1), ex.task.kind == "tag"
+    pairs = list(itertools.combinations(range(n), 2))
+    cross = [(a, b) for a in range(n) for b in range(n) if a != b]
+    both = lambda ab: np.stack([seed_w[:, a] * seed_w[:, b] for a, b in ab], 1)  # (R, pairs): both drawn
+    same_w, cross_w = np.repeat(seed_w, len(steps), 1), np.repeat(both(cross), len(steps), 1)
+    out = {"score": interval([per_example(ex, f) for f in final], seed_w, example_w),
+           "score_std": round(float(np.std([r["scores"][-1] for r in results])), 2)}
+    for key, tokens in (("_tok", True), ("", False)) if tag else (("", False),):  # `same` ends per utterance
+        seed_pairs = [differ(final[a], final[b], tokens) for a, b in pairs]
+        out["seed_jitter" + key] = interval(seed_pairs, both(pairs), example_w)
+        if len(steps):
+            same = [differ(preds[k][t], preds[k][t + 1], tokens) for k in range(n) for t in steps]
+            out["update_jitter" + key] = interval(same, same_w, example_w)
+    if len(steps):
+        new_seed = [differ(preds[a][t], preds[b][t + 1]) for a, b in cross for t in steps]
+        out["update_jitter_new_seed"] = interval(new_seed, cross_w, example_w)
+        if ex.task.test_new:
+            new = np.array(ex.task.test_new)
+            out["update_jitter_old"] = interval(same, same_w, example_w, ~new)
+            out["update_jitter_new"] = interval(same, same_w, example_w, new)
     return out
 
 
+COLUMNS = {"score": "{score}", "seed_jitter": "seed jitter", "update_jitter": "update jitter, same seed",
+           "update_jitter_new_seed": "update jitter, new seed", "update_jitter_old": "upd. old examples",
+           "update_jitter_new": "upd. new examples", "seed_jitter_tok": "token seed jitter",
+           "update_jitter_tok": "token update jitter"}
+
+
 def format_table(task: Task, table: dict) -> str:
+    """One markdown table: every figure as value [95% interval], in percent."""
+    keys = [k for k in COLUMNS if k in next(iter(table.values()))]
     score = "acc" if task.kind == "cls" else "slot F1"
-    head = f"| model | {score} (mean ± std) | seed jitter | update jitter |"
-    head += " token seed / update jitter |" if task.kind == "tag" else ""
+    head = "| model | " + " | ".join(COLUMNS[k].format(score=score) for k in keys) + " |"
     lines = [f"### {task.name} ({'classification' if task.kind == 'cls' else 'tagging'}, "
-             f"{len(task.train)} train / {len(task.test)} test; all numbers in %)", "",
+             f"{len(task.train)} train / {len(task.test)} test; % with 95% bootstrap intervals)", "",
              *[f"- {note}" for note in task.notes], *([""] if task.notes else []),
-             head, "|" + " --- |" * (head.count("|") - 1)]
+             head, "|" + " --- |" * (len(keys) + 1)]
     for row, m in table.items():
-        upd = "–" if m["update_jitter"] is None else f"{m['update_jitter']:.2f}"
-        line = f"| {row} | {m['score_mean']:.2f} ± {m['score_std']:.2f} | {m['seed_jitter']:.2f} | {upd} |"
-        if task.kind == "tag":
-            utok = "–" if m["update_jitter_tok"] is None else f"{m['update_jitter_tok']:.2f}"
-            line += f" {m['seed_jitter_tok']:.2f} / {utok} |"
-        lines.append(line)
+        lines.append(f"| {row} | " + " | ".join("{:.1f} [{:.1f}, {:.1f}]".format(*m[k]) for k in keys) + " |")
     return "\n".join(lines)
 
 
-def scatter(tasks: list[Task], metrics: dict, path: Path) -> None:
-    """Accuracy vs seed jitter, one panel per task (matplotlib's object API: no pyplot, no backend)."""
-    fig = Figure(figsize=(4.2 * len(tasks), 3.8))
-    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
-    markers = {"retrain": "o", "incremental": "^", "ensemble": "s"}
-    colours = {"random": "tab:blue", "fasttext": "tab:green", "char": "tab:orange"}
-    for ax, task in zip(axes, tasks):
-        for row, m in metrics[task.name].items():
-            arch, inp, strat = row.split("/")
-            ax.scatter(m["seed_jitter"], m["score_mean"], marker=markers[strat], c=colours.get(inp, "k"))
-            ax.annotate(arch, (m["seed_jitter"], m["score_mean"]), fontsize=6)
-        ax.set_title(task.name)
-        ax.set_xlabel("seed jitter (%)")
-        ax.set_ylabel("accuracy (%)" if task.kind == "cls" else "slot F1 (%)")
-    handles = [ax.scatter([], [], marker="o", c=c, label=k) for k, c in colours.items()]
-    handles += [ax.scatter([], [], marker=mk, c="gray", label=k) for k, mk in markers.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=7)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=110)
+def findings(task: Task, table: dict) -> list[str]:
+    """Each strategy and input row against its retrain / random counterpart: a difference is called real
+    only when the two 95% intervals do not overlap."""
+    lines = []
+    for row, m in table.items():
+        arch, inp, strat = row.split("/")
+        base = next((r for r in table if r != row and r.split("/")[0] == arch and r.endswith("/retrain")
+                     and (strat != "retrain" or r.split("/")[1] == "random")), None)
+        if base is None or (strat == "retrain" and inp == "random"):
+            continue
+        for key in ("score", "seed_jitter", "update_jitter"):
+            (a, a_lo, a_hi), (b, b_lo, b_hi) = m[key], table[base][key]
+            verdict = ("real" if a_hi < b_lo or b_hi < a_lo else "not separated") + f" ({a - b:+.1f})"
+            lines.append(f"| {task.name} | {row} vs {base} | {key} | {a:.1f} vs {b:.1f} | {verdict} |")
+    return lines
 
 
 # ----------------------------------------------------------------------------- main
@@ -852,12 +908,8 @@ def read_progress(out_dir: Path, cfg: Config) -> dict:
     path = out_dir / "progress.json"
     if not path.is_file():
         raise InputError(f"{path}: missing, nothing to resume (run without --resume=True)")
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        config, jobs = saved["config"], saved["jobs"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{path}: not a progress file of jitter.py ({e})") from None
-    now = json.loads(json.dumps(asdict(cfg)))
+    saved = json.loads(path.read_text(encoding="utf-8"))  # a JSON error is a ValueError: one line, exit 2
+    config, jobs, now = saved.get("config", {}), saved.get("jobs", {}), json.loads(json.dumps(asdict(cfg)))
     changed = [k for k in now if k not in ("out_dir", "device", "resume") and config.get(k) != now[k]]
     if changed:
         raise InputError(f"--resume=True: {path} was saved with " + ", ".join(
@@ -874,8 +926,7 @@ def main(argv: list[str]) -> dict:
     if device.startswith("cuda"):  # CPU kernels are deterministic already
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-    t_start = time.time()
-    tasks = load_tasks(cfg)  # every input is read and checked before anything is written
+    t_start, tasks = time.time(), load_tasks(cfg)  # all input is read and checked before anything is written
     done = read_progress(out, cfg) if cfg.resume else {}
     jobs = [(t, row, k) for t in tasks for row in rows_for(t, cfg) for k in range(cfg.n_seeds)]
     todo = [j for j in jobs if f"{j[0].name}/{'/'.join(j[1])}/{j[2]}" not in done]
@@ -893,15 +944,14 @@ def main(argv: list[str]) -> dict:
         text += [toks for t in tasks if t.name in ("entity_type", "city_continent") for toks, _ in t.train]
         vectors = train_subword_vectors(text, needed, cfg.d_model, cfg.ft_epochs, cfg.ft_window,
                                         cfg.ft_negatives, cfg.ft_buckets, cfg.seed, device)
-    experiments = {t.name: Experiment(t, cfg, vectors) for t in tasks}
-    for i, (task, (arch, inp, strat), k) in enumerate(todo[rank::world]):
+    reused = {t.name: {(a, i) for a, i, s in rows_for(t, cfg) if s != "retrain"} for t in tasks}
+    experiments = {t.name: Experiment(t, cfg, vectors, reused[t.name]) for t in tasks}
+    mine = todo[rank::world]
+    for i, (task, (arch, inp, strat), k) in enumerate(mine):
         name = f"{task.name}/{arch}/{inp}/{strat}/{k}"
-        t0 = time.time()
-        res = experiments[task.name].run(arch, inp, strat, k, log, job=name)
+        t0, res = time.time(), experiments[task.name].run(arch, inp, strat, k, log, job=name)
         progress["jobs"][name] = {"preds": res["preds"], "scores": [round(s, 4) for s in res["scores"]]}
-        if rank == 0:
-            print(f"job {i + 1}/{len(todo[rank::world])} {name}: {res['scores'][-1]:.1f} "
-                  f"({time.time() - t0:.1f} s)", flush=True)
+        print(f"job {i + 1}/{len(mine)} {name}: {res['scores'][-1]:.1f}, {time.time() - t0:.1f} s")
         if k == 0:
             save_checkpoint(out, res["models"][0], None, cfg, len(res["scores"]),
                             meta={"row": [arch, inp, strat], "labels": task.labels},
@@ -911,30 +961,35 @@ def main(argv: list[str]) -> dict:
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, progress["jobs"])
-        for g in gathered:
-            progress["jobs"].update(g)
+        progress["jobs"] = {name: job for g in gathered for name, job in g.items()}
         if rank == 0:
             write_outputs(out, {"progress.json": progress})
-    metrics, tables = {}, []
+    metrics, tables, found, rng = {}, [], [], np.random.default_rng(cfg.seed)  # one resampling per task
     for task in tasks:
-        metrics[task.name] = {}
-        for row in rows_for(task, cfg):
-            results = [progress["jobs"][f"{task.name}/{'/'.join(row)}/{k}"] for k in range(cfg.n_seeds)]
-            metrics[task.name]["/".join(row)] = summarize(task, results)
+        seed_w = rng.multinomial(cfg.n_seeds, [1 / cfg.n_seeds] * cfg.n_seeds, cfg.bootstrap).astype(float)
+        example_w = rng.multinomial(len(task.test), [1 / len(task.test)] * len(task.test), cfg.bootstrap)
+        rows = ["/".join(row) for row in rows_for(task, cfg)]
+        results = {r: [progress["jobs"][f"{task.name}/{r}/{k}"] for k in range(cfg.n_seeds)] for r in rows}
+        metrics[task.name] = {row: summarize(experiments[task.name], r, seed_w, example_w.astype(float))
+                              for row, r in results.items()}
         tables.append(format_table(task, metrics[task.name]))
+        found += findings(task, metrics[task.name])
     seconds = round(time.time() - t_start, 1)
     if rank == 0:
         text = "\n\n".join(tables)
-        print(text)
+        found_text = ("| task | rows | metric | values | difference |\n| --- | --- | --- | --- | --- |\n"
+                      + "\n".join(found)) if found else "(no strategy or input rows)"
+        print(text + "\n\nFindings (real = the 95% intervals do not overlap):\n" + found_text)
         print(f"{len(jobs)} jobs ({len(todo)} run now, {len(jobs) - len(todo)} resumed) in {seconds} s "
               f"on {device}")
-        scatter(tasks, metrics, out / "jitter_scatter.png")
         report = (f"# jitter.py report ({cfg.preset} preset{', data ' + cfg.data if cfg.data else ''})\n\n"
-                  f"Rows are arch/input/strategy; {cfg.n_seeds} seeds, {cfg.n_snapshots} nested snapshots "
-                  f"(first {cfg.first_snapshot:.0%} of the training set). Seed jitter: mean pairwise churn "
-                  "of the final models; update jitter: churn between consecutive snapshots' models, mean "
-                  f"over steps and seeds.\n\n{text}\n\n![accuracy vs jitter](jitter_scatter.png)\n\n"
-                  f"Wall time: {seconds} s on {device}.\n")
+                  f"Rows are arch/input/strategy; {cfg.n_seeds} seeds, snapshots of "
+                  f"{experiments[tasks[0].name].snapshot_sizes} training rows ({cfg.updates} updates). Seed "
+                  "jitter: mean pairwise churn of the final models; update jitter: churn between consecutive "
+                  "snapshots' models with the same seed (data effect) or another seed (data + seed). "
+                  f"Intervals: 95% bootstrap over test examples and seeds ({cfg.bootstrap} resamples)."
+                  f"\n\n{text}\n\n## Findings\n\nA difference is real only when the 95% intervals do not "
+                  f"overlap.\n\n{found_text}\n\nWall time: {seconds} s on {device}.\n")
         write_outputs(out, {"metrics.json": metrics | {"seconds": seconds}, "report.md": report})
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -25,6 +25,36 @@ class Task:
     labels: list[str]  # classes, or tags (index 0 is "O"), as seen in training
     unlabelled: list[list[str]]  # text for the skip-gram pre-training
     notes: list[str] = dataclasses.field(default_factory=list)  # facts about the data the report states
+    train_groups: list[int] | None = None  # update_group of each training row (ascending), or i.i.d. rows
+    test_new: list[bool] | None = None  # test rows of a later update's kind (new entity, intent or slot)
+
+    def snapshot_sizes(self, n_snapshots: int, first: float) -> list[int]:
+        """Rows of each nested snapshot D_1 c ... c D_S (each the first n training rows). I.i.d. rows: from
+        first * n growing linearly to n. Update groups: the old rows (growing linearly from `first` of
+        them over the first S-2 snapshots), then + the new-entity rows, then + the new intent / slot rows."""
+        n, s = len(self.train), n_snapshots
+        if s == 1:
+            return [n]
+        if self.train_groups is None:
+            return [round(n * (first + (1 - first) * t / (s - 1))) for t in range(s)]
+        n_old, n_shift = self.train_groups.count(0), self.train_groups.count(1)
+        old = [round(n_old * (first + (1 - first) * t / (s - 3))) if s > 3 else n_old for t in range(s - 2)]
+        return [*old, n_old + n_shift, n][-s:]
+
+
+# Realistic data updates of the built-in voice tasks (--updates=shift): the training data first lacks the
+# queries about "new" entities (a fifth of the catalogue, by a hash of the id), which arrive in the
+# next-to-last snapshot (distribution shift), and the queries of a new intent or with a new slot type,
+# which arrive in the last one.
+NEW_INTENT, NEW_SLOT = "video_call", "country"
+
+
+def update_group(q: voice.Query) -> int:
+    """0: old data; 1: mentions a new entity (distribution shift); 2: the new intent or the new slot type."""
+    if q.intent == NEW_INTENT or any(m.type == NEW_SLOT for m in q.entities):
+        return 2
+    late = [int(hashlib.md5(str(m.entity_id).encode()).hexdigest()[:8], 16) % 5 == 1 for m in q.entities]
+    return 1 if any(late) else 0
 
 
 def _catalogue_split(entity_id: str) -> str:
@@ -34,18 +64,23 @@ def _catalogue_split(entity_id: str) -> str:
 
 def builtin_task(name: str, cfg) -> Task:
     """The built-in tasks over data/voice.py (queries) and its real catalogues (names). cfg: jitter.py's
-    Config (n_train, n_test, noise, noise_asr, seed)."""
+    Config (n_train, n_test, noise, noise_asr, seed, updates: "shift" orders the voice queries' training
+    rows by update_group, "iid" keeps them as drawn)."""
     if name in ("domain", "intent", "slots", "slots_asr"):
         noise = cfg.noise_asr if name in ("intent", "slots_asr") else cfg.noise
         train = voice.dataset("train", cfg.n_train, cfg.seed, noise)
         test = voice.dataset("test", cfg.n_test, cfg.seed, noise)
-        if name in ("domain", "intent"):
-            pick = lambda q: (q.tokens, getattr(q, name))
-            labels = voice.DOMAINS if name == "domain" else voice.INTENTS
-            return Task(name, "cls", [pick(q) for q in train], [pick(q) for q in test], list(labels), [])
-        tags = ["O"] + [f"{p}-{t}" for t in voice.ENTITY_TYPES for p in "BI"]
-        pairs = {split: [(q.tokens, q.tags) for q in qs] for split, qs in (("train", train), ("test", test))}
-        return Task(name, "tag", pairs["train"], pairs["test"], tags, [])
+        groups = None
+        if cfg.updates == "shift":
+            train = sorted(train, key=update_group)  # stable: the draw order within a group
+            groups = [update_group(q) for q in train]
+        test_new = [update_group(q) > 0 for q in test] if groups else None
+        tagging = name.startswith("slots")
+        pick = (lambda q: (q.tokens, q.tags)) if tagging else (lambda q: (q.tokens, getattr(q, name)))
+        labels = {"domain": voice.DOMAINS, "intent": voice.INTENTS}.get(
+            name, ["O"] + [f"{p}-{t}" for t in voice.ENTITY_TYPES for p in "BI"])
+        return Task(name, "tag" if tagging else "cls", [pick(q) for q in train],
+                    [pick(q) for q in test], list(labels), [], [], groups, test_new)
     cat = voice.load_catalog(cfg.seed)
     if name == "entity_type":  # "the velvet marrows" -> artist, "shanghai" -> city: names and aliases
         rng = np.random.default_rng(cfg.seed)
