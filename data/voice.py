@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
+import math
 import random
 import re
 import unicodedata
@@ -283,9 +285,14 @@ def _by_type(seed: int) -> dict[str, tuple[list[Entity], list[float]]]:
 
 
 def read_catalog_jsonl(path: str | Path) -> list[Entity]:
-    """One JSON object a line with id, name, aliases, type, popularity. Bad line -> ValueError('file:line: why')."""
-    out = []
+    """One JSON object a line with id, name, aliases, type, popularity. A bad line, a repeated id or a file
+    without entities -> InputError('file[:line]: why')."""
+    out, first_line = [], {}
     for lineno, d in iter_jsonl(path):
+        if str(d.get("id")) in first_line:
+            raise InputError(f"{path}:{lineno}: id {d['id']!r} repeats line {first_line[str(d['id'])]} "
+                             "(expected one line per entity)")
+        first_line[str(d.get("id"))] = lineno
         try:
             missing = [k for k in ("id", "name", "aliases", "type", "popularity") if k not in d]
             if missing:
@@ -295,7 +302,10 @@ def read_catalog_jsonl(path: str | Path) -> list[Entity]:
             out.append(Entity(str(d["id"]), str(d["name"]), [str(a) for a in d["aliases"]], str(d["type"]),
                               float(d["popularity"])))
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}:{lineno}: bad catalogue line: {e}") from None
+            raise InputError(f"{path}:{lineno}: bad catalogue line: {e}") from None
+    if not out:
+        raise InputError(f"{path}: no entities (expected one JSON object a line: id, name, aliases, type, "
+                         "popularity)")
     return out
 
 
@@ -386,11 +396,15 @@ def split_of(clean_text: str) -> str:
     return "train" if bucket < 8 else ("dev" if bucket == 8 else "test")
 
 
-def _fill(rng: random.Random, seed: int, noise: float) -> tuple[str, str, list[str], list[int], list[tuple[str, str]]]:
-    """Draw an intent and template and fill it: (domain, intent, words, span_ids, [(type, entity_id)])."""
-    by_type = _by_type(seed)
+def _fill(rng: random.Random, seed: int, noise: float, by_type=None, all_templates: bool = True,
+          user_error: float | None = None, slip: float = 0.0):
+    """Draw an intent and template and fill it: (domain, intent, words, span_ids, [(type, entity_id)]).
+    make_query: user errors at the noise rate. benchmark_query: its own prior (by_type), the last template
+    of each intent held out unless all_templates, user errors at a fixed rate, word-order slips."""
+    by_type = by_type or _by_type(seed)
     intent = rng.choice(INTENTS)
-    template = rng.choice(TEMPLATES[INTENT_DOMAIN[intent]][intent])
+    templates = TEMPLATES[INTENT_DOMAIN[intent]][intent]
+    template = rng.choice(templates if all_templates else templates[:-1])
     words, span_ids, spans = [], [], []
     for piece in template.split():
         m = re.fullmatch(r"\{(\w+)\}(.*)", piece)
@@ -403,8 +417,12 @@ def _fill(rng: random.Random, seed: int, noise: float) -> tuple[str, str, list[s
             ents, cum = by_type[slot]
             ent = rng.choices(ents, cum_weights=cum)[0]
             surface = rng.choice([ent.name] * 3 + ent.aliases) if ent.aliases and rng.random() < 0.3 else ent.name
-            if noise > 0 and rng.random() < noise:
+            error_rate = noise if user_error is None else user_error
+            if error_rate > 0 and rng.random() < error_rate:
                 surface = partial_name(surface, slot, rng)
+            elif slip > 0 and rng.random() < slip and len(surface.split()) > 1:  # "solan mira"
+                first, *others = surface.split()
+                surface = " ".join([*others, first])
             for w in surface.split():
                 words.append(w)
                 span_ids.append(len(spans))
@@ -462,6 +480,87 @@ def corpus(n: int, seed: int = 0) -> Iterator[str]:
     """n unlabelled query texts (half clean, half with 10% ASR noise), for tokenizer / skip-gram training."""
     for i in range(n):
         yield " ".join(make_query("train", i, seed, noise=0.1 if i % 2 else 0.0).tokens)
+
+
+# ----------------------------------------------------------------------------- queries: the NEU benchmark
+
+BENCH_USER_ERROR = 0.15  # partial names, at every noise rate (0 included): what users say, not what ASR hears
+BENCH_SLIP = 0.1  # word-order slips of multi-word names ("solan mira")
+BENCH_SPLIT_WORDS = 0.25  # test-only ASR noise: words heard as two, at this share of the noise rate
+
+
+def heldout_entity(entity_id: str) -> bool:
+    """A fixed tenth of the catalogue (by a hash of the id) that no benchmark train or dev query mentions."""
+    return int(hashlib.md5(f"heldout:{entity_id}".encode()).hexdigest()[:8], 16) % 10 == 0
+
+
+@functools.lru_cache(maxsize=8)
+def _bench_by_type(seed: int, test: bool) -> dict[str, tuple[list[Entity], list[float]]]:
+    """type -> (entities, cumulative weights) of the benchmark's sampling prior: popularity^2 times a fixed
+    log-normal factor per entity (sigma 0.5), so the catalogue's popularity (a reranker feature) is an
+    informative but imperfect prior, not the one queries are drawn from. Held-out entities: test only, with
+    their weight tripled there so that their slice of the test set is large enough to measure."""
+    out = {}
+    for t in ENTITY_TYPES:
+        ents = [e for e in _catalog(seed) if e.type == t and (test or not heldout_entity(e.id))]
+        weights = [e.popularity**2 * math.exp(random.Random(f"prior:{e.id}").gauss(0.0, 0.5))
+                   * (3.0 if heldout_entity(e.id) else 1.0) for e in ents]  # a larger held-out test slice
+        out[t] = (ents, list(itertools.accumulate(weights)))
+    return out
+
+
+def split_words(words: list[str], span_ids: list[int], rate: float, rng: random.Random):
+    """Test-only ASR noise: a word of 5+ letters heard as two ("mumbai" -> "mum bai"), both in its span."""
+    out_w, out_s = [], []
+    for w, s in zip(words, span_ids, strict=True):
+        if len(w) >= 5 and rate > 0 and rng.random() < rate:
+            cut = rng.randint(2, len(w) - 2)
+            out_w += [w[:cut], w[cut:]]
+            out_s += [s, s]
+        else:
+            out_w.append(w)
+            out_s.append(s)
+    return out_w, out_s
+
+
+def benchmark_query(split: str, index: int, seed: int = 0, noise: float = 0.0) -> Query:
+    """Query `index` of the NEU benchmark, harder and fairer than make_query:
+    - user errors (partial names, word-order slips) at every noise rate, 0 included;
+    - sampled with a prior that is not the popularity feature (_bench_by_type);
+    - the clean query comes from one RNG stream and the ASR noise from another, so (split, index, seed) is
+      the same clean query at every noise rate;
+    - test only: the held-out carrier template of each intent, held-out entities (heldout_entity) and one
+      noise type training never sees (split_words)."""
+    if split not in SPLITS or not 0.0 <= noise <= 1.0:
+        raise ValueError(f"split must be one of {SPLITS} and noise in [0, 1], got {split!r}, {noise}")
+    test = split == "test"
+    for attempt in range(1000):  # rejection: keep the first filled template whose text hashes into `split`
+        rng = random.Random(f"voice-bench:{seed}:{split}:{index}:{attempt}")
+        domain, intent, words, span_ids, spans = _fill(rng, seed, 0.0, _bench_by_type(seed, test), test,
+                                                       BENCH_USER_ERROR, BENCH_SLIP)
+        if split_of(" ".join(words)) == split:
+            break
+    noise_rng = random.Random(f"voice-bench-noise:{seed}:{split}:{index}")
+    heard, heard_ids = asr_noise(words, span_ids, noise, noise_rng)
+    if test:
+        heard, heard_ids = split_words(heard, heard_ids, noise * BENCH_SPLIT_WORDS, noise_rng)
+    tags, mentions = _tags_and_mentions(heard, heard_ids, spans)
+    return Query(heard, tags, domain, intent, mentions, list(words))
+
+
+def benchmark_sets(seed: int, n_train: int, n_rerank: int, n_test: int, train_noises, test_noises) -> dict:
+    """neu.py's data: train (n_train split evenly over train_noises, each rate on its own queries), rerank
+    (dev split, same mixture), "noise=<rate>" test sets (the same n_test clean queries at every rate), the
+    catalogue and the ids of its held-out entities."""
+    def mixed(split, n, offset):
+        per = max(1, n // len(train_noises))
+        return [benchmark_query(split, offset + j * per + i, seed, rate)
+                for j, rate in enumerate(train_noises) for i in range(per)]
+    catalog = load_catalog(seed)
+    return {"train": mixed("train", n_train, 0), "rerank": mixed("dev", n_rerank, 0), "catalog": catalog,
+            "heldout": {e.id for e in catalog if heldout_entity(e.id)},
+            **{f"noise={rate}": [benchmark_query("test", i, seed, rate) for i in range(n_test)]
+               for rate in test_noises}}
 
 
 # ----------------------------------------------------------------------------- JointBERT folder format
@@ -543,6 +642,27 @@ def read_jointbert(folder: str | Path) -> list[Query]:
         intent = lines["label"][i].strip() if "label" in lines else ""
         queries.append(Query(tokens, tags, "", intent, mentions, list(tokens)))
     return queries
+
+
+def read_jointbert_root(root: str | Path, catalog: str | Path | None = None) -> dict:
+    """neu.py's user data, all read and checked before a script writes anything: the train / dev / test
+    queries of a JointBERT root (dev falls back to the first 300 of train) and, with `catalog`, its entities
+    (read_catalog_jsonl), which must share a type with the training tags or no span could ever be linked."""
+    root = Path(root)
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise InputError(f"{root}: expected JointBERT folders {root}/train and {root}/test")
+    sets = {split: read_jointbert(root / split) for split in SPLITS if (root / split).is_dir()}
+    for split, queries in sets.items():
+        if not queries:
+            raise InputError(f"{root / split}/seq.in: no utterances")
+    sets.setdefault("dev", sets["train"][:300])
+    sets["catalog"] = read_catalog_jsonl(catalog) if catalog else None
+    ner_types = {t[2:] for q in sets["train"] for t in q.tags if t != "O"}
+    cat_types = {e.type for e in sets["catalog"] or []}
+    if catalog and not ner_types & cat_types:
+        raise InputError(f"{catalog}: catalogue types {sorted(cat_types)} share none with the entity types "
+                         f"{sorted(ner_types)} of {root}/train/seq.out")
+    return sets
 
 
 def main() -> None:

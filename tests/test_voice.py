@@ -1,8 +1,10 @@
 """data/voice.py: determinism, disjoint splits, BIO / mention consistency, catalogues, JointBERT I/O."""
 
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data import voice
@@ -132,3 +134,56 @@ def test_reads_snips_when_present():
     assert len(qs) == 700 and qs[0].domain == "" and qs[0].intent
     assert all(m.entity_id is None for q in qs for m in q.entities)
     assert sum(len(q.entities) for q in qs) > 700
+
+
+def test_benchmark_same_clean_queries_at_every_noise_rate():
+    """benchmark_query fills from one RNG stream and corrupts from another: the clean query (words, intent,
+    entities) is the same at every noise rate, and noise changes only what is heard."""
+    for split in voice.SPLITS:
+        for i in range(60):
+            clean = voice.benchmark_query(split, i, seed=1, noise=0.0)
+            assert clean.tokens == clean.clean_tokens
+            for rate in (0.2, 0.4):
+                noisy = voice.benchmark_query(split, i, seed=1, noise=rate)
+                assert noisy.clean_tokens == clean.clean_tokens and noisy.intent == clean.intent
+                assert [m.entity_id for m in noisy.entities] == [m.entity_id for m in clean.entities]
+    heard = [voice.benchmark_query("test", i, noise=0.4) for i in range(100)]
+    assert sum(q.tokens != q.clean_tokens for q in heard) > 50
+
+
+def only_the_heldout_template_fits(intent: str, text: str) -> bool:
+    """Whether `text` can only have come from the held-out (last) carrier template of its intent."""
+    templates = next(d[intent] for d in voice.TEMPLATES.values() if intent in d)
+    fits = [re.fullmatch(re.sub(r"\\\{\w+\\\}", "(.+)", re.escape(t)), text) is not None for t in templates]
+    return fits[-1] and not any(fits[:-1])
+
+
+def test_benchmark_is_harder_and_holds_out_what_test_only_sees():
+    catalog = {e.id: e for e in voice.load_catalog()}
+    train = [voice.benchmark_query("train", i) for i in range(600)]
+    test = [voice.benchmark_query("test", i, noise=0.4) for i in range(600)]
+    clean_test = [voice.benchmark_query("test", i) for i in range(600)]
+    mentions = [(m, q) for q in clean_test for m in q.entities]
+    said = [m.surface in [catalog[m.entity_id].name, *catalog[m.entity_id].aliases] for m, _ in mentions]
+    assert 0.05 < 1 - sum(said) / len(said) < 0.4  # user errors at noise 0: not all are dictionary hits
+    heldout = {i for i in catalog if voice.heldout_entity(i)}
+    assert 0.05 < len(heldout) / len(catalog) < 0.15
+    assert not any(m.entity_id in heldout for q in train for m in q.entities)
+    assert sum(any(m.entity_id in heldout for m in q.entities) for q in clean_test) > 20
+    only_heldout = lambda q: only_the_heldout_template_fits(q.intent, " ".join(q.clean_tokens))
+    assert not any(only_heldout(q) for q in train) and sum(only_heldout(q) for q in clean_test) > 20
+    # the test-only noise: words heard as two pieces, never in a training set at the same rate
+    pieces = lambda qs: sum(len(q.tokens) > len(q.clean_tokens) for q in qs)
+    noisy_train = [voice.benchmark_query("train", i, noise=0.4) for i in range(600)]
+    assert pieces(test) > 20 and pieces(noisy_train) == 0
+
+
+def test_benchmark_prior_is_not_the_popularity_feature():
+    """Queries are drawn with popularity^2 times a fixed per-entity log-normal factor: the popularity a
+    reranker sees is informative (rank correlation well above 0) but is not the sampling prior (below 1)."""
+    ranks = lambda x: np.argsort(np.argsort(x))
+    for etype in ("artist", "song", "contact", "country"):
+        ents, cum = voice._bench_by_type(0, False)[etype]
+        weights = np.diff([0.0, *cum])
+        rho = np.corrcoef(ranks(weights), ranks([e.popularity for e in ents]))[0, 1]
+        assert 0.6 < rho < 0.97, (etype, rho)
