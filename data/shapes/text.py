@@ -523,10 +523,13 @@ _SHAPE_WORDS = {plural(s, 2): s for s in SHAPES} | {s: s for s in SHAPES}
 
 
 def object_mentions(text: str) -> list[tuple[str | None, str]]:
-    """(colour or None, shape) for every shape word in free text: "two red stars" -> [("red", "star")]."""
-    words = re.findall(r"[a-z]+|[^\sa-z]", text.lower())  # punctuation stays a token: "red | star" is no red star
+    """(colour or None, shape) for every shape word in free text: "two red stars" -> [("red", "star")].
+    A glyph description ("a pattern of 9 white squares") names the badge's cells, not objects."""
+    # punctuation stays a token ("red | star" is no red star); "a pattern of 9 white squares" is a glyph
+    words = re.findall(r"[a-z]+|[0-9]+|[^\sa-z0-9]", text.lower())
+    glyph = lambda i: "pattern" in words[max(0, i - 4): i] and "." not in words[max(0, i - 4): i]
     return [(words[i - 1] if i and words[i - 1] in COLORS else None, _SHAPE_WORDS[w])
-            for i, w in enumerate(words) if w in _SHAPE_WORDS]
+            for i, w in enumerate(words) if w in _SHAPE_WORDS and not glyph(i)]
 
 
 def hallucinations(text: str, scene: Scene) -> list[tuple[str | None, str]]:
