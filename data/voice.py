@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jellyfish
+
 from data import InputError
 from data.jsonl import iter_jsonl
 
@@ -332,10 +334,41 @@ SOUND_RULES = [("ph", "f"), ("ck", "k"), ("c", "k"), ("ee", "ea"), ("ou", "ow"),
                ("i", "e"), ("a", "e"), ("o", "u")]
 
 
-def sound_alike(word: str, rng: random.Random) -> str:
-    """A phonetically close corruption of one word (a listed confusion or one sound-alike rewrite)."""
-    if word in CONFUSIONS and rng.random() < 0.8:
-        return rng.choice(CONFUSIONS[word])
+NONWORD_RATE = 0.0  # share of ASR errors that yield a non-word (a spelling rewrite, or two words merged)
+
+
+@functools.lru_cache(maxsize=1)
+def recogniser_words() -> dict[str, list[str]]:
+    """The recogniser's vocabulary by metaphone key: template words, number words and every word of the
+    catalogue's names and aliases (catalogue seed 0). A recogniser outputs words of its vocabulary."""
+    words = {w for intents in TEMPLATES.values() for ts in intents.values() for t in ts for w in t.split()}
+    words |= {w for x in NUMBER_WORDS + DURATIONS for w in x.split()}
+    words |= {w for e in _catalog(0) for name in [e.name, *e.aliases] for w in name.split()}
+    words |= {w for ws in CONFUSIONS.values() for w in ws}
+    by_key = {}
+    for w in sorted(w for w in words if "{" not in w):
+        by_key.setdefault(jellyfish.metaphone(w), []).append(w)
+    return by_key
+
+
+@functools.cache
+def phonetic_neighbours(word: str) -> tuple[str, ...]:
+    """Real words an ASR confuses with `word`: the listed confusions, then the recogniser's words with the
+    same metaphone key (or, when none has it, a key one edit away), at most 5, nearest spelling first."""
+    by_key, key = recogniser_words(), jellyfish.metaphone(word)
+    near = [w for w in by_key.get(key, []) if w != word]
+    if not near:
+        near = [w for k, ws in by_key.items() if jellyfish.levenshtein_distance(k, key) == 1 for w in ws]
+    near.sort(key=lambda w: (jellyfish.levenshtein_distance(w, word), w))
+    return tuple(dict.fromkeys([*CONFUSIONS.get(word, []), *(w for w in near[:5] if w != word)]))
+
+
+def sound_alike(word: str, rng: random.Random, nonword: float = NONWORD_RATE) -> str:
+    """A phonetically close substitute of one word: a real word (a phonetic neighbour; the word itself when
+    it has none) or, with probability `nonword`, a non-word from one sound-alike spelling rewrite."""
+    if rng.random() >= nonword:
+        near = phonetic_neighbours(word)
+        return rng.choice(near) if near else word
     rules = [(a, b) for a, b in SOUND_RULES if a in word]
     if not rules:
         return word + "s" if len(word) > 2 else word
@@ -345,12 +378,14 @@ def sound_alike(word: str, rng: random.Random) -> str:
     return word[:i] + b + word[i + len(a):]
 
 
-def asr_noise(words: list[str], span_ids: list[int], noise: float, rng: random.Random) -> tuple[list[str], list[int]]:
+def asr_noise(words: list[str], span_ids: list[int], noise: float, rng: random.Random,
+              nonword: float = NONWORD_RATE) -> tuple[list[str], list[int]]:
     """Corrupt a word sequence like an ASR would, at `noise` operations per word.
 
     Each word is, with probability `noise`, substituted by a sound-alike (60%), dropped (20%) or merged
-    with the next word (20%). span_ids[i] is the mention a word belongs to (-1 for none); a mention
-    keeps at least one word and merges stay inside one span, so BIO tags can be rebuilt afterwards.
+    with the next word (20%; a merge makes a non-word, so it happens at the `nonword` rate and is a
+    substitution otherwise). span_ids[i] is the mention a word belongs to (-1 for none); a mention keeps
+    at least one word and merges stay inside one span, so BIO tags can be rebuilt afterwards.
     """
     out_w, out_s = [], []
     i = 0
@@ -358,8 +393,8 @@ def asr_noise(words: list[str], span_ids: list[int], noise: float, rng: random.R
         w, s = words[i], span_ids[i]
         if noise > 0 and rng.random() < noise:
             r = rng.random()
-            if r < 0.6:
-                w = sound_alike(w, rng)
+            if r < 0.6 or (r >= 0.8 and rng.random() >= nonword):
+                w = sound_alike(w, rng, nonword)
             elif r < 0.8:
                 # drop, unless it is the last word of a mention (or of the whole query)
                 others = (len(out_w) + len(words) - i - 1) if s == -1 else (out_s.count(s) + span_ids[i + 1:].count(s))

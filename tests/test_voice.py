@@ -187,3 +187,26 @@ def test_benchmark_prior_is_not_the_popularity_feature():
         weights = np.diff([0.0, *cum])
         rho = np.corrcoef(ranks(weights), ranks([e.popularity for e in ents]))[0, 1]
         assert 0.6 < rho < 0.97, (etype, rho)
+
+
+def test_asr_noise_substitutes_real_confusable_words():
+    """The recogniser outputs words of its vocabulary: phonetic neighbours (same metaphone key), no
+    non-words unless the non-word knob asks for them."""
+    import random
+
+    import jellyfish
+
+    vocab = {w for ws in voice.recogniser_words().values() for w in ws}
+    assert "whether" in voice.phonetic_neighbours("weather")  # a listed confusion and the same key
+    for word in ("alarm", "paris", "john", "minutes"):
+        near = voice.phonetic_neighbours(word)
+        assert near and set(near) <= vocab and word not in near
+        key = jellyfish.metaphone(word)  # they sound alike: the same metaphone key or one edit away
+        assert max(jellyfish.levenshtein_distance(jellyfish.metaphone(w), key) for w in near) <= 1
+    rng = random.Random(0)
+    clean = [voice.make_query("train", i).tokens for i in range(300)]
+    heard = [w for ws in clean for w in voice.asr_noise(ws, [-1] * len(ws), 0.3, rng)[0]]
+    assert len(heard) > 1000 and all(w in vocab for w in heard)  # default: no non-words at all
+    rng = random.Random(0)
+    noisy = [w for ws in clean for w in voice.asr_noise(ws, [-1] * len(ws), 0.3, rng, nonword=0.5)[0]]
+    assert 0.02 < sum(w not in vocab for w in noisy) / len(noisy) < 0.2  # the knob makes some
