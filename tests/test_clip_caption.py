@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 import clip_caption as cc
 from data import InputError, shapes
+from data.shapes.text import fused_names
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,6 +159,25 @@ def test_object_mentions_skip_glyph_descriptions():
     assert not shapes.hallucinations(text, scene)
     mentions = shapes.object_mentions("A black square and a pattern. Red star")
     assert mentions == [("black", "square"), ("red", "star")]
+
+
+def test_afc_fuses_only_the_names_the_alttext_emitted():
+    badge = lambda emblem, x: shapes.Obj("hexagon", "black", "medium", (x, 0, x + 200, 200), emblem=emblem)
+    scene = shapes.Scene(1000, 1000, "white", [badge(5, 0), badge(9, 500)])
+    name = shapes.EMBLEMS
+    fused = lambda alt: sorted(fused_names(scene, alt).values())
+    assert fused(f"IMG_1.jpg | {name[9].lower()} emblem | {name[5]} sticker") == sorted([name[5], name[9]])
+    assert fused(f"{name[5]} sticker | Buy now") == [name[5]]  # the AltText dropped badge 9's name
+    assert fused(f"the {name[7]} logo") == [name[7]]  # a misaligned AltText misleads the fusion
+    assert fused("Royalty free") == []
+    unsupported = 0
+    for i in range(300):  # the built-in web split: AFC names nothing its AltText did not
+        web = shapes.make_scene("web", i)
+        alt, afc = shapes.caption(web, "alttext", seed=i).lower(), shapes.caption(web, "afc", seed=i)
+        named = [n for n in name if re.search(rf"\b{n}\b", afc)]
+        unsupported += any(n.lower() not in alt for n in named)
+        assert set(named) == set(fused_names(web, alt).values())
+    assert unsupported == 0
 
 
 # ----------------------------------------------------------------------------- config and bad input

@@ -1,7 +1,8 @@
 """Text of a scene, read off its graph: captions in five formats, VQA, POPE, grounding and referring.
 
 Everything here is TRUE to the scene graph (it is the gold), and a pure function of (scene, seed).
-Human-style formats (SSC / DSC / DSC+) describe emblems only visually; AltText and AFC name them.
+Human-style formats (SSC / DSC / DSC+) describe emblems only visually; AltText names them, and AFC fuses
+the names its AltText actually emitted (so a dropped or misaligned name carries through, see fused_names).
 """
 
 from __future__ import annotations
@@ -137,10 +138,26 @@ def reference(obj: Obj, scene: Scene) -> str | None:
     return None
 
 
-def describe_emblem(obj: Obj, names: bool) -> str:
-    """An emblem badge: visually for human-style text, by name (plus looks) when `names`."""
+def describe_emblem(obj: Obj, names: dict | None) -> str:
+    """An emblem badge: by the name `names` gives it (id(obj) -> name, AFC) plus its looks, else visually."""
     looks = f"{obj.size + ' ' if obj.size else ''}{obj.color} {obj.shape} badge with {a(glyph_color(obj.color))} glyph"
-    return f"the {EMBLEMS[obj.emblem]} emblem, {a(looks)}," if names else a(looks)
+    name = (names or {}).get(id(obj))
+    return f"the {name} emblem, {a(looks)}," if name else a(looks)
+
+
+def fused_names(scene: Scene, alt: str) -> dict:
+    """AltText fusion: id(badge) -> the name AFC gives it, from the emblem names the AltText actually emitted.
+    A badge whose own name was emitted gets it; names of emblems the scene lacks (a misaligned AltText) go
+    to the remaining badges in order, as a fusion captioner that trusts its AltText would; other badges get
+    no name (the AltText dropped it)."""
+    found = [(m.start(), e) for e, name in enumerate(EMBLEMS)
+             if (m := re.search(rf"\b{name}\b", alt, re.IGNORECASE))]
+    said = [e for _, e in sorted(found)]  # in the order the AltText names them
+    badges = [o for o in scene.objects if o.emblem is not None]
+    out = {id(o): EMBLEMS[o.emblem] for o in badges if o.emblem in said}
+    strays = [e for e in said if e not in {o.emblem for o in badges}]
+    out.update({id(o): EMBLEMS[e] for o, e in zip([o for o in badges if id(o) not in out], strays)})
+    return out
 
 
 def _relation(p: Obj, q: Obj) -> str | None:
@@ -174,14 +191,14 @@ def _cap(s: str) -> str:
 
 
 # ----------------------------------------------------------------------------- natural scenes
-def _natural_sentences(scene: Scene, rng, dense: bool, names: bool) -> list[str]:
+def _natural_sentences(scene: Scene, rng, dense: bool, names: dict | None) -> list[str]:
     objs = sorted(shapes_of(scene), key=lambda o: -area(o.box))
     bg = f"{scene.texture} {scene.background}" if dense and scene.texture != "plain" else scene.background
     n = len(objs)
     what = ("one shape" if n == 1 else count_phrase(n, "shape")) if n else "no shapes"
     out = [rng.choice([f"The image shows {what} on a {bg} background.", f"{_cap(what)} on a {bg} background."])]
     # AFC: the AltText's facts (named emblems) come first, so the 77-token budget never drops them
-    for o in sorted(objs, key=lambda o: o.emblem is None) if names else objs:
+    for o in sorted(objs, key=lambda o: id(o) not in names) if names else objs:
         where = at_position(position(o, scene))
         if o.emblem is not None:
             thing = describe_emblem(o, names)
@@ -237,7 +254,7 @@ def _natural_ssc(scene: Scene, rng) -> str:
 
 
 # ----------------------------------------------------------------------------- text-rich scenes
-def _figure(scene: Scene, names: bool) -> list[str]:
+def _figure(scene: Scene, names: dict | None) -> list[str]:
     objs = shapes_of(scene)
     if not objs:
         return []
@@ -246,7 +263,7 @@ def _figure(scene: Scene, names: bool) -> list[str]:
     return [f"A figure shows {', '.join(things[:-1]) + ' and ' if len(things) > 1 else ''}{things[-1]}."]
 
 
-def _document_sentences(scene: Scene, dense: bool, names: bool) -> list[str]:
+def _document_sentences(scene: Scene, dense: bool, names: dict | None) -> list[str]:
     m = scene.meta
     out = [f'A document page titled "{m["title"]}" with {count_phrase(len(m["lines"]), "line")} of text.']
     out += _figure(scene, names)
@@ -308,7 +325,7 @@ def _ssc_text_rich(scene: Scene) -> str:
     return f"A {m['screen']} settings screen of a phone app."
 
 
-def _sentences(scene: Scene, rng, dense: bool, names: bool) -> list[str]:
+def _sentences(scene: Scene, rng, dense: bool, names: dict | None) -> list[str]:
     if scene.kind == "natural":
         return _natural_sentences(scene, rng, dense, names)
     if scene.kind == "document":
@@ -384,7 +401,7 @@ def caption(scene: Scene, fmt: str, seed: int = 0, misalign: float = 0.1) -> str
     rng = rng_for("caption", scene.uid, fmt, seed)
     if fmt == "ssc":
         return _natural_ssc(scene, rng) if scene.kind == "natural" else _ssc_text_rich(scene)
-    names = fmt == "afc"
+    names = fused_names(scene, alttext(scene, seed, misalign)) if fmt == "afc" else None
     sentences = _sentences(scene, rng, dense=fmt == "dsc+", names=names)
     if fmt == "dsc+":
         return " ".join(sentences)
