@@ -1,19 +1,65 @@
-"""Benchmark tables for kernels/ (a script, not a test).
+"""Benchmark tables for kernels/ (a script, not a test). Needs a CUDA GPU.
 
-    python kernels/bench.py attention     # TFLOP/s fwd / bwd / fwd+bwd vs torch SDPA and a naive version
-    python kernels/bench.py moe           # tokens/s vs a per-expert loop and a dense SwiGLU
+    python kernels/bench.py all --quick   # the one-call check (< 8 min on an H100 / H200, compile included)
+    python kernels/bench.py attention     # full sweep: n=512,...,16384 d=64,128 causal=both naive_max_n=4096
+    python kernels/bench.py moe           # full sweep: tokens=4096,16384 experts=8,64 top_k=2 d_model d_ff
 
-Needs a CUDA GPU for meaningful numbers.
+`all --quick` prints the torch / triton / GPU versions; checks correctness first, on the GPU, only for
+the variants it then times (exit status 1 on a failed check); prints the attention table (bf16, D = 128,
+N = 2048 and 8192, causal: TFLOP/s of fwd, bwd and fwd+bwd next to SDPA's flash backend), the memory
+per token, the MoE table (T = 16384, E = 8 and 64, top-2: Triton vs the per-expert loop vs a dense
+SwiGLU of the same active FLOPs, with peak memory), checks that MoE routing and dispatch run under
+torch.cuda.set_sync_debug_mode("error") (no host sync), and ends with the goal line
+(attention fwd >= 1.0x SDPA, fwd+bwd >= 0.8x; MoE >= 3x the loop at E = 64 and >= 0.6x dense).
+Options are key=value (the `--` prefix is optional); `all` takes the options of both benches.
 """
+import importlib
 import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a script run from anywhere
+
+ATTENTION_OPTIONS = dict(n="512,1024,2048,4096,8192,16384", d="64,128", causal="both", naive_max_n="4096")
+MOE_OPTIONS = dict(tokens="4096,16384", experts="8,64", top_k="2", d_model="1024", d_ff="2816")
+QUICK = dict(n="2048,8192", d="128", causal="true", naive_max_n="0", tokens="16384", experts="8,64")
+BENCHES = ("all", "attention", "moe")
+DEVICE, DTYPE = torch.device("cuda"), torch.bfloat16
+DTYPE_NAME = str(DTYPE).removeprefix("torch.")
+ATTENTION_TOKENS, ATTENTION_WIDTH = 16384, 2048  # tokens per step (batch = tokens // N), heads * D
 
 
-def time_ms(fn, warmup=5, iters=20):
+def parse_args(argv):
+    """argv (without the program name) -> (bench name, options dict of strings). SystemExit on bad input."""
+    usage = f"usage: python kernels/bench.py {{{'|'.join(BENCHES)}}} [--quick] [key=value ...]"
+    if not argv or argv[0] not in BENCHES:
+        raise SystemExit(usage)
+    bench, quick = argv[0], "--quick" in argv[1:]
+    known = {"attention": ATTENTION_OPTIONS, "moe": MOE_OPTIONS, "all": {**ATTENTION_OPTIONS,
+                                                                         **MOE_OPTIONS}}[bench]
+    opts = {**known, **({k: v for k, v in QUICK.items() if k in known} if quick else {})}
+    for arg in argv[1:]:
+        if arg == "--quick":
+            continue
+        key, sep, value = arg.lstrip("-").partition("=")
+        if key not in known or not sep:
+            raise SystemExit(f"bench {bench}: unknown option {arg!r} (known: --quick, "
+                             f"{', '.join(k + '=' for k in known)})\n{usage}")
+        opts[key] = value
+    if opts.get("causal", "both") not in ("both", "true", "false"):
+        raise SystemExit(f"bench {bench}: causal={opts['causal']!r}: expected both, true or false")
+    for key in ("n", "d", "naive_max_n", "tokens", "experts", "top_k", "d_model", "d_ff"):
+        if key in opts and not all(v.strip().isdigit() for v in opts[key].split(",")):
+            raise SystemExit(f"bench {bench}: {key}={opts[key]!r}: expected comma-separated whole numbers")
+    return bench, opts
+
+
+def ints(text):
+    return [int(v) for v in text.split(",")]
+
+
+def time_ms(fn, warmup=3, iters=10):
     """Median milliseconds of fn() on the current CUDA device (CUDA events, after warmup)."""
     for _ in range(warmup):
         fn()
@@ -29,71 +75,103 @@ def time_ms(fn, warmup=5, iters=20):
     return sorted(times)[len(times) // 2]
 
 
-def bench_attention(argv):
-    """Flash attention: TFLOP/s of fwd, bwd and fwd+bwd for the Triton kernels, torch SDPA (flash backend)
-    and a naive bf16 version that materialises the scores, at 16k tokens per step (batch = 16384 // N,
-    heads = 2048 // D, like FlashAttention-2's benchmark); then peak memory of fwd+bwd at batch 1.
-    Options (key=value): n=512,1024,2048,4096,8192,16384 d=64,128 causal=both|true|false
-    naive_max_n=4096 (the naive version is skipped above it: O(N^2) memory). First checks the Triton path
-    against the fp32 reference on the GPU."""
-    import importlib
+def peak_mib(fn, *args):
+    """Peak CUDA memory (MiB) that fn(*args) allocates above what is allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(*args)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
+
+def max_error(got, exact):
+    return (got.float() - exact.float()).abs().max().item()
+
+
+class Report:
+    """Correctness failures (exit status) and goal results (the last line)."""
+
+    def __init__(self):
+        self.failures, self.goals = [], []
+
+    def check(self, ok, label):
+        if not ok:
+            self.failures.append(label)
+        return "" if ok else "  <-- FAILED"
+
+    def goal(self, label, ratio, target):
+        self.goals.append((label, ratio, target))
+
+    def finish(self):
+        parts = [f"{label} {'-' if r is None else f'{r:.2f}x'} (goal {t}x) "
+                 f"{'met' if r and r >= t else 'MISSED'}"
+                 for label, r, t in self.goals]
+        met = sum(1 for _, r, t in self.goals if r and r >= t)
+        print(f"\nGOALS {met}/{len(self.goals)} met: " + "; ".join(parts))
+        if self.failures:
+            print(f"FAILED CHECKS ({len(self.failures)}): " + "; ".join(self.failures))
+            raise SystemExit(1)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def bench_attention(opts, report):
+    """Flash attention: correctness of each timed variant, TFLOP/s of fwd, bwd and fwd+bwd for the Triton
+    kernels, SDPA's flash backend and (N <= naive_max_n) a naive bf16 version that materialises the scores,
+    at 16k tokens per step (batch = 16384 // N, heads = 2048 // D, like FlashAttention-2's benchmark);
+    then the peak memory of one causal fwd+bwd at batch 1."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from kernels import attention, attention_reference
 
-    opts = dict(n="512,1024,2048,4096,8192,16384", d="64,128", causal="both", naive_max_n="4096")
-    for arg in argv:
-        key, _, value = arg.lstrip("-").partition("=")
-        if key not in opts:
-            raise SystemExit(f"bench attention: unknown option {key!r} (known: {', '.join(opts)})")
-        opts[key] = value
-    if opts["causal"] not in ("both", "true", "false"):
-        raise SystemExit(f"bench attention: causal={opts['causal']!r}: expected both, true or false")
-    seq_lens, head_dims = [[int(v) for v in opts[k].split(",")] for k in ("n", "d")]
+    seq_lens, head_dims, naive_max_n = ints(opts["n"]), ints(opts["d"]), int(opts["naive_max_n"])
     causal_modes = {"both": [False, True], "true": [True], "false": [False]}[opts["causal"]]
-    naive_max_n = int(opts["naive_max_n"])
     os.environ["KERNELS"] = "triton"  # `attention` runs the kernels (the default on CUDA, made explicit)
-    device = torch.device("cuda")
+    device, tokens, width = DEVICE, ATTENTION_TOKENS, ATTENTION_WIDTH
 
     def sdpa_flash(q, k, v, causal):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-    providers = {
-        "triton": lambda q, k, v, causal: attention(q, k, v, causal=causal),
-        "sdpa": sdpa_flash,
-        "naive": lambda q, k, v, causal: attention_reference(q, k, v, causal=causal, upcast=False),
-    }
+    providers = {"triton": lambda q, k, v, causal: attention(q, k, v, causal=causal), "sdpa": sdpa_flash,
+                 "naive": lambda q, k, v, causal: attention_reference(q, k, v, causal=causal, upcast=False)}
 
-    def make(batch, heads, n, d, dtype=torch.bfloat16, kv_heads=None):
+    def make(batch, heads, n, d, dtype=DTYPE):
         gen = torch.Generator(device=device).manual_seed(0)
-        rand = lambda h: torch.randn(batch, h, n, d, generator=gen, device=device, dtype=dtype).requires_grad_()
-        q, k, v = rand(heads), rand(kv_heads or heads), rand(kv_heads or heads)
-        return q, k, v, torch.randn(batch, heads, n, d, generator=gen, device=device, dtype=dtype)
+        rand = lambda: torch.randn(batch, heads, n, d, generator=gen, device=device, dtype=dtype)
+        q, k, v = (rand().requires_grad_() for _ in "qkv")
+        return q, k, v, rand()
 
-    # correctness on the GPU first: flash-attn's rule, |Triton - fp32| <= 2 |same-dtype naive - fp32| + atol
-    print("check: max |error| vs the fp32 reference, Triton and same-dtype naive (odd N, GQA, padded keys)")
-    for dtype, n, d, causal, kv_heads, lengths in [(torch.bfloat16, 1000, 128, True, 2, None),
-                                                   (torch.bfloat16, 777, 64, False, 8, [777, 300]),
-                                                   (torch.float16, 333, 40, True, 4, [200, 0]),
-                                                   (torch.float32, 257, 64, False, 8, None)]:
-        q, k, v, grad_out = make(2, 8, n, d, dtype, kv_heads)
-        kw = dict(causal=causal, key_lengths=None if lengths is None else torch.tensor(lengths, device=device))
-        results = {}
-        for name, fn, extra in [("exact", attention_reference, {}), ("triton", attention, {}),
-                                ("naive", attention_reference, {"upcast": False})]:
-            out = fn(q, k, v, **kw, **extra)
-            results[name] = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
-        atol = 2e-2  # for fp32 the same-dtype error is ~0 and the kernels' matmuls run as TF32: atol decides
-        line = []
-        for i, name in enumerate(["out", "dq", "dk", "dv"]):
-            err_tri, err_naive = [(results[p][i].float() - results["exact"][i].float()).abs().max().item()
-                                  for p in ("triton", "naive")]
-            flag = "" if err_tri <= 2 * err_naive + atol else " <-- TOO LARGE"
-            line.append(f"{name} {err_tri:.1e} ({err_naive:.1e}){flag}")
-        print(f"  {str(dtype)[6:]:8s} N{n} D{d} causal={causal} Hq/Hkv=8/{kv_heads} lengths={lengths}: " + ", ".join(line))
+    # correctness first, on the variants timed below: one untimed fwd+bwd at the timed shape autotunes the
+    # tiles, then batch 1 x 2 heads (same tuning key, so the same tiles; small enough for the fp32
+    # reference) is checked with flash-attn's rule, |Triton - fp32| <= 2 |same-dtype naive - fp32| + atol
+    print("check: max |error| vs the fp32 reference, Triton (same-dtype naive); bound 2x naive + 2e-2")
+    for d in head_dims:
+        for causal in causal_modes:
+            for n in seq_lens:
+                q, k, v, grad_out = make(max(1, tokens // n), width // d, n, d)
+                torch.autograd.grad(attention(q, k, v, causal=causal), (q, k, v), grad_out)  # tunes the tiles
+                q, k, v, grad_out = make(1, 2, n, d)
+                results = {}
+                for name, fn, extra in [("exact", attention_reference, {}), ("triton", attention, {}),
+                                        ("naive", attention_reference, {"upcast": False})]:
+                    out = fn(q, k, v, causal=causal, **extra)
+                    results[name] = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+                line = []
+                for i, name in enumerate(["out", "dq", "dk", "dv"]):
+                    err, err_naive = (max_error(results[p][i], results["exact"][i]) for p in ("triton",
+                                                                                              "naive"))
+                    flag = report.check(err <= 2 * err_naive + 2e-2,
+                                        f"attention N{n} D{d} causal={causal} {name}")
+                    line.append(f"{name} {err:.1e} ({err_naive:.1e}){flag}")
+                print(f"  {DTYPE_NAME} N{n} D{d} causal={causal}: " + ", ".join(line), flush=True)
+                del q, k, v, grad_out, results
+                torch.cuda.empty_cache()
+
+    def forward_backward(fn, q, k, v, grad_out):
+        return torch.autograd.grad(fn(q, k, v, True), (q, k, v), grad_out)
 
     def timings(fn, q, k, v, grad_out, causal):
         """Milliseconds of (fwd under no_grad, bwd alone, fwd+bwd) of fn."""
@@ -104,11 +182,11 @@ def bench_attention(argv):
         both = time_ms(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), grad_out))
         return fwd, bwd, both
 
-    tokens, width = 16384, 2048
-    print(f"\nTFLOP/s, bf16, {tokens} tokens per step (batch = {tokens} // N), heads = {width} // D; "
+    print(f"\nTFLOP/s, {DTYPE_NAME}, {tokens} tokens per step (batch = {tokens} // N), heads = {width} // D; "
           "FLOPs: fwd 4*B*H*N^2*D (half if causal), bwd 2.5x fwd")
     print("| D | causal | N | pass | Triton | SDPA flash | naive | Triton speed / SDPA |")
     print("|---|---|---|---|---|---|---|---|")
+    ratios = {"fwd": [], "fwd+bwd": []}
     for d in head_dims:
         for causal in causal_modes:
             for n in seq_lens:
@@ -128,16 +206,23 @@ def bench_attention(argv):
                                                        ("fwd+bwd", 3.5 * fwd_flop)]):
                     tflops = {name: ("skipped" if name not in results else "OOM" if results[name] is None
                                      else f"{flop / results[name][i] / 1e9:.0f}") for name in providers}
-                    ratio = (f"{results['sdpa'][i] / results['triton'][i]:.2f}x"
-                             if results.get("sdpa") and results.get("triton") else "-")
+                    ratio = (results["sdpa"][i] / results["triton"][i]
+                             if results.get("sdpa") and results.get("triton") else None)
+                    if pass_name in ratios and causal and d == 128:
+                        ratios[pass_name].append(ratio)
                     print(f"| {d} | {causal} | {n} | {pass_name} | {tflops['triton']} | {tflops['sdpa']} | "
-                          f"{tflops['naive']} | {ratio} |", flush=True)
+                          f"{tflops['naive']} | {'-' if ratio is None else f'{ratio:.2f}x'} |", flush=True)
                 del q, k, v, grad_out
                 torch.cuda.empty_cache()
+    for pass_name, target in [("fwd", 1.0), ("fwd+bwd", 0.8)]:
+        found = [r for r in ratios[pass_name] if r is not None]
+        report.goal(f"attention {pass_name} / SDPA (worst, D=128 causal)", min(found) if found else None,
+                    target)
 
-    print(f"\npeak extra memory of one fwd+bwd (MiB above the inputs), bf16, batch 1, causal, heads = {width} // D")
-    print("| D | N | Triton | SDPA flash | naive | Triton KiB per token |")
-    print("|---|---|---|---|---|---|")
+    print(f"\npeak memory of one causal fwd+bwd above the inputs, {DTYPE_NAME}, batch 1, "
+          f"heads = {width} // D")
+    print("| D | N | Triton MiB | SDPA flash MiB | naive MiB | Triton KiB per token | SDPA KiB per token |")
+    print("|---|---|---|---|---|---|---|")
     for d in head_dims:
         for n in seq_lens:
             q, k, v, grad_out = make(1, width // d, n, d)
@@ -146,46 +231,37 @@ def bench_attention(argv):
                 if name == "naive" and n > naive_max_n:
                     peaks[name] = "skipped"
                     continue
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
                 try:
-                    torch.autograd.grad(fn(q, k, v, True), (q, k, v), grad_out)
-                    torch.cuda.synchronize()
-                    peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    peaks[name] = peak_mib(forward_backward, fn, q, k, v, grad_out)
                 except torch.cuda.OutOfMemoryError:
                     peaks[name] = "OOM"
                 torch.cuda.empty_cache()
             show = lambda x: x if isinstance(x, str) else f"{x:.1f}"
-            per_token = "-" if isinstance(peaks["triton"], str) else f"{peaks['triton'] * 1024 / n:.1f}"
+            kib_per_token = ["-" if isinstance(peaks[p],
+                                               str) else f"{peaks[p] * 1024 / n:.1f}" for p in ("triton",
+                                                                                                "sdpa")]
             print(f"| {d} | {n} | {show(peaks['triton'])} | {show(peaks['sdpa'])} | {show(peaks['naive'])} | "
-                  f"{per_token} |", flush=True)
+                  f"{kib_per_token[0]} | {kib_per_token[1]} |", flush=True)
             del q, k, v, grad_out
 
     attention_module = importlib.import_module("kernels.attention")
     for kernel in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
         print(f"last autotuned config of {kernel}: {getattr(attention_module, kernel).best_config}")
-    print(f"\n{torch.cuda.get_device_name()}; goal (H100, D=128, causal, N >= 2k): fwd >= 1.0x SDPA and "
-          ">= 450 TFLOP/s, fwd+bwd >= 0.8x SDPA; Triton memory per token flat in N (linear growth)")
 
 
-def bench_moe(argv):
-    """MoE SwiGLU FFN, bf16, top-k: Triton grouped GEMM vs the per-expert loop vs a dense SwiGLU of the
-    same active FLOPs (d_ff = k * F, no router). Options: tokens=4096,16384 experts=8,64 top_k=2
-    d_model=1024 d_ff=2816, as key=value. First checks the Triton path against an fp32 reference."""
+# ----------------------------------------------------------------------------- MoE
+
+def bench_moe(opts, report):
+    """MoE SwiGLU FFN, bf16, top-k: correctness of each timed size, then Triton vs the per-expert loop vs a
+    dense SwiGLU of the same active FLOPs (d_ff = k * F, no router): tokens/s, TFLOP/s and peak memory; and
+    the no-host-sync check of routing + dispatch + the Triton forward."""
     from kernels import moe
 
-    opts = dict(tokens="4096,16384", experts="8,64", top_k="2", d_model="1024", d_ff="2816")
-    for arg in argv:
-        key, _, value = arg.lstrip("-").partition("=")
-        if key not in opts:
-            raise SystemExit(f"bench moe: unknown option {key!r} (known: {', '.join(opts)})")
-        opts[key] = value
-    token_counts, expert_counts = [[int(v) for v in opts[k].split(",")] for k in ("tokens", "experts")]
+    token_counts, expert_counts = ints(opts["tokens"]), ints(opts["experts"])
     top_k, d_model, d_ff = int(opts["top_k"]), int(opts["d_model"]), int(opts["d_ff"])
-    device, dtype = torch.device("cuda"), torch.bfloat16
+    device, dtype = DEVICE, DTYPE
 
-    def make(num_tokens, num_experts, dtype=dtype):
+    def make(num_tokens, num_experts):
         gen = torch.Generator(device=device).manual_seed(0)
         rand = lambda *shape, scale: (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
         return [rand(num_tokens, d_model, scale=1.0), rand(num_experts, d_model, scale=d_model ** -0.5),
@@ -199,21 +275,51 @@ def bench_moe(argv):
         y.float().square().sum().backward()
         return [y.detach(), *(t.grad for t in leaves)]
 
-    # correctness on the GPU first: bf16 Triton and bf16 loop, both against the loop in fp32
-    inputs = make(2048, 8)
-    exact = forward_and_grads(moe.moe_ffn_reference, [t.float() for t in inputs])
-    print("check (T=2048, E=8, bf16): max |error| / max |exact|, Triton vs per-expert loop")
-    for name, e, tri, ref in zip(["y", "dx", "drouter", "dw1", "dw3", "dw2"], exact,
-                                 forward_and_grads(moe.moe_ffn_triton, inputs),
-                                 forward_and_grads(moe.moe_ffn_reference, inputs)):
-        scale = e.abs().max().item()
-        err_tri, err_ref = [(t.float() - e).abs().max().item() / scale for t in (tri, ref)]
-        print(f"  {name:8s} triton {err_tri:.2e}  loop {err_ref:.2e}{'' if err_tri <= 2 * err_ref + 1e-2 else '  <-- TOO LARGE'}")
-    runs = [forward_and_grads(moe.moe_ffn_triton, inputs) for _ in range(2)]
-    print("  bitwise identical across two runs (no atomics):", all(map(torch.equal, *runs)))
+    print(f"\ncheck ({DTYPE_NAME}, top-{top_k}): max |error| / max |exact| vs the fp32 loop, "
+          f"Triton ({DTYPE_NAME} loop); "
+          "bound 2x loop + 1e-2")
+    for num_experts in expert_counts:
+        for num_tokens in token_counts:
+            inputs = make(num_tokens, num_experts)
+            exact = forward_and_grads(moe.moe_ffn_reference, [t.float() for t in inputs])
+            line = []
+            for name, e, tri, ref in zip(["y", "dx", "drouter", "dw1", "dw3", "dw2"], exact,
+                                         forward_and_grads(moe.moe_ffn_triton, inputs),
+                                         forward_and_grads(moe.moe_ffn_reference, inputs)):
+                scale = e.abs().max().item()
+                err, err_ref = (max_error(t, e) / scale for t in (tri, ref))
+                flag = report.check(err <= 2 * err_ref + 1e-2, f"moe T{num_tokens} E{num_experts} {name}")
+                line.append(f"{name} {err:.1e} ({err_ref:.1e}){flag}")
+            runs = [forward_and_grads(moe.moe_ffn_triton, inputs) for _ in range(2)]
+            same = all(map(torch.equal, *runs))
+            flag = report.check(same, f"moe T{num_tokens} E{num_experts} repeat")
+            line.append(f"bitwise repeatable {same}{flag}")
+            print(f"  T{num_tokens} E{num_experts}: " + ", ".join(line), flush=True)
+            del inputs, exact, runs
+            torch.cuda.empty_cache()
+
+    # routing, dispatch plan and the whole Triton forward may not synchronise with the host (tuned above)
+    x, router, w1, w3, w2 = make(token_counts[-1], expert_counts[-1])
+    try:
+        with torch.no_grad():
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                gates, expert_idx, _ = moe.route(moe.router_logits(x, router), top_k)
+                moe.plan_dispatch(expert_idx, router.shape[0], moe.BLOCK_M)
+                moe.moe_ffn_triton(x, router, w1, w3, w2, top_k)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        sync_note = "none (ran under torch.cuda.set_sync_debug_mode('error'))"
+    except RuntimeError as error:
+        sync_note = f"FOUND: {str(error).splitlines()[0]}"
+        report.check(False, "moe routing host sync")
+    print(f"host syncs in MoE routing + dispatch + Triton forward: {sync_note}")
+    del x, router, w1, w3, w2
 
     def timings(fn, inputs):
-        """(forward ms under no_grad, forward + backward ms) of fn(*inputs)."""
+        """(forward ms under no_grad, forward + backward ms,
+        peak MiB of forward + backward) of fn(*inputs)."""
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
         grad_y = torch.randn_like(inputs[0])
 
@@ -224,39 +330,62 @@ def bench_moe(argv):
 
         with torch.no_grad():
             forward_ms = time_ms(lambda: fn(*leaves))
-        return forward_ms, time_ms(forward_backward)
+        return forward_ms, time_ms(forward_backward), peak_mib(forward_backward)
 
-    print(f"\nbf16, top-{top_k}, d_model {d_model}, d_ff {d_ff} per expert; dense = SwiGLU with d_ff {top_k * d_ff}")
-    print("| E | tokens | pass | Triton tok/s | loop tok/s | dense tok/s | Triton / loop | Triton / dense | Triton TFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n{DTYPE_NAME}, top-{top_k}, d_model {d_model}, d_ff {d_ff} per expert; dense = SwiGLU with "
+          f"d_ff {top_k * d_ff} "
+          "(same active FLOPs); peak = MiB above the inputs during fwd+bwd")
+    print("| E | tokens | pass | Triton tok/s | loop tok/s | dense tok/s | Triton / loop | Triton / dense "
+          "| Triton TFLOP/s | peak MiB Triton / loop / dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for num_experts in expert_counts:
         for num_tokens in token_counts:
             x, router, w1, w3, w2 = make(num_tokens, num_experts)
-            dense_w1, dense_w3 = (torch.randn(top_k * d_ff, d_model, device=device, dtype=dtype) for _ in "13")
-            dense_w2 = torch.randn(d_model, top_k * d_ff, device=device, dtype=dtype)
+            dense = [torch.randn(top_k * d_ff, d_model, device=device,
+                                 dtype=dtype) * d_model ** -0.5 for _ in "13"]
+            dense.append(torch.randn(d_model, top_k * d_ff, device=device,
+                                     dtype=dtype) * (top_k * d_ff) ** -0.5)
             results = {
                 "triton": timings(lambda *a: moe.moe_ffn_triton(*a, top_k), [x, router, w1, w3, w2]),
                 "loop": timings(lambda *a: moe.moe_ffn_reference(*a, top_k), [x, router, w1, w3, w2]),
-                "dense": timings(lambda *a: (moe.swiglu(*a),), [x, dense_w1, dense_w3, dense_w2]),
+                "dense": timings(lambda *a: (moe.swiglu(*a),), [x, *dense]),
             }
+            peaks = " / ".join(f"{results[k][2]:.0f}" for k in ("triton", "loop", "dense"))
             active_flop = 2 * 3 * num_tokens * top_k * d_model * d_ff  # forward; backward is 2x that
-            for pass_index, (pass_name, flop) in enumerate([("fwd", active_flop), ("fwd+bwd", 3 * active_flop)]):
+            for pass_index, (pass_name, flop) in enumerate([("fwd", active_flop), ("fwd+bwd",
+                                                                                   3 * active_flop)]):
                 tri, loop, dns = (results[k][pass_index] for k in ("triton", "loop", "dense"))
                 print(f"| {num_experts} | {num_tokens} | {pass_name} | {num_tokens / tri * 1e3:,.0f} | "
                       f"{num_tokens / loop * 1e3:,.0f} | {num_tokens / dns * 1e3:,.0f} | {loop / tri:.2f}x | "
-                      f"{dns / tri:.2f}x | {flop / tri / 1e9:.0f} |", flush=True)
-            del x, router, w1, w3, w2, dense_w1, dense_w3, dense_w2
+                      f"{dns / tri:.2f}x | {flop / tri / 1e9:.0f} | {peaks} |", flush=True)
+                largest = num_experts == max(expert_counts) and num_tokens == max(token_counts)
+                if pass_name == "fwd+bwd" and largest:
+                    report.goal(f"MoE fwd+bwd / loop (E={num_experts}, T={num_tokens})", loop / tri, 3.0)
+                    report.goal(f"MoE fwd+bwd / dense (E={num_experts}, T={num_tokens})", dns / tri, 0.6)
+            del x, router, w1, w3, w2, dense
             torch.cuda.empty_cache()
-    print(f"\n{torch.cuda.get_device_name()}; goal: Triton / loop >= 3x at E=64, Triton / dense >= 0.6x")
 
 
-def main():
-    benches = {"attention": bench_attention, "moe": bench_moe}
-    if len(sys.argv) < 2 or sys.argv[1] not in benches:
-        raise SystemExit(f"usage: python kernels/bench.py {{{'|'.join(benches)}}} [options]")
+def print_versions():
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
+          f"GPU {props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB, "
+          f"{props.multi_processor_count} SMs)", flush=True)
+
+
+def main(argv=None):
+    bench, opts = parse_args(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels/bench.py needs a CUDA GPU (the CPU interpreter is for correctness only)")
-    benches[sys.argv[1]](sys.argv[2:])
+    print_versions()
+    report = Report()
+    if bench in ("all", "attention"):
+        bench_attention(opts, report)
+    if bench in ("all", "moe"):
+        bench_moe(opts, report)
+    report.finish()
 
 
 if __name__ == "__main__":

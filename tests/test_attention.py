@@ -340,6 +340,20 @@ def test_bad_inputs_raise_one_line_reasons():
         attention(q[0], q[0], q[0])
 
 
+def test_bench_command_line_parses_without_a_gpu():
+    """`python kernels/bench.py all --quick` (the GPU check of results/kernels.md): the CPU side of it."""
+    bench = importlib.import_module("kernels.bench")
+    name, opts = bench.parse_args(["all", "--quick"])
+    assert name == "all"
+    assert (opts["n"], opts["d"], opts["causal"], opts["tokens"], opts["experts"], opts["top_k"]) == \
+        ("2048,8192", "128", "true", "16384", "8,64", "2")
+    assert bench.parse_args(["moe", "--experts=64"])[1]["experts"] == "64"
+    for bad in ([], ["everything"], ["all", "bogus=1"], ["attention", "tokens=5"], ["attention", "n=2k"],
+                ["attention", "causal=maybe"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+
+
 # ------------------------------------------------------------------- the CUDA path compiles (no GPU needed)
 
 def compile_kernels_for_hopper():
