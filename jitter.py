@@ -20,15 +20,14 @@ Commands:
   OMP_NUM_THREADS=1 python jitter.py                 # cpu preset (default without CUDA): the built-in table
   python jitter.py --preset=smoke                    # tiny end-to-end check (tests)
   python jitter.py --data=DIR                        # a JointBERT folder (SNIPS, ATIS): intent + slots
-  torchrun --standalone --nproc_per_node=8 jitter.py --preset=gpu   # ranks share out the (row, seed) jobs
+  torchrun --standalone --nproc_per_node=2 jitter.py  # ranks share out the (task, arch, seed) job groups
 
 Prints per task a table (every figure with its 95% bootstrap interval over test examples and seeds):
 | model | acc or slot F1 | seed jitter | update jitter, same seed | update jitter, new seed | (old / new
 examples) | (tagging: token rates) |, then findings (a difference is real only when intervals separate).
 Writes out_dir/config.json, log.jsonl, metrics.json, report.md, progress.json (--resume=True skips its
-finished jobs) and per row the seed-0 model of the last snapshot, models/<task>__<arch>__<input>__
-<strategy>.safetensors (save_checkpoint, no optimizer state: a job, one row x seed over all snapshots,
-takes seconds, so an interrupted job reruns with the same seeds and predictions).
+finished jobs; an interrupted job reruns, same seeds, same predictions) and each row's seed-0 last-snapshot
+model as models/<task>__<arch>__<input>__<strategy>.safetensors (save_checkpoint, no optimizer state).
 """
 
 from __future__ import annotations
@@ -946,7 +945,8 @@ def main(argv: list[str]) -> dict:
                                         cfg.ft_negatives, cfg.ft_buckets, cfg.seed, device)
     reused = {t.name: {(a, i) for a, i, s in rows_for(t, cfg) if s != "retrain"} for t in tasks}
     experiments = {t.name: Experiment(t, cfg, vectors, reused[t.name]) for t in tasks}
-    mine = todo[rank::world]
+    groups = list(dict.fromkeys((t.name, row[0], k) for t, row, k in todo))  # a group shares reused models
+    mine = [j for j in todo if groups.index((j[0].name, j[1][0], j[2])) % world == rank]
     for i, (task, (arch, inp, strat), k) in enumerate(mine):
         name = f"{task.name}/{arch}/{inp}/{strat}/{k}"
         t0, res = time.time(), experiments[task.name].run(arch, inp, strat, k, log, job=name)
