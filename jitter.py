@@ -701,6 +701,7 @@ class Experiment:
             for vk, vocab in (("train", self.vocab_train), ("all", self.vocab_all))
         }
         self.gold = [label if task.kind == "cls" else label[: cfg.max_len] for _, label in task.test]
+        self.oov = np.array([any(w not in train_words for w in toks) for toks, _ in task.test])  # (X,)
         self.n_chars = len(chars) + 2
         self.pretrained = torch.zeros(len(all_words) + 2, cfg.d_model)
         for w, i in self.vocab_all.items():
@@ -802,8 +803,7 @@ def per_example(ex: Experiment, pred: list) -> tuple[np.ndarray, np.ndarray]:
     gold + predicted spans)."""
     if ex.task.kind == "cls":
         return np.array([ex.task.labels[p] == g for p, g in zip(pred, ex.gold)], float), np.ones(len(pred))
-    gold = [bio_spans(g) for g in ex.gold]
-    hyp = [bio_spans([ex.task.labels[x] for x in p]) for p in pred]
+    gold, hyp = [bio_spans(g) for g in ex.gold], [bio_spans([ex.task.labels[x] for x in p]) for p in pred]
     return (np.array([2.0 * len(g & h) for g, h in zip(gold, hyp)]),
             np.array([len(g) + len(h) for g, h in zip(gold, hyp)], float))
 
@@ -843,14 +843,15 @@ def summarize(ex: Experiment, results: list[dict], seed_w: np.ndarray, example_w
     cross = [(a, b) for a in range(n) for b in range(n) if a != b]
     both = lambda ab: np.stack([seed_w[:, a] * seed_w[:, b] for a, b in ab], 1)  # (R, pairs): both drawn
     same_w, cross_w = np.repeat(seed_w, len(steps), 1), np.repeat(both(cross), len(steps), 1)
-    out = {"score": interval([per_example(ex, f) for f in final], seed_w, example_w),
-           "score_std": round(float(np.std([r["scores"][-1] for r in results])), 2)}
+    out = {"score": interval([per_example(ex, f) for f in final], seed_w, example_w)}
     for key, tokens in (("_tok", True), ("", False)) if tag else (("", False),):  # `same` ends per utterance
         seed_pairs = [differ(final[a], final[b], tokens) for a, b in pairs]
         out["seed_jitter" + key] = interval(seed_pairs, both(pairs), example_w)
         if len(steps):
             same = [differ(preds[k][t], preds[k][t + 1], tokens) for k in range(n) for t in steps]
             out["update_jitter" + key] = interval(same, same_w, example_w)
+    if ex.oov.any():  # test utterances with a word never seen in training
+        out["seed_jitter_oov"] = interval(seed_pairs, both(pairs), example_w, ex.oov)
     if len(steps):
         new_seed = [differ(preds[a][t], preds[b][t + 1]) for a, b in cross for t in steps]
         out["update_jitter_new_seed"] = interval(new_seed, cross_w, example_w)
@@ -861,10 +862,10 @@ def summarize(ex: Experiment, results: list[dict], seed_w: np.ndarray, example_w
     return out
 
 
-COLUMNS = {"score": "{score}", "seed_jitter": "seed jitter", "update_jitter": "update jitter, same seed",
-           "update_jitter_new_seed": "update jitter, new seed", "update_jitter_old": "upd. old examples",
-           "update_jitter_new": "upd. new examples", "seed_jitter_tok": "token seed jitter",
-           "update_jitter_tok": "token update jitter"}
+COLUMNS = {"score": "{score}", "seed_jitter": "seed jitter", "seed_jitter_oov": "seed jitter, unseen word",
+           "update_jitter": "update jitter, same seed", "update_jitter_new_seed": "update jitter, new seed",
+           "update_jitter_old": "upd. old examples", "update_jitter_new": "upd. new examples",
+           "seed_jitter_tok": "token seed jitter", "update_jitter_tok": "token update jitter"}
 
 
 def format_table(task: Task, table: dict) -> str:
@@ -882,19 +883,18 @@ def format_table(task: Task, table: dict) -> str:
 
 
 def findings(task: Task, table: dict) -> list[str]:
-    """Each strategy and input row against its retrain / random counterpart: a difference is called real
-    only when the two 95% intervals do not overlap."""
+    """Each strategy / input row against the retrain row of its arch (random input for input rows): a
+    difference is called real only when the two 95% intervals do not overlap."""
     lines = []
     for row, m in table.items():
-        arch, inp, strat = row.split("/")
-        base = next((r for r in table if r != row and r.split("/")[0] == arch and r.endswith("/retrain")
-                     and (strat != "retrain" or r.split("/")[1] == "random")), None)
-        if base is None or (strat == "retrain" and inp == "random"):
-            continue
-        for key in ("score", "seed_jitter", "update_jitter"):
-            (a, a_lo, a_hi), (b, b_lo, b_hi) = m[key], table[base][key]
-            verdict = ("real" if a_hi < b_lo or b_hi < a_lo else "not separated") + f" ({a - b:+.1f})"
-            lines.append(f"| {task.name} | {row} vs {base} | {key} | {a:.1f} vs {b:.1f} | {verdict} |")
+        arch, _, strat = row.split("/")
+        base = next((r for r in table if r.startswith(arch + "/") and r.endswith("/retrain") and r != row
+                     and (strat != "retrain" or "/random/" in r)), None)
+        for key in [k for k in ("score", "seed_jitter", "update_jitter", "update_jitter_new_seed") if k in m]:
+            if base is not None:
+                (a, a_lo, a_hi), (b, b_lo, b_hi) = m[key], table[base][key]
+                verdict = ("real" if a_hi < b_lo or b_hi < a_lo else "not separated") + f" ({a - b:+.1f})"
+                lines.append(f"| {task.name} | {row} vs {base} | {key} | {a:.1f} vs {b:.1f} | {verdict} |")
     return lines
 
 
@@ -980,8 +980,8 @@ def main(argv: list[str]) -> dict:
         found_text = ("| task | rows | metric | values | difference |\n| --- | --- | --- | --- | --- |\n"
                       + "\n".join(found)) if found else "(no strategy or input rows)"
         print(text + "\n\nFindings (real = the 95% intervals do not overlap):\n" + found_text)
-        print(f"{len(jobs)} jobs ({len(todo)} run now, {len(jobs) - len(todo)} resumed) in {seconds} s "
-              f"on {device}")
+        print(f"{len(jobs)} jobs ({len(todo)} run now, {len(jobs) - len(todo)} resumed) in {seconds} s on "
+              f"{device}, {time.process_time():.0f} CPU s in rank 0 (about the wall time on an idle core)")
         report = (f"# jitter.py report ({cfg.preset} preset{', data ' + cfg.data if cfg.data else ''})\n\n"
                   f"Rows are arch/input/strategy; {cfg.n_seeds} seeds, snapshots of "
                   f"{experiments[tasks[0].name].snapshot_sizes} training rows ({cfg.updates} updates). Seed "
