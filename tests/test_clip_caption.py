@@ -225,7 +225,7 @@ def smoke_run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same float sums, so the same tiny model, on every machine
     try:
-        cc.main(["--preset=smoke", f"--out_dir={out}"])
+        cc.main(["--preset=smoke", f"--out_dir={out}", "--export=True"])
     finally:
         torch.set_num_threads(threads)
     return out
@@ -253,6 +253,18 @@ def test_smoke_preset_end_to_end(smoke_run):
     assert cap[-1] < cap[0] - 1.0  # the captioner learns
     table = (smoke_run / "report.md").read_text()
     assert "| alt |" in table and "| dsc+ (blind) |" in table and "| untrained CLIP |" in table
+
+
+def test_export_reads_back(smoke_run):
+    rows = shapes.read_image_text(smoke_run / "export" / "captions.csv", caption_key="ssc")
+    assert len(rows) == 32 and all(Path(r["filepath"]).is_file() for r in rows)
+    cfg = cc.parse_config(["--preset=smoke"])
+    web = cc.render_split("web", 0, 32, cfg)
+    assert [r["caption"] for r in rows] == web.captions["ssc"]
+    assert [r["alttext"] for r in rows] == web.alttexts
+    assert [r["afc"] for r in rows] == web.captions["afc"]  # --synthetic=gold: the gold captions
+    image = np.asarray(shapes.load_image(rows[3]["filepath"]))
+    assert np.array_equal(image, web.images[3].permute(1, 2, 0).numpy())  # PNG: lossless
 
 
 def test_control_token_changes_the_format(smoke_run):
