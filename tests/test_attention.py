@@ -356,39 +356,41 @@ def test_bench_command_line_parses_without_a_gpu():
 
 # ------------------------------------------------------------------- the CUDA path compiles (no GPU needed)
 
+POINTER_TYPES = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", DO="*bf16", DQ="*bf16", DK="*bf16",
+                     DV="*bf16", LSE="*fp32", Delta="*fp32", KeyLen="*i32", DocStart="*i32", DocEnd="*i32",
+                     KeyMask="*i8")
+
+
 def compile_kernels_for_hopper():
-    """Compile the four kernels for sm_90 with bf16 pointers, every mask on, at D = 128 with the largest
-    tiles of the GPU config lists; in a subprocess without TRITON_INTERPRET (the interpreter patches
-    triton.language in-process). Catches what the interpreter accepts but the compiler does not."""
+    """Compile the four kernels for sm_90 with bf16 pointers, every mask on and every mask off (the
+    benchmarked path), at D = 128 with the largest tiles of the GPU config lists; in a subprocess without
+    TRITON_INTERPRET (the interpreter patches triton.language in-process). Catches what the interpreter
+    accepts but the compiler does not."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    pointer_types = dict(LSE="*fp32", Delta="*fp32", KeyLen="*i32", DocStart="*i32", DocEnd="*i32",
-                         KeyMask="*i8")
-    constants = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_LENGTHS=True, HAS_DOCS=True,
-                     HAS_KEY_MASK=True)
-    for kernel, tiles in [(attention_module._attn_fwd, dict(BLOCK_M=128, BLOCK_N=64)),
-                          (attention_module._attn_bwd_dkdv, dict(BLOCK_M=32, BLOCK_N=128)),
-                          (attention_module._attn_bwd_dq, dict(BLOCK_M=128, BLOCK_N=64)),
-                          (attention_module._attn_bwd_preprocess, dict(BLOCK_M=128))]:
+    launches = [(attention_module._attn_bwd_preprocess, dict(BLOCK_M=128), False)]
+    for masks in (True, False):
+        launches += [(attention_module._attn_fwd, dict(BLOCK_M=128, BLOCK_N=64), masks),
+                     (attention_module._attn_bwd_dkdv, dict(BLOCK_M=32, BLOCK_N=128), masks),
+                     (attention_module._attn_bwd_dq, dict(BLOCK_M=128, BLOCK_N=64), masks)]
+    for kernel, tiles, masks in launches:
+        constants = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=masks, HAS_LENGTHS=masks, HAS_DOCS=masks,
+                         HAS_KEY_MASK=masks, **tiles)
         jit_fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
         signature, values, attrs = {}, {}, {}
         for i, name in enumerate(jit_fn.arg_names):
-            if name in constants or name in tiles:
-                signature[name], values[name] = "constexpr", {**constants, **tiles}[name]
-            elif name in ("qk_scale", "sm_scale"):
-                signature[name] = "fp32"
-            elif name[0].isupper() and not name.isupper() or name in ("Q", "K", "V", "O", "DO", "DQ", "DK",
-                                                                      "DV", "LSE"):
-                signature[name] = pointer_types.get(name, "*bf16")
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            else:
-                signature[name] = "i32"
-        compiled = triton.compile(ASTSource(jit_fn, signature, values, attrs), target=GPUTarget("cuda", 90,
-                                                                                                32),
+            if name in constants:
+                signature[name], values[name] = "constexpr", constants[name]
+            elif name in POINTER_TYPES:
+                signature[name], attrs[(i,)] = POINTER_TYPES[name], [["tt.divisibility", 16]]
+            else:  # strides, lengths, head counts; the two softmax scales are floats
+                signature[name] = "fp32" if name.endswith("scale") else "i32"
+        source = ASTSource(jit_fn, signature, values, attrs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=8, num_stages=3))
-        print(jit_fn.__name__, "shared bytes", compiled.metadata.shared,
+        print(jit_fn.__name__, f"masks={masks}", "shared bytes", compiled.metadata.shared,
               "wgmma" if "wgmma" in compiled.asm["ptx"] else "")
 
 
@@ -412,4 +414,4 @@ def compile_in_subprocess(module):
 @needs_triton
 def test_kernels_compile_for_hopper_gpu():
     stdout = compile_in_subprocess("tests.test_attention")
-    assert stdout.count("wgmma") == 3, stdout  # the three matmul kernels use tensor cores
+    assert stdout.count("wgmma") == 6, stdout  # the three matmul kernels use tensor cores, masks on and off
