@@ -18,9 +18,9 @@ synchronises with the host (counts by scatter_add_, not bincount, which reads mi
   3. combine_kernel: y[t] = sum_j gate[t, j] * out[position of (t, j)]; one program owns each output
      row, so the sum over k needs no atomics and is deterministic.
   Backward: swiglu_backward_kernel (it stops at the end of the last expert's segment: the padded tail
-  past it is never written nor read), dX with the same grouped GEMM against w^T (then the combine over
-  k), dW with a grouped X^T dY per expert (grouped_weight_grad_kernel, one launch for w1 and w3),
-  d(gates) from the combine; torch.autograd glues them.
+  past it is never written nor read), dX with the same grouped GEMM against w^T (dh1 w1 + dh3 w3 in
+  one launch, then the combine over k), dW with a grouped X^T dY per expert (grouped_weight_grad_kernel,
+  one launch for w1 and w3), d(gates) from the combine; torch.autograd glues them.
 Offsets into the weights and the sorted rows are int64 (E * F * C passes 2^31 at MoE-LLM sizes). GEMM
 tiles are autotuned per (N, K, power-of-two bucket of the row count) (kernels/_common.py).
 Dispatch: Triton on CUDA tensors of fp16 / bf16 / fp32, the per-expert loop elsewhere (fp64 on CUDA
@@ -185,8 +185,10 @@ def _prune_gemm(configs, named_args, **kwargs):
     return _common.prune_configs(configs, {**named_args, **kwargs}["ROWS_BUCKET"])
 
 
-GEMM_TUNING = dict(configs=gemm_configs(), key=["N", "K", "ROWS_BUCKET", "GATED"],
-                   prune_configs_by={"early_config_prune": _prune_gemm})
+def gemm_tuning(*flags):
+    """Autotune arguments of a grouped GEMM kernel: tuned per (N, K, row-count bucket, flags)."""
+    return dict(configs=gemm_configs(), key=["N", "K", "ROWS_BUCKET", *flags],
+                prune_configs_by={"early_config_prune": _prune_gemm})
 
 
 @triton.jit
@@ -199,20 +201,22 @@ def _gathered_rows(sorted_pair_ptr, offs_m, num_pairs, TOP_K: tl.constexpr, GATH
     return pair < num_pairs, offs_m
 
 
-@triton.autotune(**GEMM_TUNING)
+@triton.autotune(**gemm_tuning("GATED", "SUM_W3"))
 @triton.jit
 def grouped_matmul_kernel(
     a_ptr, w_ptr, w3_ptr, out_ptr, act_ptr, sorted_pair_ptr, block_expert_ptr,
     N, K, num_pairs, num_experts, ROWS_BUCKET,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, stride_actm,
-    TOP_K: tl.constexpr, GATHER: tl.constexpr, GATED: tl.constexpr,
+    TOP_K: tl.constexpr, GATHER: tl.constexpr, GATED: tl.constexpr, SUM_W3: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[p, :] = a[row(p), :] @ w[e].T for the BLOCK_M sorted rows p of this program, all of expert e.
 
     row(p) = token of pair p if GATHER (no permuted copy of x is ever written), else p. Padding rows load
-    zeros and store zeros. GATED: w3 (same strides as w) is multiplied too, from the same a tiles;
-    out[p] = [h1 | h3] (2N columns, kept for the backward) and act[p] = silu(h1) * h3 (N columns).
+    zeros and store zeros. w3 has the same strides as w and is used in one of two ways:
+    GATED (up projection): w3 is multiplied by the same a tiles; out[p] = [h1 | h3] (2N columns, kept for
+      the backward) and act[p] = silu(h1) * h3 (N columns).
+    SUM_W3 (its backward, dX = dh1 w1 + dh3 w3): a[p] = [dh1 | dh3] (2K columns), both products summed.
     """
     num_n_tiles = tl.cdiv(N, BLOCK_N)  # N tiles vary fastest: they reuse this block's gathered rows from L2,
     pid_m = tl.program_id(0) // num_n_tiles  # and an expert's blocks run close together, sharing its w tiles
@@ -234,6 +238,9 @@ def grouped_matmul_kernel(
         acc = tl.dot(a, tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0), acc)  # fp32 accumulation
         if GATED:
             acc3 = tl.dot(a, tl.load(w3_ptr + w_offsets, mask=w_mask, other=0.0), acc3)
+        if SUM_W3:
+            a3 = tl.load(a_ptrs + K * stride_ak, mask=is_real[:, None] & (offs_k[None, :] < K - k), other=0.0)
+            acc = tl.dot(a3, tl.load(w3_ptr + w_offsets, mask=w_mask, other=0.0), acc)
         a_ptrs += BLOCK_K * stride_ak
         w_offsets += BLOCK_K * stride_wk
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -249,21 +256,20 @@ def grouped_matmul_kernel(
                  mask=n_ok)
 
 
-@triton.autotune(**GEMM_TUNING)
+@triton.autotune(**gemm_tuning())
 @triton.jit
 def grouped_weight_grad_kernel(
     grad_out_ptr, a_ptr, grad_w_ptr, sorted_pair_ptr, segment_offsets_ptr,
     N, K, num_pairs, ROWS_BUCKET,
     stride_gm, stride_gn, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
-    TOP_K: tl.constexpr, GATHER: tl.constexpr, GATED: tl.constexpr,
+    TOP_K: tl.constexpr, GATHER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_w[e] (N, K) = sum over the sorted rows p of expert e of grad_out[p, :]^T a[row(p), :].
 
     One program per (expert, N tile, K tile) walks that expert's whole segment: every grad_w tile has
     a single owner and a fixed summation order (no atomics, bitwise reproducible). An expert that got
-    no token walks nothing and stores zeros. 1-D grid (no 65535 limit on y / z). GATED is unused here
-    (it only keeps this kernel's tuning key apart for the up projection's 2F columns).
+    no token walks nothing and stores zeros. 1-D grid (no 65535 limit on y / z).
     """
     num_n_tiles, num_k_tiles = tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K)
     expert = (tl.program_id(0) // (num_n_tiles * num_k_tiles)).to(tl.int64)
@@ -353,26 +359,26 @@ def swiglu_backward_kernel(grad_ptr, h13_ptr, grad_h13_ptr, segment_offsets_ptr,
 # ----------------------------------------------------------------------------------------------
 # Launchers and autograd
 
-def grouped_matmul(a, w, plan, gather, w3=None):
+def grouped_matmul(a, w, plan, gather, w3=None, sum_w3=False):
     """(rows, K) x (E, N, K) -> (R, N) in the sorted order: out[p] = a[row(p)] @ w[expert(p)].T.
-    With w3: the gated up projection, returning h13 (R, 2N) = [h1 | h3] and act (R, N) = silu(h1) * h3."""
+    With w3: the gated up projection, returning h13 (R, 2N) = [h1 | h3] and act (R, N) = silu(h1) * h3;
+    with w3 and sum_w3: a is (rows, 2K) = [a1 | a3] and out[p] = a1 @ w[e].T + a3 @ w3[e].T."""
     num_experts, n, k = w.shape
-    gated = w3 is not None
-    if gated and w3.stride() != w.stride():  # the kernel walks both with one set of strides
+    gated = w3 is not None and not sum_w3
+    if w3 is not None and w3.stride() != w.stride():  # the kernel walks both with one set of strides
         w, w3 = w.contiguous(), w3.contiguous()
     out = a.new_empty(plan.sorted_pair.numel(), 2 * n if gated else n)
     act = a.new_empty(plan.sorted_pair.numel(), n) if gated else out
     grid = lambda meta: (plan.block_expert.numel() * triton.cdiv(n, meta["BLOCK_N"]),)
     grouped_matmul_kernel[grid](
-        a, w, w3 if gated else w, out, act, plan.sorted_pair, plan.block_expert, n, k, plan.num_pairs,
+        a, w, w if w3 is None else w3, out, act, plan.sorted_pair, plan.block_expert, n, k, plan.num_pairs,
         num_experts, _common.length_bucket(plan.num_pairs), *a.stride(), *w.stride(), *out.stride(),
-        act.stride(0), TOP_K=plan.top_k, GATHER=gather, GATED=gated, BLOCK_M=plan.block_m)
+        act.stride(0), TOP_K=plan.top_k, GATHER=gather, GATED=gated, SUM_W3=sum_w3, BLOCK_M=plan.block_m)
     return (out, act) if gated else out
 
 
-def grouped_weight_grad(grad_out, a, plan, gather, gated_up=False):
-    """(R, N) sorted grads x (rows, K) inputs -> (E, N, K): each expert's X^T dY over its own rows.
-    gated_up: grad_out is the [dh1 | dh3] of the gated up projection (only keeps the tuning key apart)."""
+def grouped_weight_grad(grad_out, a, plan, gather):
+    """(R, N) sorted grads x (rows, K) inputs -> (E, N, K): each expert's X^T dY over its own rows."""
     n, k = grad_out.shape[1], a.shape[1]
     grad_w = grad_out.new_empty(plan.num_experts, n, k)
     tiles = lambda meta: triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"])
@@ -380,7 +386,7 @@ def grouped_weight_grad(grad_out, a, plan, gather, gated_up=False):
     grouped_weight_grad_kernel[grid](
         grad_out, a, grad_w, plan.sorted_pair, plan.segment_offsets, n, k, plan.num_pairs,
         _common.length_bucket(plan.num_pairs), *grad_out.stride(), *a.stride(), *grad_w.stride(),
-        TOP_K=plan.top_k, GATHER=gather, GATED=gated_up, BLOCK_M=plan.block_m)
+        TOP_K=plan.top_k, GATHER=gather, BLOCK_M=plan.block_m)
     return grad_w
 
 
@@ -448,10 +454,10 @@ class GatedUpProjection(torch.autograd.Function):
         grad_h13 = torch.empty_like(h13)  # (R, 2F); the tail past the last segment stays unwritten
         swiglu_backward_kernel[(triton.cdiv(grad_act.numel(), ELEMENTWISE_BLOCK),)](
             grad_act, h13, grad_h13, plan.segment_offsets, plan.num_experts, d_ff, BLOCK=ELEMENTWISE_BLOCK)
-        grad_h1, grad_h3 = grad_h13[:, :d_ff], grad_h13[:, d_ff:]  # (R, F) views, row stride 2F
-        grad_sorted = grouped_matmul(grad_h1, w1.transpose(1, 2), plan, gather=False)  # (R, C)
-        grad_sorted += grouped_matmul(grad_h3, w3.transpose(1, 2), plan, gather=False)
-        grad_w13 = grouped_weight_grad(grad_h13, x, plan, gather=True, gated_up=True)  # (E, 2F, C)
+        # dX = dh1 w1 + dh3 w3 in one grouped GEMM over the [dh1 | dh3] rows
+        grad_sorted = grouped_matmul(grad_h13, w1.transpose(1, 2), plan, gather=False, w3=w3.transpose(1, 2),
+                                     sum_w3=True)  # (R, C)
+        grad_w13 = grouped_weight_grad(grad_h13, x, plan, gather=True)  # (E, 2F, C): w1 and w3 at once
         return input_grad(grad_sorted, plan, gather=True), grad_w13[:, :d_ff], grad_w13[:, d_ff:], None
 
 

@@ -195,7 +195,7 @@ def test_gemm_tuning_key_buckets_the_row_count(monkeypatch):
     """Nearby token counts share a GEMM tuning key (no re-tune per batch shape)."""
     launches = []
 
-    arg_names = moe.grouped_matmul_kernel.arg_names
+    arg_names, key_names = moe.grouped_matmul_kernel.arg_names, moe.grouped_matmul_kernel.keys
 
     class Recorder:  # stands in for the autotuned kernel: records the launch instead of running it
         def __getitem__(self, grid):
@@ -206,7 +206,8 @@ def test_gemm_tuning_key_buckets_the_row_count(monkeypatch):
         x, router, w1, w3, w2 = make_inputs(num_tokens, 32, 40, 4)
         plan = moe.plan_dispatch(moe.route(moe.router_logits(x, router), 2)[1], 4, moe.BLOCK_M)
         moe.grouped_matmul(x, w1, plan, gather=True, w3=w3)
-    keys = [tuple(launch[name] for name in moe.GEMM_TUNING["key"]) for launch in launches]
+    assert "ROWS_BUCKET" in key_names and "num_pairs" not in key_names
+    keys = [tuple(launch[name] for name in key_names) for launch in launches]
     assert keys[0] == keys[1] != keys[2]
 
 
@@ -240,8 +241,8 @@ def test_bf16_on_the_interpreter_is_a_clear_error(monkeypatch):
 def compile_kernels_for_hopper():
     """Compile the kernels for sm_90 with bf16 pointers, specialised as a launch at MM1-MoE size would be
     (ints equal to 1 become constants, multiples of 16 get divisibility hints), the up projection both
-    gated (w1 and w3 in one GEMM) and plain; in a subprocess without TRITON_INTERPRET, since the
-    interpreter patches triton.language in-process."""
+    gated (w1 and w3 in one GEMM), plain, and summing (its dX); in a subprocess without TRITON_INTERPRET,
+    since the interpreter patches triton.language in-process."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -257,9 +258,10 @@ def compile_kernels_for_hopper():
     fp32_ptrs = ("weight_ptr", "grad_weight_ptr")
     int_ptrs = ("sorted_pair_ptr", "block_expert_ptr", "segment_offsets_ptr", "pair_position_ptr")
     elementwise = dict(num_experts=num_experts, F_DIM=d_ff, BLOCK=moe.ELEMENTWISE_BLOCK)
-    for kernel, values in [(moe.grouped_matmul_kernel, dict(gemm, GATED=True)),
-                           (moe.grouped_matmul_kernel, dict(gemm, GATED=False)),
-                           (moe.grouped_weight_grad_kernel, dict(gemm, GATED=False)),
+    for kernel, values in [(moe.grouped_matmul_kernel, dict(gemm, GATED=True, SUM_W3=False)),
+                           (moe.grouped_matmul_kernel, dict(gemm, GATED=False, SUM_W3=False)),
+                           (moe.grouped_matmul_kernel, dict(gemm, GATED=False, SUM_W3=True)),
+                           (moe.grouped_weight_grad_kernel, gemm),
                            (moe.combine_kernel, combine), (moe.combine_backward_kernel, combine),
                            (moe.swiglu_backward_kernel, elementwise)]:
         jit_fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
@@ -285,7 +287,7 @@ def compile_kernels_for_hopper():
 @needs_triton
 def test_kernels_compile_for_hopper_gpu():
     stdout = compile_in_subprocess("tests.test_moe")
-    assert stdout.count("wgmma") == 3, stdout  # the grouped GEMMs (gated and plain) and the weight grad
+    assert stdout.count("wgmma") == 4, stdout  # the grouped GEMM (gated, plain, summing) and the weight grad
 
 
 # ---------------------------------------------------------------- entry point
