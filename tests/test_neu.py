@@ -170,7 +170,7 @@ def test_listwise_loss_equals_enumerated_softmax():
     F = len(neu.LINK_FEATURES)
     cands = lambda n: [(i, rng.random(F).astype(np.float32)) for i in range(n)]
     hyp = lambda n_spans, n_c: neu.Hypothesis([(i, i + 1, "city") for i in range(n_spans)],
-                                              rng.random(len(neu.HYP_FEATURES)).astype(np.float32),
+                                              rng.random(5).astype(np.float32),
                                               [cands(n_c) for _ in range(n_spans)], list(range(n_spans)))
     queries = [[hyp(2, 3), hyp(1, 2), hyp(0, 0)], [hyp(1, 1), hyp(2, 2)]]
     gold = [(1, [2]), (1, [0, 1])]
