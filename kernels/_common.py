@@ -85,7 +85,7 @@ def _more_than_one_rank():
 
 def prune_configs(configs, n_rows, decode_config=None):
     """The configs an autotuner may time for a launch over n_rows query rows (see the module docstring)."""
-    if decode_config is not None:
+    if decode_config is not None and len(configs) > 1:  # the interpreter's one-config list stays whole
         if n_rows <= DECODE_ROWS:
             return [decode_config]
         configs = [c for c in configs if c is not decode_config]

@@ -275,6 +275,9 @@ def test_autotune_keys_bucket_lengths_and_decode_takes_one_tile(monkeypatch):
     configs = ["big", "medium", "decode"]
     assert _common.prune_configs(configs, 5, decode_config="decode") == ["decode"]
     assert _common.prune_configs(configs, 17, decode_config="decode") == ["big", "medium"]
+    assert _common.prune_configs(["only"], 100, decode_config="only") == ["only"]
+    for n_q in (1, 16, 17, 100):  # the kernel's own prune hook, on this platform's list
+        assert attention_module._prune_fwd(attention_module.FWD_CONFIGS, {"N_Q": n_q})
     monkeypatch.setattr(_common, "_more_than_one_rank", lambda: True)
     assert _common.prune_configs(configs, 17, decode_config="decode") == ["big"]
 
