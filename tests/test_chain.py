@@ -1,0 +1,86 @@
+"""The checkpoint chain mm1 -> mm15 -> dpo_bdhs / mia_bench: a model rebuilt from nothing but a checkpoint's
+metadata (`arch`, tokenizer sha256, `<image>` id) reproduces mm1's logits. Each later script adds its own
+model class to BUILDERS (the copies of mm1's classes it holds)."""
+import importlib
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import mm1
+from data.tokenizer import get_tokenizer
+
+BUILDERS = {"mm1": "MM1"}  # script -> the class that builds the model from an arch dict
+
+
+@pytest.fixture(scope="module")
+def smoke_checkpoint(tmp_path_factory):
+    """A short smoke run of mm1.py (every stage, a few steps): its out_dir with model.safetensors."""
+    out = tmp_path_factory.mktemp("chain")
+    mm1.main(["--preset=smoke", f"--out_dir={out}", "--steps=6", "--stop_after=5", "--vit_pretrain_steps=3",
+              "--lm_pretrain_steps=3", "--connector_warmup_steps=3", "--log_every=3", "--eval_every=3"])
+    return out
+
+
+def read_checkpoint(out):
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    return load_file(str(out / "model.safetensors")), meta
+
+
+def probe_inputs(arch: dict):
+    """A prompt with two images, built from the metadata alone: `<image>` id x image tokens per image."""
+    slots = [arch["image_token_id"]] * arch["connector"]["image_tokens"]
+    ids = torch.tensor([[11, 12] + slots + [13, 14, 15] + slots + [16, 17]])
+    size = arch["image_size"]
+    images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return ids, images
+
+
+def mm1_logits(out, ids, images):
+    """mm1's own path: its Config from the checkpoint, the model built by mm1.py, weights loaded."""
+    weights, meta = read_checkpoint(out)
+    cfg = mm1.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(meta["config"]).items()})
+    enc = get_tokenizer()
+    model = mm1.MM1(mm1.arch_of(cfg, enc.n_vocab, enc.encode_single_token("<image>"))).eval()
+    model.load_state_dict(weights)
+    with torch.no_grad():
+        return model(ids, images)[0]
+
+
+def test_metadata_carries_the_contract(smoke_checkpoint):
+    _, meta = read_checkpoint(smoke_checkpoint)
+    arch = json.loads(meta["arch"])
+    enc = get_tokenizer()
+    assert meta["format_version"] == str(mm1.CKPT_FORMAT) and int(meta["step"]) == 5
+    assert meta["tokenizer_sha256"] == mm1.tokenizer_sha256()
+    assert int(meta["image_token_id"]) == arch["image_token_id"] == enc.encode_single_token("<image>")
+    assert arch["text"]["vocab_size"] == enc.n_vocab and arch["image_size"] == int(meta["image_size"])
+    for key in ("rms_norm_eps", "rope_theta", "hidden_act", "num_key_value_heads", "moe_every"):
+        assert key in arch["text"]
+    for key in ("hidden_act", "layer_norm_eps", "patch_size", "feature"):
+        assert key in arch["vision"]
+    assert {"type", "image_tokens", "depth"} <= set(arch["connector"]) and len(arch["pixel_std"]) == 3
+
+
+@pytest.mark.parametrize("script", sorted(BUILDERS))
+def test_model_rebuilt_from_metadata_reproduces_mm1_logits(smoke_checkpoint, script):
+    weights, meta = read_checkpoint(smoke_checkpoint)
+    arch = json.loads(meta["arch"])
+    ids, images = probe_inputs(arch)
+    want = mm1_logits(smoke_checkpoint, ids, images)
+    model = getattr(importlib.import_module(script), BUILDERS[script])(arch).eval()
+    model.load_state_dict(weights)  # strict: every tensor has its place
+    with torch.no_grad():
+        got = model(ids, images)[0]
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the metadata matters: a wrong constant in it gives other logits
+    wrong = json.loads(meta["arch"])
+    wrong["text"]["rms_norm_eps"] = 0.1
+    model = getattr(importlib.import_module(script), BUILDERS[script])(wrong).eval()
+    model.load_state_dict(weights)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids, images)[0], want, atol=1e-3)
