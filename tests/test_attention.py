@@ -70,6 +70,8 @@ TRITON_CASES = [
     (1, 2, 1, 130, 40, False, None, torch.float16),
     (1, 2, 2, 130, 64, True, None, torch.float32),
     (2, 1, 1, 130, 16, True, [130, 1], torch.float16),
+    (1, 16, 2, 20, 8, True, None, torch.float32),  # GQA 16:2, D = 8 (padded to 16)
+    (2, 2, 1, 37, 96, False, [5, 37], torch.float16),  # D = 96 (padded to 128)
 ]
 
 

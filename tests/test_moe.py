@@ -127,6 +127,8 @@ def test_dispatch_plan_sorts_pads_and_inverts():
     (13, 32, 40, 4, 2),   # 26 pairs: not a multiple of BLOCK_M; d_ff not a multiple of BLOCK_N
     (21, 48, 24, 8, 1),   # top-1; d_model not a multiple of BLOCK_K
     (24, 32, 32, 64, 2),  # E = 64: most experts get no token, some get one
+    (9, 16, 24, 4, 4),    # top_k = E: every token visits every expert
+    (1, 16, 24, 8, 2),    # T = 1
 ])
 def test_triton_matches_reference_fp32(num_tokens, d_model, d_ff, num_experts, top_k):
     aux = assert_close_to_reference(make_inputs(num_tokens, d_model, d_ff, num_experts), top_k)
