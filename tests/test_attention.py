@@ -216,18 +216,26 @@ def test_triton_hides_keys_when_every_visible_score_is_very_negative(monkeypatch
 
 @needs_triton
 def test_triton_reads_expanded_kv_and_keeps_the_callers_layout(monkeypatch):
-    """k / v broadcast over heads with expand() (stride 0) and q a (B, N, H, D) view: read in place;
-    the output comes back in q's memory layout, so the caller's transpose(1, 2).reshape is free."""
+    """k / v broadcast over heads with expand() (stride 0), q and dO (B, N, H, D) views: read in place
+    (no .contiguous() call at all); the output comes back in q's memory layout, so the caller's
+    transpose(1, 2).reshape is free."""
     monkeypatch.setenv("KERNELS", "triton")
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(2, 19, 4, 16, generator=gen).transpose(1, 2).requires_grad_()  # (B, H, N, D) view
     k_one = torch.randn(2, 1, 19, 16, generator=gen).requires_grad_()
     v_one = torch.randn(2, 1, 19, 16, generator=gen).requires_grad_()
     k, v = k_one.expand(2, 2, 19, 16), v_one.expand(2, 2, 19, 16)  # stride 0 over the 2 kv heads
-    grad_out = torch.randn(2, 4, 19, 16, generator=gen)
+    grad_out = torch.randn(2, 4, 19, 16, generator=gen).transpose(1, 2).contiguous().transpose(1, 2)
+    copies = []
+    contiguous = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **kw: copies.append(tuple(t.shape))
+                        or contiguous(t, *a, **kw))
     out = attention(q, k, v, causal=True)
     assert out.transpose(1, 2).is_contiguous()
     got = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+    monkeypatch.undo()
+    assert copies == [], f"copies of {copies}"  # q, k, v and dO are read through their strides
+    monkeypatch.setenv("KERNELS", "triton")
     assert_flash_rule(got, q, k, v, grad_out, "triton expand()", causal=True)
 
 
