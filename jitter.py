@@ -125,7 +125,7 @@ PRESETS = {
                   ensemble_size=2, n_train=240, n_test=40, d_model=24, epochs=12, batch_size=32, lr=0.03,
                   incremental_epochs=2, ft_sentences=300, ft_epochs=1, ft_buckets=2000, bootstrap=200),
     "cpu": dict(input_archs=("cnn", "gru", "transformer"), strategy_archs=("gru", "transformer"),
-                detail_tasks=("intent", "slots"), n_snapshots=2, n_train=600, n_test=400),
+                detail_tasks=("intent", "slots"), n_train=600, n_test=400),
     "gpu": dict(n_train=20000, n_test=2000, d_model=128, n_layers=2, n_heads=4, n_seeds=10, n_snapshots=5,
                 first_snapshot=0.6, epochs=8, incremental_epochs=3, batch_size=64, ft_sentences=100000,
                 ft_epochs=5, ft_buckets=200000),
