@@ -627,6 +627,10 @@ def _triton_attention(q, k, v, causal, scale, key_lengths, key_mask=None, doc_id
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"attention: the Triton kernels take head dims up to {MAX_HEAD_DIM}, "
                          f"got {q.shape[-1]}")
+    for name, t in (("q", q), ("k", k), ("v", v)):  # row offsets inside one (batch, head) are int32
+        if t.shape[2] * abs(t.stride(2)) >= 2**31:
+            raise ValueError(f"attention: {name} {tuple(t.shape)} with row stride {t.stride(2)} spans 2^31 "
+                             "elements within one head, past the kernels' int32 row offsets")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return FlashAttention.apply(q, k, v, causal, scale, key_lengths, key_mask, doc_ids)
 

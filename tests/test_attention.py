@@ -240,6 +240,15 @@ def test_triton_reads_expanded_kv_and_keeps_the_callers_layout(monkeypatch):
 
 
 @needs_triton
+def test_rows_past_int32_offsets_are_refused(monkeypatch):
+    monkeypatch.setenv("KERNELS", "triton")
+    q = torch.empty(1, 1, 4, 16, device="meta")  # shapes and strides only: nothing is allocated
+    wide = torch.empty_strided((1, 1, 4, 16), (0, 0, 2**29, 1), device="meta")  # rows 2^29 elements apart
+    with pytest.raises(ValueError, match="int32 row offsets"):
+        attention_module._triton_attention(q, wide, wide, causal=False, scale=None, key_lengths=None)
+
+
+@needs_triton
 def test_bf16_on_the_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("KERNELS", "triton")
     q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
