@@ -19,9 +19,11 @@ from data import InputError, shapes
 from data.metrics import cider_d, words
 
 
-def vqa_text(question: str, answer: str = "") -> str:
-    """VQA in one format for training and evaluation; an eval prompt ends at 'Answer:'."""
-    return f"Question: {question} Answer:" + (f" {answer}" if answer else "")
+def vqa_parts(question: str, image, answer: str = "") -> list:
+    """VQA in one format for training and evaluation: "Question: .. <image> Answer: ..", an eval prompt ends
+    at "Answer:". The question comes first so that an image at the start of a document always begins a
+    caption (the 0-shot captioning prompt is the image alone)."""
+    return [f"Question: {question}", image, " Answer:" + (f" {answer}" if answer else "")]
 
 
 class Pools:
@@ -44,7 +46,7 @@ class Pools:
             img = self.add_image(shapes.render(scene, size=self.size))
             group = [self.doc([img, shapes.caption(scene, f, seed=i)]) for f in cfg.caption_formats]
             for question, answer in shapes.vqa(scene, seed=i)[: cfg.vqa_per_scene]:
-                group.append(self.doc([img, vqa_text(question, answer)]))
+                group.append(self.doc(vqa_parts(question, img, answer)))
                 self.answers.setdefault(question, Counter())[answer] += 1
             self.captions.append(group)
         self.user_text_items = len(user_text)  # text-only items of a user's LLaVA file train as text
@@ -261,12 +263,13 @@ def evaluate(model, pools, cfg, device):
     for k in cfg.shots:
         demos = [[pools.shot_items[j] for j in np.random.default_rng([cfg.seed, i]).permutation(16)[:k]]
                  for i in range(len(items))]  # the 4 shots are the first 4 of the 8
-        captions = generate_texts(model, pools, cfg, [[p for d in ds for p in (d["image"], d["refs"][0], None)]
-                                                      + [item["image"]] for ds, item in zip(demos, items)],
-                                  cfg.max_new_tokens, device)
-        answers = generate_texts(model, pools, cfg, [[p for d in ds for p in (d["image"], vqa_text(*d["vqa"]), None)]
-                                                     + [item["image"], vqa_text(item["vqa"][0])]
-                                                     for ds, item in zip(demos, items)], 8, device)
+        caption_prompts, vqa_prompts = [], []  # parts: bank index = image, str = text, None = end of text
+        for ds, item in zip(demos, items):
+            caption_prompts.append([p for d in ds for p in (d["image"], d["refs"][0], None)] + [item["image"]])
+            shots = [p for d in ds for p in (*vqa_parts(d["vqa"][0], d["image"], d["vqa"][1]), None)]
+            vqa_prompts.append(shots + vqa_parts(item["vqa"][0], item["image"]))
+        captions = generate_texts(model, pools, cfg, caption_prompts, cfg.max_new_tokens, device)
+        answers = generate_texts(model, pools, cfg, vqa_prompts, 8, device)
         exact = [words(a) == words(item["vqa"][1]) for a, item in zip(answers, items)]
         metrics[f"caption_cider_{k}shot"] = round(100 * cider_d(captions, refs)[0], 2)  # x100 as papers print
         metrics[f"distinct_captions_{k}shot"] = len(set(captions))  # 1: the same caption for every image
