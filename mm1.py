@@ -11,7 +11,7 @@ stage 0b, the decoder on text alone; then a connector warm-up (ViT and decoder f
     python mm1.py                                   # cpu preset (default without CUDA): prints the table
     python mm1.py --preset=smoke                    # tiny, < 1 min (what the tests run)
     torchrun --standalone --nproc_per_node=8 mm1.py --preset=gpu
-    python mm1.py --preset=ablate --ablate=connector  # one grid: connector | mix | moe (3 seeds)
+    python mm1.py --preset=ablate --ablate=connector  # grid: connector|resolution|mix|captions|moe, 3 seeds
     python mm1.py --train_data=mix.json --image_folder=images/   # your LLaVA JSON / image-text CSV|JSONL
     python -m kernels.bench_decoder                 # our decoder's training step vs transformers' Llama
 
@@ -26,7 +26,6 @@ import ast
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import inspect
 import json
 import math
@@ -49,8 +48,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from data import InputError, shapes
-from data.tokenizer import RANKS_PATH, SPECIAL_TOKENS, get_tokenizer
-from data.vl_tasks import Pools, doc_attention, evaluate, get_batch, vision_probe
+from data.tokenizer import get_tokenizer
+from data.vl_tasks import Pools, doc_attention, evaluate, get_batch, tokenizer_sha256, vision_probe
 from kernels import attention, moe_ffn
 
 
@@ -62,7 +61,7 @@ class Config:
     seed: int = 0                   # weights, data order and held-out scenes
     device: str = "auto"            # auto | cpu | cuda | mps
     resume: bool = False            # continue from out_dir/model.safetensors + model.optimizer.safetensors
-    ablate: str = ""                # connector | mix | moe: train the ablation grid and print its table
+    ablate: str = ""                # connector | resolution | mix | captions | moe: run that ablation grid
     image_size: int = 64            # rendered image side (pixels)
     mix: str = "45:45:10"           # caption : interleaved : text-only share of training sequences
     caption_formats: tuple = ("ssc", "dsc")  # ShapesWorld caption styles in the caption stream
@@ -122,17 +121,21 @@ PRESETS = {
                   connector_warmup_steps=10, eval_every=15),
     "cpu": dict(),
     "ablate": dict(vit_width=96, vit_layers=3, n_layer=4, n_embd=128, n_head=4, n_kv_head=2, ffn_hidden=384,
-                   steps=80, warmup=8, n_caption_scenes=1200, n_documents=300, n_passages=1000,
-                   eval_scenes=20, n_eval_passages=20),
+                   seq_len=320, shots=(0, 4), n_caption_scenes=1200, n_documents=300, n_passages=1000,
+                   vit_pretrain_steps=200, lm_pretrain_steps=100, n_eval_passages=100),  # 8 shots: > 320 tok
     "gpu": dict(image_size=224, patch_size=14, vit_width=768, vit_layers=12, vit_heads=12, image_tokens=64,
                 n_layer=16, n_embd=1024, n_head=16, n_kv_head=4, ffn_hidden=2816, seq_len=1024, batch_size=64,
                 steps=5000, warmup=200, log_every=20, ckpt_every=500, n_caption_scenes=60000,
                 n_documents=10000, n_passages=40000, eval_scenes=200, n_eval_passages=200),
 }
-ABLATIONS = {  # name -> list of (row label, config overrides)
-    "connector": [(f"{c} | {k}", dict(connector=c, image_tokens=k))
+ABLATIONS = {  # name -> (row label, overrides); 36-token rows get a longer context: the same images per step
+    "connector": [(f"{c} | {k}", dict(connector=c, image_tokens=k, seq_len=320 if k == 16 else 480))
                   for c in ("avgpool", "attnpool", "cabstractor") for k in (16, 36)],
+    "resolution": [(f"{s} px", dict(image_size=s)) for s in (32, 64, 96)] + [("64 px, random ViT",
+                                                                              dict(vit_pretrain_steps=0))],
     "mix": [(m, dict(mix=m)) for m in ("100:0:0", "0:100:0", "45:45:10", "50:10:40")],
+    "captions": [(" + ".join(f), dict(caption_formats=f)) for f in (("alttext",), ("ssc",), ("dsc",),
+                                                                    ("alttext", "ssc"), ("alttext", "dsc"))],
     "moe": [("dense", dict(moe_every=0)), ("moe every 2, 8 experts", dict(moe_every=2, n_experts=8))],
 }
 RESUME_MAY_DIFFER = ("resume", "stop_after", "device", "out_dir", "log_every", "ckpt_every", "eval_scenes",
@@ -875,17 +878,12 @@ def train(cfg, pools, model, device, rank, world, log, stage="mm1", resume_state
                        total_params=count_params(model), images_per_step=n_images / max(end - start, 1))
     return summary
 
-def tokenizer_sha256() -> str:
-    """sha256 of the bundled BPE ranks file plus the special-token list: the ids a checkpoint expects."""
-    return hashlib.sha256(RANKS_PATH.read_bytes() + "\n".join(SPECIAL_TOKENS).encode()).hexdigest()
-
 def checkpoint_meta(cfg: Config, pools: Pools) -> dict:
     return {"arch": arch_of(cfg, pools.enc.n_vocab, pools.image_id), "tokenizer_sha256": tokenizer_sha256(),
             "image_token_id": pools.image_id, "image_size": cfg.image_size}
 
 # ----------------------------------------------------------------------------- eval
-# The protocol (k-shot captioning and VQA with batched generation, the vision probe, text perplexity seen /
-# unseen, blind baselines) is shared with the scripts after mm1: data/vl_tasks.py evaluate(), vision_probe().
+# The protocol (k-shot captioning, VQA, vision probe, perplexity, baselines): data/vl_tasks.py evaluate().
 
 def results_table(m, cfg):
     lines = ["| shots | caption CIDEr | distinct captions | main object named (%) | VQA exact match (%) "
@@ -959,15 +957,17 @@ def run_ablation(cfg: Config, device: str, rank: int, world: int):
         "distinct 0-shot captions": "distinct_captions_0shot", "text ppl (unseen)": "text_ppl_unseen",
         "image gain": "image_gain", "images / step": "images_per_step", "minutes": "minutes"}
     results = {label: [] for label, _ in ABLATIONS[cfg.ablate]}
+    pools = {}  # rows share data (and the stage-0 ViT) when seed, image size and caption formats agree
     for seed in cfg.ablation_seeds:
-        pools = Pools(dataclasses.replace(cfg, seed=seed), get_tokenizer())
         for label, overrides in ABLATIONS[cfg.ablate]:
             row = Path(cfg.out_dir) / f"ablate_{cfg.ablate}" / (re.sub(r"\W+", "_", label) + f"_seed{seed}")
             sub = dataclasses.replace(cfg, ablate="", seed=seed, out_dir=str(row), **overrides)
             check_config(sub)
+            key = (seed, sub.image_size, sub.caption_formats)
+            pools[key] = pools.get(key) or Pools(sub, get_tokenizer())
             t0 = time.time()
             minutes = (time.time() - t0) / 60
-            results[label].append({**run(sub, device, rank, world, pools), "minutes": minutes})
+            results[label].append({**run(sub, device, rank, world, pools[key]), "minutes": minutes})
             lines = [f"| {cfg.ablate} | {' | '.join(columns)} | verdict |", "|---" * (len(columns) + 2) + "|"]
             for name, runs in ((n, r) for n, r in results.items() if r):
                 cells = []

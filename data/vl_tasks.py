@@ -8,6 +8,7 @@ images in a shared uint8 image bank. Packing expands each marker to `image_token
 connector's outputs are written into, so one pre-rendered pool serves every connector / token count."""
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
 
@@ -17,6 +18,12 @@ import torch.nn.functional as F
 
 from data import InputError, shapes
 from data.metrics import cider_d, words
+from data.tokenizer import RANKS_PATH, SPECIAL_TOKENS
+
+
+def tokenizer_sha256() -> str:
+    """sha256 of the bundled BPE ranks file plus the special-token list: the ids a checkpoint expects."""
+    return hashlib.sha256(RANKS_PATH.read_bytes() + "\n".join(SPECIAL_TOKENS).encode()).hexdigest()
 
 
 def vqa_parts(question: str, image, answer: str = "") -> list:
@@ -37,7 +44,8 @@ class Pools:
                                                    ("<image>", "<|endoftext|>", "<|pad|>"))
         self.bank, self.pretrained_vit = [], {}  # uint8 (3, S, S) images; stage-0 ViTs by config
         self.answers = {}  # training VQA: question -> Counter of answers (the majority baseline)
-        self.passages = [self.doc([shapes.text_passage("train", i, seed=cfg.seed)]) for i in range(cfg.n_passages)]
+        self.passages = [self.doc([shapes.text_passage("train", i, seed=cfg.seed)])
+                         for i in range(cfg.n_passages)]
         self.captions, user_text = [], []  # captions: per scene, its documents (caption formats, VQA)
         if cfg.train_data:
             self.captions, user_text = self.read_user_file(cfg.train_data, cfg.image_folder or None)
@@ -62,7 +70,8 @@ class Pools:
         self.shot_items = [self.eval_item("train", i, cfg.seed) for i in range(16)]
         # text perplexity on test passages, split by whether the same text is among the training passages
         seen = {tuple(ids) for ids, _ in self.passages}
-        test = [self.doc([shapes.text_passage("test", i, seed=cfg.seed)])[0] for i in range(cfg.n_eval_passages)]
+        test = [self.doc([shapes.text_passage("test", i, seed=cfg.seed)])[0]
+                for i in range(cfg.n_eval_passages)]
         self.eval_passages = {"seen": [x for x in test if tuple(x) in seen],
                               "unseen": [x for x in test if tuple(x) not in seen]}
 
@@ -77,19 +86,20 @@ class Pools:
         return len(self.bank) - 1
 
     def doc(self, parts):
-        """Parts (str | Scene | bank index) in reading order -> (ids with one marker per image, image indices)."""
+        """Parts (str | Scene | bank index) in reading order -> (ids, one marker per image; image indices)."""
         ids, images = [], []
         for part in parts:
             if isinstance(part, str):
                 ids += self.enc.encode_ordinary(part)
             else:
-                images.append(part if isinstance(part, int) else self.add_image(shapes.render(part, self.size)))
+                is_index = isinstance(part, int)
+                images.append(part if is_index else self.add_image(shapes.render(part, self.size)))
                 ids.append(self.image_id)
         return np.array(ids + [self.eot_id], dtype=np.int32), images
 
     def eval_item(self, split: str, i: int, seed: int) -> dict:
         scene = shapes.make_scene(split, i, seed=seed)
-        refs = list(dict.fromkeys(shapes.caption(scene, "ssc", seed=s) for s in range(5)))  # distinct phrasings
+        refs = list(dict.fromkeys(shapes.caption(scene, "ssc", seed=s) for s in range(5)))  # 5 wordings
         return dict(image=self.add_image(shapes.render(scene, size=self.size)), refs=refs, scene=scene,
                     vqa=shapes.vqa(scene, seed=i)[0])
 
@@ -99,7 +109,8 @@ class Pools:
         text-only items (as in llava_v1_5_mix665k) train as text."""
         if not path.endswith(".json"):
             rows = shapes.read_image_text(path, image_folder)
-            return [[self.doc([self.add_image(shapes.load_image(r["filepath"])), r["caption"]])] for r in rows], []
+            return [[self.doc([self.add_image(shapes.load_image(r["filepath"])), r["caption"]])]
+                    for r in rows], []
         groups, text_only = [], []
         for item in shapes.read_llava_json(path, image_folder):
             pieces = " ".join(turn["value"].strip() for turn in item["conversations"]).split("<image>")
@@ -166,7 +177,8 @@ def constant_caption(pools: Pools, seed: int) -> str:
              for ids, _ in pools.caption_docs]
     short = [t for t in texts if len(t.split()) <= 20 and not t.startswith("question")] or texts
     refs = [[t] for t in np.random.default_rng(seed).choice(short, min(300, len(short)), replace=False)]
-    return max([t for t, _ in Counter(short).most_common(50)], key=lambda c: cider_d([c] * len(refs), refs)[0])
+    candidates = [t for t, _ in Counter(short).most_common(50)]
+    return max(candidates, key=lambda c: cider_d([c] * len(refs), refs)[0])
 
 
 def main_object_named(caption: str, scene) -> bool:
@@ -177,7 +189,7 @@ def main_object_named(caption: str, scene) -> bool:
 
 def _nll_sum(logits, targets):
     """Summed next-token cross-entropy in fp32; -100 targets are ignored."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
 
 
 def prompt(pools, parts, image_tokens):
@@ -240,10 +252,10 @@ def vision_probe(model, pools, cfg, device) -> dict:
     model.eval()
     nll = []
     for shift in (0, 1):  # right images, then wrong ones
-        rows = [prompt(pools, [items[(i + shift) % len(items)]["image"], item["refs"][0], None], cfg.image_tokens)
-                for i, item in enumerate(items)]
+        rows = [prompt(pools, [items[(i + shift) % len(items)]["image"], item["refs"][0], None],
+                       cfg.image_tokens) for i, item in enumerate(items)]
         T = max(len(ids) for ids, _ in rows)
-        ids = torch.tensor([ids + [pools.pad_id] * (T - len(ids)) for ids, _ in rows], device=device)  # (N, T)
+        ids = torch.tensor([ids + [pools.pad_id] * (T - len(ids)) for ids, _ in rows], device=device)  # N, T
         targets = ids[:, 1:].masked_fill((ids[:, 1:] == pools.image_id) | (ids[:, 1:] == pools.pad_id), -100)
         images = torch.stack([im for _, ims in rows for im in ims]).to(device)
         nll.append(_nll_sum(model(ids[:, :-1], images)[0], targets).item() / int((targets != -100).sum()))
@@ -265,7 +277,8 @@ def evaluate(model, pools, cfg, device):
                  for i in range(len(items))]  # the 4 shots are the first 4 of the 8
         caption_prompts, vqa_prompts = [], []  # parts: bank index = image, str = text, None = end of text
         for ds, item in zip(demos, items):
-            caption_prompts.append([p for d in ds for p in (d["image"], d["refs"][0], None)] + [item["image"]])
+            caption_prompts.append([p for d in ds for p in (d["image"], d["refs"][0], None)]
+                                   + [item["image"]])
             shots = [p for d in ds for p in (*vqa_parts(d["vqa"][0], d["image"], d["vqa"][1]), None)]
             vqa_prompts.append(shots + vqa_parts(item["vqa"][0], item["image"]))
         captions = generate_texts(model, pools, cfg, caption_prompts, cfg.max_new_tokens, device)
@@ -278,7 +291,7 @@ def evaluate(model, pools, cfg, device):
         metrics[f"vqa_exact_match_{k}shot"] = round(100 * np.mean(exact), 2)
         metrics[f"average_{k}shot"] = round((metrics[f"caption_cider_{k}shot"]
                                              + metrics[f"vqa_exact_match_{k}shot"]) / 2, 2)
-        metrics.setdefault("samples", [f"{item['refs'][0]!r} -> {c!r}" for item, c in zip(items[:4], captions)])
+        metrics.setdefault("samples", [f"{it['refs'][0]!r} -> {c!r}" for it, c in zip(items[:4], captions)])
     constant = constant_caption(pools, cfg.seed)
     metrics["constant_caption_cider"] = round(100 * cider_d([constant] * len(refs), refs)[0], 2)
     majority = [pools.majority_answer(item["vqa"][0]) for item in items]
