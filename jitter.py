@@ -982,12 +982,12 @@ def main(argv: list[str]) -> dict:
         print(text + "\n\nFindings (real = the 95% intervals do not overlap):\n" + found_text)
         print(f"{len(jobs)} jobs ({len(todo)} run now, {len(jobs) - len(todo)} resumed) in {seconds} s on "
               f"{device}, {time.process_time():.0f} CPU s in rank 0 (about the wall time on an idle core)")
+        sizes, kind = experiments[tasks[0].name].snapshot_sizes, "iid" if cfg.data else cfg.updates
         report = (f"# jitter.py report ({cfg.preset} preset{', data ' + cfg.data if cfg.data else ''})\n\n"
-                  f"Rows are arch/input/strategy; {cfg.n_seeds} seeds, snapshots of "
-                  f"{experiments[tasks[0].name].snapshot_sizes} training rows ({cfg.updates} updates). Seed "
-                  "jitter: mean pairwise churn of the final models; update jitter: churn between consecutive "
-                  "snapshots' models with the same seed (data effect) or another seed (data + seed). "
-                  f"Intervals: 95% bootstrap over test examples and seeds ({cfg.bootstrap} resamples)."
+                  f"Rows are arch/input/strategy; {cfg.n_seeds} seeds, snapshots of {sizes} training rows "
+                  f"({kind} updates). Seed jitter: mean pairwise churn of the final models; update jitter: "
+                  "churn between consecutive snapshots' models with the same seed (data effect) or another "
+                  f"seed (data + seed). 95% intervals: {cfg.bootstrap} bootstraps of examples and seeds."
                   f"\n\n{text}\n\n## Findings\n\nA difference is real only when the 95% intervals do not "
                   f"overlap.\n\n{found_text}\n\nWall time: {seconds} s on {device}.\n")
         write_outputs(out, {"metrics.json": metrics | {"seconds": seconds}, "report.md": report})
