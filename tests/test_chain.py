@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import mm1
 from data.tokenizer import get_tokenizer
 
-BUILDERS = {"mm1": "MM1"}  # script -> the class that builds the model from an arch dict
+BUILDERS = {"mm1": "MM1", "mm15": "MM1"}  # script -> the class that builds the model from an arch dict
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +84,27 @@ def test_model_rebuilt_from_metadata_reproduces_mm1_logits(smoke_checkpoint, scr
     model.load_state_dict(weights)
     with torch.no_grad():
         assert not torch.allclose(model(ids, images)[0], want, atol=1e-3)
+
+
+def test_mm15_continues_from_an_mm1_smoke_checkpoint(smoke_checkpoint, tmp_path):
+    """mm15.py at smoke size from mm1's checkpoint: its own checkpoint keeps mm1's contract (the same arch,
+    tokenizer, <image> id) plus the SFT fields, mm1's class rebuilds it from the metadata alone (strict
+    load), its weights moved, and the SFT rows sampled add up to the steps x batch."""
+    import mm15
+    out = tmp_path / "mm15"
+    init = smoke_checkpoint / "model.safetensors"
+    metrics = mm15.main(["--preset=smoke", f"--init={init}", f"--out_dir={out}", "--cpt_steps=2", "--sft_steps=3",
+                         "--eval_items=1", "--max_new_tokens=3"])
+    weights, meta = read_checkpoint(out)
+    _, mm1_meta = read_checkpoint(smoke_checkpoint)
+    for key in ("arch", "tokenizer_sha256", "image_token_id", "image_size"):
+        assert meta[key] == mm1_meta[key], key
+    arch, sft = json.loads(meta["arch"]), json.loads(meta["sft"])
+    assert int(meta["step"]) == 5 and sft["tiling"]["tile_size"] == arch["image_size"]
+    assert sft["tiling"]["image_tokens"] == arch["connector"]["image_tokens"] and "floor" in sft["boxes"]
+    model = mm1.MM1(arch).eval()
+    model.load_state_dict(weights)
+    ids, images = probe_inputs(arch)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids, images)[0], mm1_logits(smoke_checkpoint, ids, images), atol=1e-4)
+    assert sum(metrics["sampled_counts"].get(c, 0) for c in metrics["shares"]) == 3 * 4

@@ -1,0 +1,194 @@
+"""MM1.5's data in ShapesWorld: images at their real shapes and the SFT categories, with boxes in pixels.
+
+Scenes live on a square 1000 x 1000 canvas. Here each kind gets the aspect ratio of what it stands for
+(documents 3:4 portrait, receipts 9:20 tall, charts 16:9 wide, UI screens 9:19.5 phone-shaped, natural
+scenes square) and a size drawn per image around the tile size, so dynamic splitting has something to do.
+The canvas is stretched to that shape (text and shapes get thinner or wider, the layout is kept), and every
+box is given in the image's own pixels: canvas x -> x * W / 1000, y -> y * H / 1000.
+
+    item = task_item("refer_ground", "train", 0, seed=0, tile=64)
+    item["images"]    # [(Scene, W, H)]; render_shaped(scene, W, H) -> PIL image of W x H pixels
+    item["question"], item["answer"], item["box"]   # box: gold [x1, y1, x2, y2] in pixels, or None
+    item_texts(dict(item, pil=...))  # (question, answer) with "<box>" written as box_to_text does
+    pools = ItemPools(seed=0, tile=64, n_cpt=300, n_train=200, n_eval=100)  # pre-rendered (PIL) items
+
+Boxes in text (MM1.5, Ferret): "[x1, y1, x2, y2]" on 0-999 of the ORIGINAL image, floor(x / W * 1000)
+clipped to 999 (not round(x / W * 999), the other convention in circulation; data.shapes.box_to_grid).
+Code, one of MM1.5's SFT categories, has no counterpart in this world.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+
+from PIL import Image
+
+from .render import render
+from .tasks import multi_image, text_passage
+from .text import caption, emblem_facts, parse_box, reference, shapes_of, visual_name, vqa
+from .world import EMBLEMS, Scene, make_scene, rng_for
+
+CATEGORIES = ("general", "text_rich", "refer_ground", "knowledge", "math", "multi_image", "text_only")
+ASPECT = {"natural": 1.0, "document": 3 / 4, "receipt": 9 / 20, "chart": 16 / 9, "ui": 9 / 19.5}  # W / H
+LONG_SIDE = {"natural": (0.75, 2.5), "document": (1.5, 3.5), "receipt": (1.5, 3.5), "chart": (1.5, 3.5),
+             "ui": (1.5, 3.5)}  # the long side's range in tiles: text-rich pages are large
+TEXT_RICH = ("document", "receipt", "chart")
+
+
+def native_size(kind: str, rng: random.Random, tile: int) -> tuple[int, int]:
+    """(W, H) pixels of an image of this kind: its aspect ratio, the long side drawn in LONG_SIDE tiles."""
+    lo, hi = LONG_SIDE[kind]
+    long_side = round(rng.uniform(lo, hi) * tile)
+    aspect = ASPECT[kind]
+    if aspect >= 1:
+        return long_side, max(1, round(long_side / aspect))
+    return max(1, round(long_side * aspect)), long_side
+
+
+def render_shaped(scene: Scene, width: int, height: int) -> Image.Image:
+    """The scene drawn at its long side, then stretched to width x height (RGB)."""
+    return render(scene, size=max(8, width, height)).resize((width, height), Image.Resampling.BILINEAR)
+
+
+def box_px(canvas_box, scene: Scene, width: int, height: int) -> list[float]:
+    """A canvas box (x1, y1, x2, y2) in the pixels of the width x height image."""
+    sx, sy = width / scene.width, height / scene.height
+    return [canvas_box[0] * sx, canvas_box[1] * sy, canvas_box[2] * sx, canvas_box[3] * sy]
+
+
+def _shaped(scene: Scene, rng: random.Random, tile: int):
+    return (scene, *native_size(scene.kind, rng, tile))
+
+
+def _is_number(text: str) -> bool:
+    return re.fullmatch(r"\d+(\.\d+)?", text) is not None  # counts, values, totals (not dates)
+
+
+def task_item(category: str, split: str, index: int, seed: int = 0, tile: int = 64) -> dict:
+    """Item `index` of a category (a pure function of the arguments): images [(scene, W, H)], question,
+    answer, box (grounding: the gold box in pixels of the first image, the answer is "<box>")."""
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
+    rng = rng_for("mm15", category, split, index, seed)
+    for attempt in range(100):  # scenes without a fitting question are skipped, deterministically
+        sub = f"{index}.{attempt}"
+        item = _try_item(category, split, sub, seed, tile, rng)
+        if item:
+            return dict(item, category=category, box=item.get("box"))
+    raise RuntimeError(f"no {category} item found for {split}/{index}")
+
+
+def _try_item(category, split, sub, seed, tile, rng):
+    if category == "general":
+        scene = make_scene(split, hash_index(sub), seed, "natural")
+        qa = [(q, a) for q, a in vqa(scene, seed) if not _is_number(a) and "label" not in q]
+        return qa and dict(images=[_shaped(scene, rng, tile)], question=qa[0][0], answer=qa[0][1])
+    if category in ("text_rich", "math"):
+        kind = rng.choice(TEXT_RICH + (("natural",) if category == "math" else ()))
+        scene = make_scene(split, hash_index(sub), seed, kind)
+        qa = [(q, a) for q, a in vqa(scene, seed) if _is_number(a) == (category == "math")]
+        return qa and dict(images=[_shaped(scene, rng, tile)], question=qa[0][0], answer=qa[0][1])
+    if category == "refer_ground":
+        scene = make_scene(split, hash_index(sub), seed, "natural")
+        named = [(o, reference(o, scene)) for o in shapes_of(scene)]
+        named = [(o, ref) for o, ref in named if ref]
+        if not named:
+            return None
+        obj, ref = rng.choice(named)
+        shaped = _shaped(scene, rng, tile)
+        box = box_px(obj.bbox, scene, shaped[1], shaped[2])
+        if rng.random() < 0.5:  # grounding: text -> box
+            return dict(images=[shaped], question=f"Where is {ref}? Give its box.", answer="<box>", box=box,
+                        task="grounding")
+        return dict(images=[shaped], question="What is the object at <box>?", answer=visual_name(obj),
+                    box=box, task="referring")
+    if category == "knowledge":
+        scene = make_scene(split, hash_index(sub), seed, "natural")
+        badges = [o for o in scene.objects if o.emblem is not None]
+        if not badges:
+            return None
+        obj = badges[0]
+        return dict(images=[_shaped(scene, rng, tile)], answer=EMBLEMS[obj.emblem],
+                    question=f"What is the name of the emblem on the {obj.color} {obj.shape} badge?")
+    if category == "multi_image":
+        scenes, question, answer = multi_image(split, hash_index(sub), seed)
+        return dict(images=[_shaped(s, rng, tile) for s in scenes], question=question, answer=answer)
+    passage = text_passage(split, hash_index(sub), seed)  # text only: arithmetic passages and emblem lore
+    if " Answer: " in passage:
+        question, answer = passage.rsplit(" Answer: ", 1)
+        return dict(images=[], question=question, answer=answer.rstrip("."))
+    if passage.startswith("The ") and " emblem is " in passage:
+        name = passage[4:].split(" emblem is ")[0]
+        facts = emblem_facts(EMBLEMS.index(name))
+        return dict(images=[], question=f"In which year was the {name} emblem first painted?",
+                    answer=str(facts["year"]))
+    return None
+
+
+def hash_index(sub: str) -> int:
+    """A scene index for the string "index.attempt" (scene streams take ints)."""
+    index, attempt = sub.split(".")
+    return int(index) * 100 + int(attempt)
+
+
+def text_rich_caption(split: str, index: int, seed: int = 0, tile: int = 64) -> dict:
+    """Continual pre-training item: a text-rich scene at its real shape and its dense caption."""
+    rng = rng_for("mm15-cpt", split, index, seed)
+    scene = make_scene(split, index, seed, rng.choice(TEXT_RICH))
+    return dict(images=[_shaped(scene, rng, tile)], text=caption(scene, "dsc", seed=index))
+
+
+def box_to_text(box, width: int, height: int) -> str:
+    """Original-image pixels -> "[x1, y1, x2, y2]" on 0-999: floor(x / W * 1000), clipped to 0..999."""
+    sides = (width, height, width, height)
+    return "[" + ", ".join(str(min(999, max(0, math.floor(v / s * 1000)))) for v, s in zip(box, sides)) + "]"
+
+
+def text_to_box(text: str, width: int, height: int):
+    """The first "[x1, y1, x2, y2]" in a text -> original-image pixels (bin centres), or None."""
+    grid, sides = parse_box(text), (width, height, width, height)
+    return None if grid is None else [(v + 0.5) * s / 1000 for v, s in zip(grid, sides)]
+
+
+def item_texts(item: dict) -> tuple[str, str]:
+    """(question, answer) of a rendered item with "<box>" written out by box_to_text."""
+    box = box_to_text(item["box"], *item["pil"][0].size) if item.get("box") else ""
+    return item["question"].replace("<box>", box), item["answer"].replace("<box>", box)
+
+
+def rendered(item: dict) -> dict:
+    return dict(item, pil=[render_shaped(*shaped) for shaped in item["images"]])
+
+
+class ItemPools:
+    """Pre-rendered items (PIL images at their real sizes): `cpt` (text-rich scenes, dense captions),
+    `train` {category: items}, `test` {eval task: n_eval items} (refer & ground splits into grounding and
+    referring), and the training answers by question and by task for the majority baseline."""
+
+    def __init__(self, seed: int, tile: int, n_cpt: int, n_train: int, n_eval: int):
+        self.cpt = [rendered(text_rich_caption("train", i, seed, tile)) for i in range(n_cpt)]
+        self.train = {c: [rendered(task_item(c, "train", i, seed, tile)) for i in range(n_train)]
+                      for c in CATEGORIES}
+        self.test = {}
+        for c in CATEGORIES:
+            tasks, i = {name: [] for name in (("grounding", "referring") if c == "refer_ground" else (c,))}, 0
+            while min(map(len, tasks.values())) < n_eval:
+                item, i = task_item(c, "test", i, seed, tile), i + 1
+                bucket = tasks[item.get("task", c)]
+                if len(bucket) < n_eval:
+                    bucket.append(rendered(item))
+            self.test.update(tasks)
+        self.answers: dict[str, Counter] = {}
+        for c, items in self.train.items():
+            for item in items:
+                answer = item_texts(item)[1]
+                self.answers.setdefault(item["question"], Counter())[answer] += 1
+                self.answers.setdefault(item.get("task", c), Counter())[answer] += 1
+
+    def majority(self, item: dict, task: str) -> str:
+        """The blind baseline: the most frequent training answer to the same question, else of the task."""
+        counts = self.answers.get(item["question"]) or self.answers[task]
+        return counts.most_common(1)[0][0]

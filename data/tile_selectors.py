@@ -1,0 +1,40 @@
+"""Tile-grid selectors of two anchors, written from their published descriptions (learned, not copied),
+for mm15.py's comparison with MM1.5's rule (mm15.plan_tiles). Grids are (rows, cols) of square tiles of
+`cfg.tile_size` pixels with cfg.n_min <= rows * cols <= cfg.n_max, the same candidates for all three.
+
+- LLaVA-NeXT `select_best_resolution` (llava/mm_utils.py): the resolution with the most effective pixels
+  (the aspect-kept resize, never counted above the original's), ties to the least wasted; the image is
+  padded, and a base image (the whole image in one tile) always comes first.
+- InternVL `dynamic_preprocess`: the grid of the closest aspect ratio (candidates in order of tile count),
+  a tie goes to the later grid when the image has over half its pixels; the image is stretched to the
+  grid, a thumbnail comes last when there is more than one tile.
+"""
+from __future__ import annotations
+
+
+def grids(n_min: int, n_max: int) -> list[tuple[int, int]]:
+    """(rows, cols) with n_min <= rows * cols <= n_max."""
+    return [(rows, cols) for rows in range(1, n_max + 1) for cols in range(1, n_max + 1)
+            if n_min <= rows * cols <= n_max]
+
+
+def llava_next_grid(width: int, height: int, cfg) -> tuple:
+    """LLaVA-NeXT's select_best_resolution -> (rows, cols)."""
+    best, best_key = None, None
+    for rows, cols in grids(cfg.n_min, cfg.n_max):
+        w, h = cols * cfg.tile_size, rows * cfg.tile_size
+        scale = min(w / width, h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        if best is None or (effective, -(w * h - effective)) > best_key:
+            best, best_key = (rows, cols), (effective, -(w * h - effective))
+    return best
+
+
+def internvl_grid(width: int, height: int, cfg) -> tuple:
+    """InternVL's dynamic_preprocess -> (rows, cols)."""
+    best, best_diff = (1, 1), float("inf")
+    for rows, cols in sorted(grids(cfg.n_min, cfg.n_max), key=lambda g: (g[0] * g[1], g[1])):
+        diff = abs(width / height - cols / rows)
+        if diff < best_diff or diff == best_diff and width * height > 0.5 * cfg.tile_size ** 2 * rows * cols:
+            best, best_diff = (rows, cols), min(diff, best_diff)
+    return best

@@ -1,0 +1,167 @@
+"""mm15.py: one tiling plan for pixels and `<image>` slots (MM1.5's rule, overview, indicators), the two
+other selectors, boxes through every resize / pad / tile and the 0-999 text, the mixture resolver, the
+missing --init message. The smoke run from an mm1 checkpoint is in tests/test_chain.py."""
+import dataclasses
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import mm15
+from data import InputError
+from data.shapes.mm15_tasks import box_to_text, text_to_box
+
+R, K = 32, 4  # tile side, tokens per tile
+
+
+def cfg(**kw):
+    return dataclasses.replace(mm15.Config(), tile_size=R, image_tokens=K, **kw)
+
+
+def random_sizes(n=150):
+    rng = random.Random(0)
+    sizes = [(R, R), (R * 3, R * 3), (1, 1), (1, 5 * R), (5 * R, 1), (3, 7), (2000, 3), (R + 1, R - 1)]
+    return sizes + [(rng.randint(1, 8 * R), rng.randint(1, 8 * R)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("n_min,n_max", [(1, 1), (1, 6), (4, 6), (4, 9)])
+def test_plan_properties_and_one_count_for_pixels_and_slots(n_min, n_max):
+    for overview in ("after", "before", "none"):
+        for indicators in ("none", "index", "seps"):
+            c = cfg(n_min=n_min, n_max=n_max, overview=overview, indicators=indicators)
+            for w, h in random_sizes(40):
+                plan = mm15.plan_tiles(w, h, c)
+                rows, cols = plan["grid"]
+                assert n_min <= rows * cols <= n_max
+                (rw, rh), (left, top) = plan["resized"], plan["pad"]
+                assert 0 <= left and 0 <= top and left + rw <= cols * R and top + rh <= rows * R
+                # the image touches two opposite sides of its grid (aspect-kept resize, no extra shrink)
+                assert rw >= cols * R - 1 or rh >= rows * R - 1
+                tiles = mm15.tile_pixels(Image.new("RGB", (w, h), (9, 9, 9)), plan)
+                slots = mm15.slot_ids(plan, c, 7, lambda s: [1] * len(s))
+                assert tiles.shape == (len(plan["order"]), 3, R, R) and tiles.dtype == torch.uint8
+                assert slots.count(7) == len(tiles) * K == plan["n_image_tokens"]
+
+
+def test_mm15_rule_least_padding_then_least_loss_ties_to_fewer_tiles():
+    one = mm15.plan_tiles(R, R, cfg(n_min=1, n_max=9))
+    assert one["grid"] == (1, 1) and one["order"] == [("tile", 0, 0)] and one["n_image_tokens"] == K
+    assert mm15.plan_tiles(2 * R, R, cfg(n_min=1, n_max=9))["grid"] == (1, 2)  # 2x4 fits too: fewer tiles
+    assert mm15.plan_tiles(R, 3 * R, cfg(n_min=1, n_max=9))["grid"] == (3, 1)
+    # too large for every grid: least resolution loss (the largest scale), then fewer tiles
+    assert mm15.plan_tiles(20 * R, 20 * R, cfg(n_min=1, n_max=6))["grid"] == (2, 2)
+    assert mm15.plan_tiles(R, R, cfg(n_min=4, n_max=6))["grid"] == (2, 2)  # upscaled into 4 tiles, no pad
+    assert mm15.plan_tiles(5 * R, 5 * R, cfg(split=False))["grid"] == (1, 1)
+
+
+def test_overview_position_and_indicators():
+    for overview, where in (("after", -1), ("before", 0)):
+        plan = mm15.plan_tiles(2 * R, 2 * R, cfg(n_min=4, overview=overview))
+        assert plan["order"][where] == ("overview", 0, 0) and len(plan["order"]) == 5
+    assert ("overview", 0, 0) not in mm15.plan_tiles(2 * R, 2 * R, cfg(n_min=4, overview="none"))["order"]
+    plan = mm15.plan_tiles(2 * R, R, cfg(n_min=1))
+    seen = []
+    mm15.slot_ids(plan, cfg(n_min=1, indicators="seps"), 7, lambda s: seen.append(s) or [1])
+    assert seen == [",", "\n"]  # one row of two tiles; the overview has no separator
+    seen.clear()
+    mm15.slot_ids(plan, cfg(n_min=1, indicators="index"), 7, lambda s: seen.append(s) or [1])
+    assert seen == [" r1c1:", " r1c2:", " overview:"]
+
+
+def test_pixels_follow_the_plan_order():
+    """Left half red, right half blue: a 1x2 grid's first tile is red, the second blue."""
+    image = Image.new("RGB", (2 * R, R), (0, 0, 255))
+    ImageDraw.Draw(image).rectangle((0, 0, R - 1, R - 1), fill=(255, 0, 0))
+    plan = mm15.plan_tiles(2 * R, R, cfg(n_min=1))
+    tiles = mm15.tile_pixels(image, plan)
+    assert tiles[0, 0].float().mean() > 250 and tiles[1, 2].float().mean() > 250 and len(tiles) == 3
+
+
+def test_box_text_convention_and_round_trip():
+    assert box_to_text([0, 0, 999.9, 1000], 1000, 1000) == "[0, 0, 999, 999]"  # floor, clipped
+    assert box_to_text([50, 25, 100, 49.9], 200, 50) == "[250, 500, 500, 998]"
+    rng = random.Random(1)
+    for w, h in random_sizes(100):
+        x1, y1 = rng.uniform(0, w * 0.9), rng.uniform(0, h * 0.9)
+        box = [x1, y1, rng.uniform(x1, w), rng.uniform(y1, h)]
+        back = text_to_box("it is at " + box_to_text(box, w, h), w, h)
+        assert all(abs(a - b) <= max(w, h) / 1000 for a, b in zip(box, back))
+        for n_min, n_max in ((1, 6), (4, 9)):
+            plan = mm15.plan_tiles(w, h, cfg(n_min=n_min, n_max=n_max))
+            for overview in (False, True):
+                canvas = mm15.box_to_canvas(box, plan, overview)
+                assert np.allclose(mm15.box_to_canvas(canvas, plan, overview, inverse=True), box)
+            canvas = mm15.box_to_canvas(box, plan)
+            pieces = mm15.box_in_tiles(canvas, plan)
+            joined = [min(p[0] + plan["order"][i][2] * R for i, p in pieces.items()),
+                      min(p[1] + plan["order"][i][1] * R for i, p in pieces.items()),
+                      max(p[2] + plan["order"][i][2] * R for i, p in pieces.items()),
+                      max(p[3] + plan["order"][i][1] * R for i, p in pieces.items())]
+            assert not pieces or np.allclose(joined, canvas)
+    assert text_to_box("no box here", 10, 10) is None
+
+
+def test_transformed_boxes_land_on_the_drawn_pixels():
+    """A red box drawn on a 150 x 70 image: in every tile and in the overview, the red pixels are where the
+    transformed box says (to 1.5 px: bilinear edges)."""
+    w, h, box = 150, 70, [40, 10, 95, 60]
+    image = Image.new("RGB", (w, h), (255, 255, 255))
+    ImageDraw.Draw(image).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=(255, 0, 0))
+    plan = mm15.plan_tiles(w, h, cfg(n_min=4, n_max=9))
+    tiles = mm15.tile_pixels(image, plan).permute(0, 2, 3, 1).numpy().astype(int)  # (n, R, R, 3)
+    expected = mm15.box_in_tiles(mm15.box_to_canvas(box, plan), plan)
+    over = plan["order"].index(("overview", 0, 0))
+    expected[over] = mm15.box_to_canvas(box, plan, overview=True)
+    assert len(expected) >= 3
+    for n, tile in enumerate(tiles):
+        red = (tile[..., 0] > 200) & (tile[..., 1] < 100)
+        if n not in expected:
+            assert red.sum() == 0
+            continue
+        ys, xs = red.nonzero()
+        got = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert np.allclose(got, expected[n], atol=1.5), (n, got, expected[n])
+
+
+def test_selectors_follow_their_published_rules():
+    c = cfg(n_min=1, n_max=6)
+    assert mm15.internvl_grid(2 * R, R, c) == (1, 2) and mm15.internvl_grid(R, R, c) == (1, 1)
+    assert mm15.internvl_grid(4 * R, 4 * R, c) == (2, 2)  # 1:1 ties: the larger grid for a large image
+    assert mm15.llava_next_grid(R, R, c) == (1, 1) and mm15.llava_next_grid(3 * R, R, c) == (1, 3)
+    table = mm15.selector_table(c)
+    assert table.count("\n| ") == 12 and "| 32 x 32 | 1x1 | 4 | 0 | 1x1 | 8 |" in table
+
+
+def test_resolver_reproduces_the_papers_shares():
+    ratios = dict(general=1, text_rich=3.3, refer_ground=2, science=0.1, math=0.5, code=0.2)
+    shares = mm15.resolve_mixture(ratios, dict(single=0.8, multi_image=0.1, text_only=0.1))
+    paper = dict(text_rich=37.2, refer_ground=22.5, general=11.3, math=5.6, code=2.3, science=1.1,
+                 multi_image=10.0, text_only=10.0)
+    assert {k: round(100 * v, 1) for k, v in shares.items()} == paper
+    assert abs(sum(shares.values()) - 1) < 1e-9
+    with pytest.raises(InputError, match="no counterpart"):
+        mm15.mixture(cfg(mix_ratios="general=1,code=0.2"))
+    with pytest.raises(InputError, match="mix_groups"):
+        mm15.mixture(cfg(mix_groups="single=0.8,multi_image"))
+
+
+def test_grounding_score_parses_or_counts_a_failure():
+    item = dict(pil=[Image.new("RGB", (200, 100))], box=[20, 10, 80, 60], question="q", answer="<box>")
+    gold = mm15.item_texts(item)[1]
+    assert gold == "[100, 100, 400, 600]"
+    assert mm15.correct(gold, item, "grounding", None) is True
+    assert mm15.correct("[0, 0, 50, 50]", item, "grounding", None) is False
+    assert mm15.correct("somewhere left", item, "grounding", None) is None
+
+
+def test_missing_init_names_the_command(tmp_path, monkeypatch, capsys):
+    argv = ["mm15.py", "--preset=smoke", f"--out_dir={tmp_path}/out", f"--init={tmp_path}/none.safetensors"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        mm15.run_main(mm15.main)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "python mm1.py" in err and "--init=PATH" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
