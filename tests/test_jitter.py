@@ -267,3 +267,17 @@ def test_unseen_test_labels_and_tags_count_as_errors(tmp_path):
     assert ex.score(perfect) == pytest.approx(100 * 2 * 2 / (4 + 2))  # 2 of 4 gold spans, both B-time missed
     table = J.format_table(slots, {"bilstm/random/retrain": {"score": [1, 0, 2]}})
     assert "- 2 test tags never seen" in table
+
+
+def test_vec_reader_names_file_and_line(tmp_path):
+    good = tmp_path / "ok.vec"
+    good.write_text("2 3\nplay 1 2 3\nhello 0.5 0 -1\n")
+    vecs = J.read_vec(str(good), ["play", "absent"], 3)
+    assert set(vecs) == {"play"} and vecs["play"].tolist() == [1.0, 2.0, 3.0]
+    bad = tmp_path / "bad.vec"
+    bad.write_bytes(b"2 3\nplay 1 2 3\nhello 0.5 0\n")
+    with pytest.raises(InputError, match=r"bad.vec:3: expected a word and 3 numbers"):
+        J.read_vec(str(bad), ["hello"], 3)
+    bad.write_bytes(b"2 3\ncaf\xe9 1 2 3\n")
+    with pytest.raises(InputError, match=r"bad.vec:2: "):
+        J.read_vec(str(bad), ["hello"], 3)
