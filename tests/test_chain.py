@@ -93,8 +93,8 @@ def test_mm15_continues_from_an_mm1_smoke_checkpoint(smoke_checkpoint, tmp_path)
     import mm15
     out = tmp_path / "mm15"
     init = smoke_checkpoint / "model.safetensors"
-    metrics = mm15.main(["--preset=smoke", f"--init={init}", f"--out_dir={out}", "--cpt_steps=2", "--sft_steps=3",
-                         "--eval_items=1", "--max_new_tokens=3"])
+    metrics = mm15.main(["--preset=smoke", f"--init={init}", f"--out_dir={out}", "--cpt_steps=2",
+                         "--sft_steps=3", "--eval_items=1", "--max_new_tokens=3"])
     weights, meta = read_checkpoint(out)
     _, mm1_meta = read_checkpoint(smoke_checkpoint)
     for key in ("arch", "tokenizer_sha256", "image_token_id", "image_size"):

@@ -11,7 +11,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import mm15
-from data import InputError
+from data import InputError, shapes
+from data.shapes import mm15_tasks as tasks
 from data.shapes.mm15_tasks import box_to_text, text_to_box
 
 R, K = 32, 4  # tile side, tokens per tile
@@ -165,3 +166,43 @@ def test_missing_init_names_the_command(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "python mm1.py" in err and "--init=PATH" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_images_at_their_real_shapes_and_boxes_on_the_drawn_pixels():
+    """Each kind keeps its aspect ratio; a stretched render puts an object where box_px says (to 2 px;
+    mutation check: box_px without its y scale fails here)."""
+    rng = random.Random(0)
+    for kind, aspect in tasks.ASPECT.items():
+        for _ in range(5):
+            w, h = tasks.native_size(kind, rng, 64)
+            assert abs(w / h - aspect) < 0.05 * aspect + 1 / min(w, h) and max(w, h) >= 48
+    checked = 0
+    for i in range(20):
+        scene = shapes.make_scene("train", i)
+        colors = [o.color for o in scene.objects]
+        for obj in scene.objects:
+            if colors.count(obj.color) > 1 or obj.emblem is not None or obj.shape not in ("square", "circle",
+                                                                                          "cross", "hexagon"):
+                continue  # one object of its colour, with no thin tip that blurs away when squeezed
+            for w, h in ((150, 70), (60, 200)):
+                pixels = np.asarray(tasks.render_shaped(scene, w, h)).astype(int)
+                assert pixels.shape == (h, w, 3)
+                close = np.abs(pixels - np.array(shapes.COLOR_RGB[obj.color])).sum(-1) < 30
+                ys, xs = close.nonzero()
+                got = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+                assert np.allclose(got, tasks.box_px(obj.bbox, scene, w, h), atol=2), (i, obj, got)
+                checked += 1
+    assert checked >= 10
+
+
+def test_task_items_are_deterministic_and_complete():
+    for category in tasks.CATEGORIES:
+        a, b = tasks.task_item(category, "train", 3, 0, 64), tasks.task_item(category, "train", 3, 0, 64)
+        assert a["question"] == b["question"] and a["answer"] == b["answer"] and a["answer"]
+        assert (a["images"] == []) == (category == "text_only")
+        assert len(a["images"]) == (2 if category == "multi_image" else 0 if category == "text_only" else 1)
+    boxes = [tasks.task_item("refer_ground", "test", i, 0, 64) for i in range(20)]
+    assert {item["task"] for item in boxes} == {"grounding", "referring"}
+    for item in boxes:
+        _, w, h = item["images"][0]
+        assert item["box"] and 0 <= item["box"][0] < item["box"][2] <= w and 0 <= item["box"][1] < item["box"][3] <= h
