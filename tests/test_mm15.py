@@ -205,4 +205,5 @@ def test_task_items_are_deterministic_and_complete():
     assert {item["task"] for item in boxes} == {"grounding", "referring"}
     for item in boxes:
         _, w, h = item["images"][0]
-        assert item["box"] and 0 <= item["box"][0] < item["box"][2] <= w and 0 <= item["box"][1] < item["box"][3] <= h
+        x1, y1, x2, y2 = item["box"]
+        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
