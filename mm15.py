@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 from data import InputError
 from data.metrics import words
 from data.shapes import iou
-from data.shapes.mm15_tasks import CATEGORIES, ItemPools, item_texts, text_to_box
+from data.shapes.mm15_tasks import CATEGORIES, ItemPools, boxes_png, item_texts, text_to_box
 from data.tile_selectors import grids, internvl_grid, llava_next_grid
 from data.tokenizer import get_tokenizer
 from data.vl_tasks import generate, tokenizer_sha256
@@ -903,6 +903,8 @@ def evaluate(model, data: Data, cfg, device: str) -> dict:
             runs["blank"] = answers(model, data, cfg, items, device, blank=True)
         if task == "grounding":
             runs["n_min_1"] = answers(model, data, dataclasses.replace(cfg, n_min=1), items, device)
+            boxes_png(items[:8], [text_to_box(t, *it["pil"][0].size) for t, it in zip(runs["model"], items)],
+                      Path(cfg.out_dir) / "grounding.png")  # gold green, predicted red
         for run, texts in runs.items():
             hits = [correct(t, item, task, data) for t, item in zip(texts, items)]
             m[f"{task}_{run}"] = round(100 * np.mean([bool(h) for h in hits]), 1)

@@ -108,3 +108,4 @@ def test_mm15_continues_from_an_mm1_smoke_checkpoint(smoke_checkpoint, tmp_path)
     with torch.no_grad():
         assert not torch.allclose(model(ids, images)[0], mm1_logits(smoke_checkpoint, ids, images), atol=1e-4)
     assert sum(metrics["sampled_counts"].get(c, 0) for c in metrics["shares"]) == 3 * 4
+    assert (out / "grounding.png").is_file() and (out / "report.md").is_file()

@@ -24,7 +24,7 @@ import random
 import re
 from collections import Counter
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .render import render
 from .tasks import multi_image, text_passage
@@ -192,3 +192,19 @@ class ItemPools:
         """The blind baseline: the most frequent training answer to the same question, else of the task."""
         counts = self.answers.get(item["question"]) or self.answers[task]
         return counts.most_common(1)[0][0]
+
+
+def boxes_png(items: list, predicted: list, path, scale: int = 3) -> None:
+    """Held-out grounding items side by side, each enlarged `scale` times, with the gold box (green) and the
+    predicted one (red; none when the answer had no box), both in the original image's pixels."""
+    images = [item["pil"][0].resize((item["pil"][0].width * scale, item["pil"][0].height * scale),
+                                    Image.Resampling.NEAREST) for item in items]
+    sheet = Image.new("RGB", (sum(im.width + 4 for im in images), max(im.height for im in images)), "white")
+    draw, x = ImageDraw.Draw(sheet), 0
+    for im, item, box in zip(images, items, predicted):
+        sheet.paste(im, (x, 0))
+        for b, color in ((item["box"], (0, 200, 0)), (box, (230, 0, 0))):
+            if b is not None:
+                draw.rectangle([x + b[0] * scale, b[1] * scale, x + b[2] * scale, b[3] * scale], outline=color)
+        x += im.width + 4
+    sheet.save(path)
