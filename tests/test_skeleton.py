@@ -22,7 +22,10 @@ HEADER = "# " + "-" * 77 + " "
 SHARED_PREFIXES = ("CLIP", "Llama", "RMSNorm", "rotate_half", "apply_rope")
 # per script: a flag whose file is read late (after config, device and out_dir checks), for the bad-run test
 LATE_INPUT = {"mm1.py": ("train_data", "llava.json"), "clip_caption.py": ("data", "pairs.csv"),
-              "jitter.py": ("data", "jointbert"), "neu.py": ("data", "jointbert")}
+              "jitter.py": ("data", "jointbert"), "neu.py": ("data", "jointbert"),
+              "mm15.py": ("init", "model.safetensors")}
+# scripts that start from another script's checkpoint: the run that makes it (smoke size)
+START_POINT = {"mm15.py": "mm1.py"}
 
 
 def skeleton_of(text: str, name: str) -> str:
@@ -132,7 +135,9 @@ def non_utf8_input(tmp_path: Path, kind: str) -> Path:
             (folder / "label").write_bytes(b"PlayMusic\n")
         return tmp_path / "jointbert"
     path = tmp_path / kind
-    if kind.endswith(".json"):
+    if kind.endswith(".safetensors"):
+        path.write_bytes(b"\xe9" * 64)  # not a safetensors header
+    elif kind.endswith(".json"):
         path.write_bytes(b'[{"id": "1", "image": "a.png", "conversations": [{"from": "human", "value": "'
                          + bad + b'"}]}]')
     else:
@@ -145,13 +150,21 @@ def folder_hashes(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def smoke_run(script: str, out_dir: Path, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, script, "--preset=smoke", f"--out_dir={out_dir}", *argv], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_failed_run_leaves_a_finished_run_untouched(script, tmp_path):
-    run_dir = tmp_path / "finished"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, script, "--preset=smoke", f"--out_dir={run_dir}"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    run_dir, start = tmp_path / "finished", []
+    if script in START_POINT:
+        made = smoke_run(START_POINT[script], tmp_path / "start")
+        assert made.returncode == 0, made.stderr[-2000:]
+        start = [f"--init={tmp_path / 'start' / 'model.safetensors'}"]
+    done = smoke_run(script, run_dir, *start)
     assert done.returncode == 0, done.stderr[-2000:]
     before = folder_hashes(run_dir)
     assert "config.json" in before and "log.jsonl" in before
@@ -162,8 +175,7 @@ def test_failed_run_leaves_a_finished_run_untouched(script, tmp_path):
              "resume with another seed": ["--resume=True", "--seed=7"],
              "unknown key": ["--no_such_key=1"]}
     for case, argv in cases.items():
-        failed = subprocess.run([sys.executable, script, "--preset=smoke", f"--out_dir={run_dir}", *argv],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        failed = smoke_run(script, run_dir, *start, *argv)  # a later --init wins
         err = failed.stderr.strip().splitlines()
         assert failed.returncode == 2, f"{script} {case}: exit {failed.returncode}: {failed.stderr[-2000:]}"
         assert len(err) == 1 and err[0].startswith(f"{script}: error: "), f"{script} {case}: {err}"
