@@ -69,10 +69,10 @@ class Config:
     overview: str = "after"         # after | before | none: the whole image as one more tile
     indicators: str = "none"        # none | index ("r1c2:" before a tile) | seps ("," and newline)
     # continual pre-training (text-rich scenes + dense captions), then SFT on the mixture
-    cpt_steps: int = 100            # continual pre-training steps
+    cpt_steps: int = 80             # continual pre-training steps
     cpt_lr: float = 3e-4            # its peak lr (warmup, cosine to min_lr_frac x peak)
     n_cpt_items: int = 300          # pre-rendered text-rich training scenes
-    sft_steps: int = 250            # SFT steps
+    sft_steps: int = 220            # SFT steps
     sft_lr: float = 3e-4            # its peak lr
     mix_ratios: str = "general=1,text_rich=3.3,refer_ground=2,knowledge=0.1,math=0.5"  # vs general
     mix_groups: str = "single=0.8,multi_image=0.1,text_only=0.1"  # shares of the three groups (the paper's)
