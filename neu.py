@@ -93,7 +93,7 @@ class Config:
     n_boot: int = 1000  # bootstrap resamples of the test queries for the 95% intervals
     n_latency: int = 200  # test queries timed one at a time, end to end
     latency_repeats: int = 3  # passes over them (the first 20 timings are warm-up)
-    preset: str = "auto"  # smoke | cpu | gpu (auto: gpu with CUDA, else cpu)
+    preset: str = "auto"  # smoke | cpu | gpu | snips (auto: gpu with CUDA, else cpu)
     out_dir: str = "out/neu"  # where config / logs / metrics / report / checkpoints go
     seed: int = 0  # seeds the data, data order, init and dropout
     device: str = "auto"  # auto | cpu | cuda | mps

@@ -69,23 +69,26 @@ class Query:
     domain: str
     intent: str
     entities: list[Mention] = field(default_factory=list)
-    clean_tokens: list[str] = field(default_factory=list)  # what the user said (user errors kept), before ASR noise
+    clean_tokens: list[str] = field(default_factory=list)  # what the user said (user errors kept), pre-ASR
 
 
 # Domain -> intent -> templates. {type} slots are filled from the catalogue, {dur}/{num} with plain words.
 # Templates of neighbouring intents share words on purpose: the classifiers must read the whole query.
 TEMPLATES: dict[str, dict[str, list[str]]] = {
     "music": {
-        "play_song": ["play {song}", "play {song} by {artist}", "put on {song}", "i want to hear {song} by {artist}",
-                      "can you play the song {song}", "play the track {song} from {artist}"],
+        "play_song": ["play {song}", "play {song} by {artist}", "put on {song}",
+                      "i want to hear {song} by {artist}", "can you play the song {song}",
+                      "play the track {song} from {artist}"],
         "play_artist": ["play {artist}", "play some {artist}", "put on some music by {artist}",
-                        "i want to hear {artist}", "shuffle songs by {artist}", "play the latest from {artist}"],
+                        "i want to hear {artist}", "shuffle songs by {artist}",
+                        "play the latest from {artist}"],
         "add_to_playlist": ["add {song} to my playlist", "add this {artist} song to my favourites",
                             "save {song} by {artist} to my library", "put {song} on my workout playlist"],
     },
     "weather": {
-        "get_weather": ["what's the weather in {city}", "how is the weather in {city} today", "weather in {city}",
-                        "is it cold in {city}", "how hot is it in {city} right now", "what's the weather like in {country}"],
+        "get_weather": ["what's the weather in {city}", "how is the weather in {city} today",
+                        "weather in {city}", "is it cold in {city}", "how hot is it in {city} right now",
+                        "what's the weather like in {country}"],
         "get_forecast": ["will it rain in {city} tomorrow", "what's the forecast for {city} this weekend",
                          "is it going to snow in {city}", "do i need an umbrella in {city} tomorrow",
                          "weather forecast for {country} next week"],
@@ -98,16 +101,16 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                             "how far is it to {country}"],
     },
     "calling": {
-        "call_contact": ["call {contact}", "phone {contact}", "call {contact} on mobile", "give {contact} a call",
-                         "dial {contact}", "ring {contact} at home"],
+        "call_contact": ["call {contact}", "phone {contact}", "call {contact} on mobile",
+                         "give {contact} a call", "dial {contact}", "ring {contact} at home"],
         "video_call": ["facetime {contact}", "start a video call with {contact}", "video call {contact}"],
     },
     "messaging": {
         "send_message": ["text {contact} i'm running late", "send a message to {contact}",
-                         "tell {contact} i'll be there in {num} minutes", "message {contact} saying call me back",
-                         "send {contact} a text"],
-        "read_messages": ["read my messages from {contact}", "did {contact} text me", "any new messages from {contact}",
-                          "read my last text", "do i have new messages"],
+                         "tell {contact} i'll be there in {num} minutes",
+                         "message {contact} saying call me back", "send {contact} a text"],
+        "read_messages": ["read my messages from {contact}", "did {contact} text me",
+                          "any new messages from {contact}", "read my last text", "do i have new messages"],
     },
     "timers": {
         "set_timer": ["set a timer for {dur}", "timer {dur}", "start a {dur} timer", "count down {dur}",
@@ -119,7 +122,8 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
         "get_time": ["what time is it in {city}", "current time in {city}", "what's the time in {country}",
                      "what time zone is {city} in"],
         "country_info": ["what is the capital of {country}", "what currency do they use in {country}",
-                         "how many people live in {country}", "tell me about {country}", "population of {city}"],
+                         "how many people live in {country}", "tell me about {country}",
+                         "population of {city}"],
     },
 }
 DOMAINS = list(TEMPLATES)
@@ -128,22 +132,23 @@ INTENT_DOMAIN = {intent: domain for domain, intents in TEMPLATES.items() for int
 
 NUMBER_WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                 "twelve", "fifteen", "twenty", "thirty", "forty five"]
-DURATIONS = ["{n} minutes", "{n} seconds", "{n} hours", "an hour", "half an hour", "{n} minutes and {n} seconds"]
+DURATIONS = ["{n} minutes", "{n} seconds", "{n} hours", "an hour", "half an hour",
+             "{n} minutes and {n} seconds"]
 
 # ----------------------------------------------------------------------------- catalogue
 
 
 def normalize(text: str) -> str:
-    """ASCII-fold, lower-case, keep letters / digits / apostrophes; hyphens and other punctuation -> spaces."""
+    """ASCII-fold, lower-case, keep letters / digits / apostrophes; other punctuation -> spaces."""
     text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
     text = re.sub(r"[^a-z0-9' ]+", " ", text.lower())
     return " ".join(text.split())
 
 
-_FIRST = ("james mary john patricia robert jennifer michael linda william elizabeth david barbara richard susan "
-          "joseph jessica thomas sarah charles karen chris nancy daniel lisa matthew betty anthony sandra mark "
-          "ashley paul emily steven kim andrew donna josh michelle kevin carol brian amanda george melissa "
-          "omar priya wei aisha diego sofia yuki lars fatima raj").split()
+_FIRST = ("james mary john patricia robert jennifer michael linda william elizabeth david barbara richard "
+          "susan joseph jessica thomas sarah charles karen chris nancy daniel lisa matthew betty anthony "
+          "sandra mark ashley paul emily steven kim andrew donna josh michelle kevin carol brian amanda "
+          "george melissa omar priya wei aisha diego sofia yuki lars fatima raj").split()
 _LAST = ("smith johnson williams brown jones garcia miller davis rodriguez martinez hernandez lopez gonzalez "
          "wilson anderson thomas taylor moore jackson martin lee perez thompson white harris sanchez clark "
          "ramirez lewis robinson walker young allen king wright scott torres nguyen hill flores green adams "
@@ -179,7 +184,8 @@ def _cities(n_cities: int) -> list[Entity]:
         # machine transliterations from other scripts, so they are left out.
         aliases = []
         for alt in c.get("alternatenames", []):
-            if alt.isascii() and alt[:1].isupper() and not alt.isupper() and "'" not in alt and len(alt) <= 30:
+            if (alt.isascii() and alt[:1].isupper() and not alt.isupper() and "'" not in alt
+                    and len(alt) <= 30):
                 a = normalize(alt)
                 if a and a != name and a not in aliases:
                     aliases.append(a)
@@ -202,7 +208,8 @@ def _countries() -> list[Entity]:
     out = []
     for c in pycountry.countries:
         name = normalize(getattr(c, "common_name", None) or c.name)
-        aliases = [normalize(a) for a in (c.name, getattr(c, "official_name", "")) if a and normalize(a) != name]
+        aliases = [normalize(a) for a in (c.name, getattr(c, "official_name", ""))
+                   if a and normalize(a) != name]
         if c.alpha_2 in ("US", "GB", "AE"):  # the short forms people actually say
             aliases.append({"US": "usa", "GB": "uk", "AE": "uae"}[c.alpha_2])
         aliases = list(dict.fromkeys(a for a in aliases if a))
@@ -241,12 +248,13 @@ def _generated(seed: int, n_artists: int, n_songs: int, n_contacts: int) -> list
             break
         words = [rng.choice(_ADJ), rng.choice(_NOUN)]
         if rng.random() < 0.4:
-            words = ["the", *words] if rng.random() < 0.5 else [*words, rng.choice(("tonight", "again", "forever"))]
+            tail = ("tonight", "again", "forever")
+            words = ["the", *words] if rng.random() < 0.5 else [*words, rng.choice(tail)]
         name = " ".join(words)
         if unique(name):
             i = len([e for e in out if e.type == "song"])
-            out.append(Entity(f"song:{i:04d}", name, [words[-2] if words[-1] in ("tonight", "again", "forever")
-                                                     else words[-1]], "song", _zipf(i)))
+            alias = words[-2] if words[-1] in ("tonight", "again", "forever") else words[-1]
+            out.append(Entity(f"song:{i:04d}", name, [alias], "song", _zipf(i)))
     i = 0
     while i < n_contacts:
         first, last = rng.choice(_FIRST), rng.choice(_LAST)
@@ -451,7 +459,9 @@ def _fill(rng: random.Random, seed: int, noise: float, by_type=None, all_templat
         if slot in ENTITY_TYPES:
             ents, cum = by_type[slot]
             ent = rng.choices(ents, cum_weights=cum)[0]
-            surface = rng.choice([ent.name] * 3 + ent.aliases) if ent.aliases and rng.random() < 0.3 else ent.name
+            surface = ent.name
+            if ent.aliases and rng.random() < 0.3:
+                surface = rng.choice([ent.name] * 3 + ent.aliases)
             error_rate = noise if user_error is None else user_error
             if error_rate > 0 and rng.random() < error_rate:
                 surface = partial_name(surface, slot, rng)
@@ -463,7 +473,10 @@ def _fill(rng: random.Random, seed: int, noise: float, by_type=None, all_templat
                 span_ids.append(len(spans))
             spans.append((slot, ent.id))
         else:  # {num} / {dur}: plain words, no entity
-            text = rng.choice(NUMBER_WORDS) if slot == "num" else rng.choice(DURATIONS).replace("{n}", rng.choice(NUMBER_WORDS))
+            if slot == "num":
+                text = rng.choice(NUMBER_WORDS)
+            else:
+                text = rng.choice(DURATIONS).replace("{n}", rng.choice(NUMBER_WORDS))
             for w in text.split():
                 words.append(w)
                 span_ids.append(-1)
@@ -473,7 +486,8 @@ def _fill(rng: random.Random, seed: int, noise: float, by_type=None, all_templat
     return INTENT_DOMAIN[intent], intent, words, span_ids, spans
 
 
-def _tags_and_mentions(words: list[str], span_ids: list[int], spans: list[tuple[str, str]]) -> tuple[list[str], list[Mention]]:
+def _tags_and_mentions(words: list[str], span_ids: list[int],
+                       spans: list[tuple[str, str]]) -> tuple[list[str], list[Mention]]:
     tags, mentions = [], []
     for i, s in enumerate(span_ids):
         if s == -1:
