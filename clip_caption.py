@@ -442,10 +442,9 @@ def to_float(images: torch.Tensor, device) -> torch.Tensor:  # uint8 (B, 3, S, S
 class Texts:
     """Tokenization shared by both models: `<|endoftext|>` ends a text, `<|pad|>` fills batches."""
     def __init__(self):
-        self.enc = get_tokenizer()
-        self.eot, self.pad, self.alt = (self.enc.encode_single_token(f"<|{t}|>") for t in ("endoftext", "pad",
-                                                                                             "alt"))
-        self.control = {f: self.enc.encode_single_token(f"<|{f}|>") for f in FORMATS}
+        enc = self.enc = get_tokenizer()
+        self.eot, self.pad, self.alt = map(enc.encode_single_token, ("<|endoftext|>", "<|pad|>", "<|alt|>"))
+        self.control = {f: enc.encode_single_token(f"<|{f}|>") for f in FORMATS}
         self.encode = self.enc.encode_ordinary  # user text never produces control tokens
 
     def clip_batch(self, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -567,8 +566,7 @@ class TextTransformer(nn.Module):
         x = self.embeddings.token_embedding(ids) + self.embeddings.position_embedding.weight[:ids.shape[1]]
         for layer in self.encoder.layers:
             x = layer(x)  # (B, T, C)
-        x = self.final_layer_norm(x)
-        return x[torch.arange(len(ids), device=ids.device), lengths.to(ids.device) - 1]  # (B, C) at EOT
+        return self.final_layer_norm(x)[torch.arange(len(ids), device=ids.device), lengths.to(ids.device) - 1]
 
 def init_weights(module: nn.Module):
     """N(0, 0.02) weights, zero biases (GPT-2 / CLIP): PyTorch's N(0, 1) embeddings drown a fresh ViT."""
@@ -641,8 +639,7 @@ def caption_loss(logits, targets, ignore: int = -100):
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore)
 
 # ----------------------------------------------------------------------------- train
-# What training and eval need besides the config; saved: name -> load_checkpoint(...), read before any write
-Run = namedtuple("Run", "device rank world texts saved")
+Run = namedtuple("Run", "device rank world texts saved")  # saved: name -> load_checkpoint(...) (--resume)
 
 def batch_indices(n: int, batch: int, step: int, seed: int, run: Run) -> torch.Tensor:
     """This rank's share of positions step*batch .. of an endless stream of epochs, each a fresh permutation
@@ -748,19 +745,22 @@ def generate(model: Captioner, data: ImageSet, batch: list[int], fmt: str, cfg: 
             for row in out.tolist()]
 
 def caption_images(model: Captioner, data: ImageSet, fmts, prefix: Path, cfg: Config, run: Run) -> dict:
-    """{fmt: [caption per image]}. Rank r captions images r, r + world, ... into {prefix}.{r}.json (atomic;
-    the one file a rank other than 0 writes); a rerun with the same key reads it instead."""
-    mine, idx = Path(f"{prefix}.{run.rank}.json"), list(range(run.rank, len(data.images), run.world))
-    if not mine.is_file():
+    """{fmt: [caption per image]}. Rank r of w captions its images (i % w == r) that no {prefix}.*.json holds
+    into {prefix}.{r}of{w}.json (atomic; the one file ranks other than 0 write); reruns read them back."""
+    read = lambda: {(f, i): c for path in prefix.parent.glob(f"{prefix.name}.*.json")
+                    for shard in [json.loads(path.read_text(encoding="utf-8"))] for f in fmts
+                    for i, c in zip(shard["index"], shard[f])}
+    done, mine = read(), Path(f"{prefix}.{run.rank}of{run.world}.json")
+    idx = [i for i in range(run.rank, len(data.images), run.world) if any((f, i) not in done for f in fmts)]
+    if idx:
         shard = {f: [c for s in range(0, len(idx), GEN_BATCH)
                      for c in generate(model, data, idx[s: s + GEN_BATCH], f, cfg, run)] for f in fmts}
         Path(f"{mine}.tmp").write_text(json.dumps({"index": idx, **shard}), encoding="utf-8")
         os.replace(f"{mine}.tmp", mine)
     if run.world > 1:
-        dist.barrier()  # every shard is on disk: read them all
-    shards = [json.loads(Path(f"{prefix}.{r}.json").read_text(encoding="utf-8")) for r in range(run.world)]
-    where = {i: (shard, j) for shard in shards for j, i in enumerate(shard["index"])}  # image -> its shard
-    return {f: [where[i][0][f][where[i][1]] for i in range(len(data.images))] for f in fmts}
+        dist.barrier()  # every shard is on disk
+    done = read()
+    return {f: [done[f, i] for i in range(len(data.images))] for f in fmts}
 
 def export(folder: Path, data: ImageSet, synthetic: dict) -> None:
     """folder/captions.csv (filepath,alttext,ssc,dsc,afc; filepath relative to the CSV) and one PNG per image:

@@ -298,13 +298,14 @@ def test_caption_cache_shards_over_ranks_and_is_reused(smoke_run, tmp_path, monk
 
     monkeypatch.setattr(cc, "generate", counted_generate)
     monkeypatch.setattr(cc.dist, "barrier", lambda: None)  # the two "ranks" run one after the other here
-    with pytest.raises(FileNotFoundError):  # rank 1 alone: rank 0's shard is not written yet
+    with pytest.raises(KeyError):  # rank 1 alone: rank 0's shard is not written yet
         cc.caption_images(model, data, ["ssc", "afc"], tmp_path / "two", cfg, cc.Run("cpu", 1, 2, texts, {}))
     assert calls == [list(range(1, 24, 2))] * 2  # rank 1 captioned the odd images only, in each format
     rank0 = cc.Run("cpu", 0, 2, texts, {})
     both = cc.caption_images(model, data, ["ssc", "afc"], tmp_path / "two", cfg, rank0)
     assert both == single and calls[2:] == [list(range(0, 24, 2))] * 2
-    calls.clear()
+    calls.clear()  # one process reads both ranks' shards (a rerun on fewer ranks): nothing to generate
+    assert cc.caption_images(model, data, ["ssc", "afc"], tmp_path / "two", cfg, one) == single and not calls
     assert cc.caption_images(model, data, ["ssc", "afc"], tmp_path / "one", cfg, one) == single
     assert not calls  # the same key: read back, nothing generated
 
@@ -365,8 +366,8 @@ def test_user_image_text_file(smoke_run, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["clip"]["ssc50"]["emblem top1"] is None  # no scene graph: retrieval only
     assert 0.0 <= metrics["clip"]["ssc50"]["T->I R@1"] <= 1.0 and metrics["key_pairs"] == []
-    cached = json.loads(next(out.glob("captions_*.0.json")).read_text())
+    cached = json.loads(next(out.glob("captions_*.0of1.json")).read_text())
     assert cached["index"] == list(range(12)) and len(cached["ssc"]) == 12  # 15 rows, 3 held out
     cc.main(["--preset=smoke", f"--out_dir={out}", f"--data={tmp_path / 'pairs.csv'}", "--recipes=alt,ssc50",
              "--synthetic=captioner", "--cap_steps=3"])  # other captioner weights: another cache file
-    assert len(list(out.glob("captions_*.0.json"))) == 2
+    assert len(list(out.glob("captions_*.0of1.json"))) == 2
