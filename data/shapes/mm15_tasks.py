@@ -205,6 +205,7 @@ def boxes_png(items: list, predicted: list, path, scale: int = 3) -> None:
         sheet.paste(im, (x, 0))
         for b, color in ((item["box"], (0, 200, 0)), (box, (230, 0, 0))):
             if b is not None:
-                draw.rectangle([x + b[0] * scale, b[1] * scale, x + b[2] * scale, b[3] * scale], outline=color)
+                draw.rectangle([x + b[0] * scale, b[1] * scale, x + b[2] * scale, b[3] * scale],
+                               outline=color)
         x += im.width + 4
     sheet.save(path)
