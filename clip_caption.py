@@ -1,5 +1,5 @@
-"""clip_caption.py: AltText, synthetic captions, or both, for CLIP? A miniature of Lai et al. (Apple),
-"Revisit Large-Scale Image-Caption Data in Pre-training Multimodal Foundation Models", arXiv:2410.02740.
+"""clip_caption.py: AltText, synthetic captions or both for CLIP? A miniature of arXiv:2410.02740 (Apple):
+Lai et al., "Revisit Large-Scale Image-Caption Data in Pre-training Multimodal Foundation Models".
 Of the paper's three model families this script covers CLIP (multimodal LLMs: mm1.py; diffusion: none yet).
 
 1. A controllable captioner (CLIP ViT + causal decoder) learns the "human" split's gold captions; a control
