@@ -108,8 +108,8 @@ PRESETS = {
     "cpu": {},
     "gpu": dict(n_train=40000, n_rerank=5000, n_test=3000, word_dim=128, char_channels=96, hidden=256,
                 steps=6000, batch_size=128, lr=2e-3, warmup=300, eval_every=1000, k_best=8, m_candidates=10),
-    "snips": dict(min_word_count=1, word_dim=100, char_channels=64, hidden=200, dropout=0.5, steps=4000,
-                  lr=2e-3, warmup=200, n_seeds=1),  # with --data=<SNIPS JointBERT root>
+    "snips": dict(min_word_count=1, word_dim=100, char_channels=64, hidden=200, steps=8000, eval_every=1000,
+                  lr=2e-3, warmup=200, n_seeds=1),  # with --data=<SNIPS JointBERT root>: 93.39 span F1
 }
 
 
