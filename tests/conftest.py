@@ -5,4 +5,5 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `import data`, `import kernels` from the repo root
+# `import data`, `import kernels` (and the scripts, as modules) from the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

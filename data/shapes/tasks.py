@@ -71,7 +71,8 @@ def text_passage(split: str, index: int, seed: int = 0) -> str:
     if kind == "geometry":
         parts = []
         for s in rng.sample(sorted(SIDES), 3):
-            parts.append(f"{a(s).capitalize()} drawn as a polygon has {SIDES[s]} sides and {SIDES[s]} corners.")
+            parts.append(f"{a(s).capitalize()} drawn as a polygon has {SIDES[s]} sides "
+                         f"and {SIDES[s]} corners.")
         parts.append("A circle has no corners, and a ring is a circle with a hole in the middle.")
         return " ".join(parts)
     if kind == "math":
@@ -124,8 +125,10 @@ def video(split: str, index: int, seed: int = 0, frames: int = 4) -> tuple[list[
         objs = shapes_of(scene)
         moves = []
         for i, o in enumerate(objs):
-            for direction, (dx, dy) in {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}.items():
-                room = {"left": o.box[0] - 30, "right": 970 - o.box[2], "up": o.box[1] - 30, "down": 970 - o.box[3]}
+            steps = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+            for direction, (dx, dy) in steps.items():
+                room = {"left": o.box[0] - 30, "right": 970 - o.box[2],
+                        "up": o.box[1] - 30, "down": 970 - o.box[3]}
                 dist = min(room[direction], 150 * (frames - 1))
                 x1, y1, x2, y2 = o.box
                 swept = (min(x1, x1 + dx * dist), min(y1, y1 + dy * dist), max(x2, x2 + dx * dist),
@@ -144,7 +147,8 @@ def video(split: str, index: int, seed: int = 0, frames: int = 4) -> tuple[list[
         o.box, o.size = (430, 430, 570, 570), "small"
         moves = [(0, "right", 1, 0, 300)]
     longest = max(m[4] for m in moves)
-    i, direction, dx, dy, dist = rng.choice([m for m in moves if m[4] >= longest / 2])  # clearly visible moves
+    # clearly visible moves only
+    i, direction, dx, dy, dist = rng.choice([m for m in moves if m[4] >= longest / 2])
     clips = []
     for f in range(frames):
         frame = copy.deepcopy(scene)
@@ -200,7 +204,8 @@ def preference_pair(split: str, index: int, seed: int = 0) -> dict:
             prompt = rng.choice(sorted(diffs))
             chosen, rejected = gold[prompt], wrong[prompt]
         if chosen != rejected:
-            return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "scene": scene, "hallucination": what}
+            return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "scene": scene,
+                    "hallucination": what}
     raise RuntimeError(f"no preference pair for {split}/{index}/{seed}")  # not reached in practice
 
 
