@@ -17,7 +17,7 @@ Commands:
   python neu.py --preset=smoke                     # tiny end-to-end run (tests)
   python neu.py --preset=gpu                       # one GPU (bf16 autocast for the BiLSTM)
   torchrun --standalone --nproc_per_node=4 neu.py --preset=gpu   # DDP for the NER training
-  python neu.py --data=DIR                         # a user's JointBERT folders (train/ dev/ test/): NER F1
+  python neu.py --preset=snips --data=DIR          # JointBERT folders (train/ dev/ test/), e.g. SNIPS: NER F1
   python neu.py --data=DIR --catalog=cat.jsonl     # + the pipeline's links of the test queries -> links.jsonl
 
 Prints, per test set (noise rate; held-out-entity slice): NER span F1 and EL F1 (right span and entity) per
