@@ -405,7 +405,10 @@ def asr_noise(words: list[str], span_ids: list[int], noise: float, rng: random.R
                 w = sound_alike(w, rng, nonword)
             elif r < 0.8:
                 # drop, unless it is the last word of a mention (or of the whole query)
-                others = (len(out_w) + len(words) - i - 1) if s == -1 else (out_s.count(s) + span_ids[i + 1:].count(s))
+                if s == -1:
+                    others = len(out_w) + len(words) - i - 1
+                else:
+                    others = out_s.count(s) + span_ids[i + 1:].count(s)
                 if others > 0:
                     i += 1
                     continue
@@ -419,7 +422,8 @@ def asr_noise(words: list[str], span_ids: list[int], noise: float, rng: random.R
 
 
 def partial_name(name: str, etype: str, rng: random.Random) -> str:
-    """User error: only part of a long name ("the velvet marrows" -> "velvet marrows", "mira solan" -> "mira")."""
+    """User error: only part of a long name ("the velvet marrows" -> "velvet marrows",
+    "mira solan" -> "mira")."""
     words = name.split()
     if len(words) < 2:
         return name
