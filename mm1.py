@@ -103,7 +103,7 @@ class Config:
     vit_pretrain_batch: int = 64    # stage 0 (image, caption) pairs per step
     vit_pretrain_lr: float = 2e-3   # stage 0 peak lr (warmup + cosine)
     lm_pretrain_steps: int = 200    # stage 0b: text-only steps of the decoder (passages + caption words)
-    connector_warmup_steps: int = 50  # caption steps of the connector alone (ViT and decoder frozen)
+    connector_warmup_steps: int = 0  # caption steps of the connector alone, ViT + decoder frozen (collapses)
     doc_mask: bool = True           # packed rows: positions restart and attention stays inside each document
     eval_scenes: int = 100          # held-out test scenes for captioning and VQA
     shots: tuple = (0, 4, 8)        # few-shot settings to evaluate
