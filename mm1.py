@@ -6,7 +6,7 @@ On ShapesWorld (data/shapes/): image tokens spliced into the text at `<image>`; 
 (45:45:10); the paper's lr rule; an optional MoE FFN every k layers (top-2, balance 0.01, z 0.001); 0/4/8-shot
 captioning CIDEr and VQA, text perplexity. MM1 starts from a pre-trained CLIP and LLM, so we pre-train both
 in miniature first: stage 0, a tiny CLIP (the ViT + a bag-of-words text tower, InfoNCE on caption pairs);
-stage 0b, the decoder on text alone; then a connector warm-up (ViT and decoder frozen) and MM1 pre-training.
+stage 0b, the decoder on text alone; then MM1 pre-training (the connector-only warm-up is off: it collapses).
 
     python mm1.py                                   # cpu preset (default without CUDA): prints the table
     python mm1.py --preset=smoke                    # tiny, < 1 min (what the tests run)
