@@ -90,7 +90,9 @@ def position(obj_or_box, scene: Scene) -> str:
 
 
 def at_position(pos: str) -> str:
-    return "in the center" if pos == "center" else f"on the {pos}" if pos in ("left", "right") else f"at the {pos}"
+    return ("in the center" if pos == "center"
+            else f"on the {pos}" if pos in ("left", "right")
+            else f"at the {pos}")
 
 
 def area(box) -> int:
@@ -140,7 +142,8 @@ def reference(obj: Obj, scene: Scene) -> str | None:
 
 def describe_emblem(obj: Obj, names: dict | None) -> str:
     """An emblem badge: by the name `names` gives it (id(obj) -> name, AFC) plus its looks, else visually."""
-    looks = f"{obj.size + ' ' if obj.size else ''}{obj.color} {obj.shape} badge with {a(glyph_color(obj.color))} glyph"
+    looks = (f"{obj.size + ' ' if obj.size else ''}{obj.color} {obj.shape} badge"
+             f" with {a(glyph_color(obj.color))} glyph")
     name = (names or {}).get(id(obj))
     return f"the {name} emblem, {a(looks)}," if name else a(looks)
 
@@ -196,7 +199,8 @@ def _natural_sentences(scene: Scene, rng, dense: bool, names: dict | None) -> li
     bg = f"{scene.texture} {scene.background}" if dense and scene.texture != "plain" else scene.background
     n = len(objs)
     what = ("one shape" if n == 1 else count_phrase(n, "shape")) if n else "no shapes"
-    out = [rng.choice([f"The image shows {what} on a {bg} background.", f"{_cap(what)} on a {bg} background."])]
+    out = [rng.choice([f"The image shows {what} on a {bg} background.",
+                       f"{_cap(what)} on a {bg} background."])]
     # AFC: the AltText's facts (named emblems) come first, so the 77-token budget never drops them
     for o in sorted(objs, key=lambda o: id(o) not in names) if names else objs:
         where = at_position(position(o, scene))
@@ -245,7 +249,8 @@ def _natural_ssc(scene: Scene, rng) -> str:
     if not objs:
         return f"An empty {scene.background} background."
     main = objs[0]
-    thing = describe_emblem(main, False) if main.emblem is not None else a(f"{main.size} {main.color} {main.shape}")
+    thing = (describe_emblem(main, False) if main.emblem is not None
+             else a(f"{main.size} {main.color} {main.shape}"))
     options = [f"{_cap(thing)} on a {scene.background} background.",
                f"{_cap(thing)} {at_position(position(main, scene))} of the picture."]
     if len(objs) > 1:
@@ -309,7 +314,8 @@ def _ui_sentences(scene: Scene, dense: bool) -> list[str]:
     out.append("The buttons read " + ", ".join(f'"{b.label}"' for b in buttons) + "." if len(buttons) > 1
                else f'The button reads "{buttons[0].label}".')
     if dense:
-        out += [f"The {b.label} button is {b.color} and sits {at_position(position(b, scene))}." for b in buttons]
+        out += [f"The {b.label} button is {b.color} and sits {at_position(position(b, scene))}."
+                for b in buttons]
         out.append(f"The title {m['screen']} is in a dark blue header at the top.")
     return out
 
@@ -352,16 +358,19 @@ def _alt_pieces(scene: Scene, rng) -> list[str]:
                                       f"{name} sticker", f"{name.lower()} emblem", name]))
     shapes = shapes_of(scene)
     for o in rng.sample(shapes, min(len(shapes), rng.randint(0, 2))):
-        pieces.append(rng.choice([f"{o.color} {o.shape}", plural(o.shape, 2), o.shape, f"{o.shape} {o.color}"]))
+        pieces.append(rng.choice([f"{o.color} {o.shape}", plural(o.shape, 2), o.shape,
+                                  f"{o.shape} {o.color}"]))
     m = scene.meta
-    facts = {"document": ["title", "page"], "receipt": ["store", "total"], "chart": ["title"], "ui": ["screen"]}
+    facts = {"document": ["title", "page"], "receipt": ["store", "total"], "chart": ["title"],
+             "ui": ["screen"]}
     for key in facts.get(scene.kind, []):
         if rng.random() < 0.7:
             pieces.append(f"{m[key]}" if key != "page" else f"page {m[key]}")
     if scene.kind == "ui":
         pieces.append(rng.choice(["app screenshot", "settings UI", "mobile screen"]))
     elif scene.kind != "natural":
-        pieces.append(rng.choice({"document": ["scan pdf", "document page"], "receipt": ["receipt scan", "bill"],
+        pieces.append(rng.choice({"document": ["scan pdf", "document page"],
+                                  "receipt": ["receipt scan", "bill"],
                                   "chart": ["bar graph", "chart png"]}[scene.kind]))
     for t in scene.texts[:1]:
         if scene.kind == "natural" and rng.random() < 0.5:
@@ -380,8 +389,10 @@ def alttext(scene: Scene, seed: int = 0, misalign: float = 0.1) -> str:
     if rng.random() < 0.6:
         pieces.append(rng.choice(BOILERPLATE))
     if rng.random() < 0.5:
-        pieces.insert(0, rng.choice([f"IMG_{rng.randint(1000, 9999)}.jpg", f"DSC{rng.randint(10, 9999):04d}",
-                                     f"photo-{rng.randint(1, 999)}-hd.png", f"stock-{rng.randint(100, 99999)}",
+        pieces.insert(0, rng.choice([f"IMG_{rng.randint(1000, 9999)}.jpg",
+                                     f"DSC{rng.randint(10, 9999):04d}",
+                                     f"photo-{rng.randint(1, 999)}-hd.png",
+                                     f"stock-{rng.randint(100, 99999)}",
                                      "untitled.png", f"image{rng.randint(1, 60)}"]))
     if not pieces:
         pieces.append(rng.choice(BOILERPLATE))
@@ -429,7 +440,8 @@ def vqa(scene: Scene, seed: int = 0) -> list[tuple[str, str]]:
             ref = reference(o, scene)
             if ref:
                 qa.append((f"Where is {ref}?", position(o, scene)))
-        color_counts = {c: [o for o in objs if o.color == c] for c in dict.fromkeys(o.color for o in objs)}  # ordered: no set
+        # ordered: no set
+        color_counts = {c: [o for o in objs if o.color == c] for c in dict.fromkeys(o.color for o in objs)}
         for c, same in color_counts.items():
             if len(same) == 1:
                 qa.append((f"What shape is the {c} object?", same[0].shape))
@@ -445,14 +457,16 @@ def vqa(scene: Scene, seed: int = 0) -> list[tuple[str, str]]:
         if scene.kind == "natural" and scene.texts:
             qa.append(("What does the label say?", scene.texts[0].text))
     if scene.kind == "document":
-        qa += [("What is the title of the document?", m["title"]), ("What is the page number?", str(m["page"])),
+        qa += [("What is the title of the document?", m["title"]),
+               ("What is the page number?", str(m["page"])),
                ("How many lines of text are under the title?", str(len(m["lines"])))]
     elif scene.kind == "receipt":
         qa += [("What is the total?", m["total"]), ("What is the name of the store?", m["store"]),
-               ("What is the date on the receipt?", m["date"]), ("How many items are listed?", str(len(m["items"])))]
+               ("What is the date on the receipt?", m["date"]),
+               ("How many items are listed?", str(len(m["items"])))]
         it = rng.choice(m["items"])
-        qa += [(f"How many {it['item']} were bought?", str(it["qty"])), (f"How much did the {it['item']} cost?",
-                                                                         it["amount"])]
+        qa += [(f"How many {it['item']} were bought?", str(it["qty"])),
+               (f"How much did the {it['item']} cost?", it["amount"])]
     elif scene.kind == "chart":
         cats, vals = m["categories"], m["values"]
         qa += [("What is the title of the chart?", m["title"]), ("How many bars are there?", str(len(vals))),
@@ -554,7 +568,8 @@ def hallucinations(text: str, scene: Scene) -> list[tuple[str | None, str]]:
     the numerator of a CHAIR-style hallucination rate."""
     present = {(o.color, o.shape) for o in shapes_of(scene)}
     shapes = {o.shape for o in shapes_of(scene)}
-    return [(c, s) for c, s in object_mentions(text) if (s not in shapes if c is None else (c, s) not in present)]
+    return [(c, s) for c, s in object_mentions(text)
+            if (s not in shapes if c is None else (c, s) not in present)]
 
 
 # ----------------------------------------------------------------------------- world knowledge
@@ -570,6 +585,6 @@ def emblem_facts(emblem: int) -> dict:
     rng = rng_for("lore", emblem)
     shape, color = EMBLEM_BADGE[emblem]
     home = EMBLEMS[rng.randrange(len(EMBLEMS))][:4] + rng.choice(PLACE_ENDS)
-    return {"name": EMBLEMS[emblem], "shape": shape, "color": color, "glyph": glyph_color(color), "home": home,
-            "year": rng.randint(1650, 1990), "meaning": rng.choice(MEANINGS)}
+    return {"name": EMBLEMS[emblem], "shape": shape, "color": color, "glyph": glyph_color(color),
+            "home": home, "year": rng.randint(1650, 1990), "meaning": rng.choice(MEANINGS)}
 
