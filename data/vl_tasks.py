@@ -275,11 +275,13 @@ def evaluate(model, pools, cfg, device):
     for k in cfg.shots:
         demos = [[pools.shot_items[j] for j in np.random.default_rng([cfg.seed, i]).permutation(16)[:k]]
                  for i in range(len(items))]  # the 4 shots are the first 4 of the 8
-        caption_prompts, vqa_prompts = [], []  # parts: bank index = image, str = text, None = end of text
+        # demonstrations follow each other inside one document, as images do in interleaved documents: with
+        # document masks in training, nothing ever attends across an end-of-text token
+        caption_prompts, vqa_prompts = [], []  # parts: bank index = image, str = text
         for ds, item in zip(demos, items):
-            caption_prompts.append([p for d in ds for p in (d["image"], d["refs"][0], None)]
+            caption_prompts.append([p for d in ds for p in (d["image"], d["refs"][0] + "\n")]
                                    + [item["image"]])
-            shots = [p for d in ds for p in (*vqa_parts(d["vqa"][0], d["image"], d["vqa"][1]), None)]
+            shots = [p for d in ds for p in (*vqa_parts(d["vqa"][0], d["image"], d["vqa"][1]), ".\n")]
             vqa_prompts.append(shots + vqa_parts(item["vqa"][0], item["image"]))
         captions = generate_texts(model, pools, cfg, caption_prompts, cfg.max_new_tokens, device)
         answers = generate_texts(model, pools, cfg, vqa_prompts, 8, device)
