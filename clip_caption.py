@@ -51,6 +51,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.nn.functional import all_gather
 from torch.nn.utils.rnn import pad_sequence
+from tqdm import tqdm
 
 from data import InputError, shapes
 from data.metrics import cider_d, object_scores
@@ -113,8 +114,7 @@ PRESETS = {
     "gpu": dict(image_size=64, vit_width=384, vit_layers=6, vit_heads=6, text_width=384, text_layers=6,
                 text_heads=6, embed_dim=256, dec_width=512, dec_layers=6, dec_heads=8, n_human=20000,
                 cap_steps=4000, cap_batch=128, cap_max_tokens=200, n_cap_eval=1000,
-                n_web=60000, n_eval=5000, seeds=3, clip_steps=3000, clip_batch=1024, ckpt_every=1000),
-}
+                n_web=60000, n_eval=5000, seeds=3, clip_steps=3000, clip_batch=1024, ckpt_every=1000)}
 FORMATS = ("ssc", "dsc", "dsc+", "afc")  # captioner formats; CLIP recipes use ssc / dsc / afc
 GEN_BATCH = 256  # images per batched generation call
 # fields that change no model: a resume may set them anew (every other one, schedules included, must match)
@@ -661,7 +661,7 @@ def train(model: nn.Module, step_loss, steps: int, lr: float, name: str, cfg: Co
     autocast = torch.autocast("cuda", torch.bfloat16) if run.device.startswith("cuda") else nullcontext()
     log, items = None, 0
     model.train()
-    for step in range(start, steps):
+    for step in tqdm(range(start, steps), desc=name, disable=None if run.rank == 0 else True):
         set_lr(optimizer, lr_at(step, steps, lr, max(1, int(cfg.warmup_frac * steps)), 0.1 * lr))
         with autocast:
             loss, n_items, tokens = step_loss(runner, step)

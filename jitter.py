@@ -56,6 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from data import InputError, voice
 from data.metrics import bio_spans, span_f1
@@ -695,11 +696,9 @@ class Experiment:
         chars = sorted({c for toks, _ in task.train for w in toks for c in w})
         char_index = {c: i + 2 for i, c in enumerate(chars)}
         label_index = {x: i for i, x in enumerate(task.labels)}
-        self.enc = {
-            (split, vk): Encoded(rows, vocab, char_index, label_index, task.kind, cfg)
-            for split, rows in (("train", task.train), ("test", task.test))
-            for vk, vocab in (("train", self.vocab_train), ("all", self.vocab_all))
-        }
+        self.enc = {(split, vk): Encoded(rows, vocab, char_index, label_index, task.kind, cfg)
+                    for split, rows in (("train", task.train), ("test", task.test))
+                    for vk, vocab in (("train", self.vocab_train), ("all", self.vocab_all))}
         self.gold = [label if task.kind == "cls" else label[: cfg.max_len] for _, label in task.test]
         self.oov = np.array([any(w not in train_words for w in toks) for toks, _ in task.test])  # (X,)
         self.n_chars = len(chars) + 2
@@ -947,7 +946,7 @@ def main(argv: list[str]) -> dict:
     experiments = {t.name: Experiment(t, cfg, vectors, reused[t.name]) for t in tasks}
     groups = list(dict.fromkeys((t.name, row[0], k) for t, row, k in todo))  # a group shares reused models
     mine = [j for j in todo if groups.index((j[0].name, j[1][0], j[2])) % world == rank]
-    for i, (task, (arch, inp, strat), k) in enumerate(mine):
+    for i, (task, (arch, inp, strat), k) in enumerate(tqdm(mine, "models", disable=rank != 0 or None)):
         name = f"{task.name}/{arch}/{inp}/{strat}/{k}"
         t0, res = time.time(), experiments[task.name].run(arch, inp, strat, k, log, job=name)
         progress["jobs"][name] = {"preds": res["preds"], "scores": [round(s, 4) for s in res["scores"]]}

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from data import InputError
 from data.metrics import words
@@ -816,7 +817,7 @@ def train(cfg: Config, data: Data, model, opt, device: str, log, start: int, met
     names, p = list(shares), np.array(list(shares.values()))
     sampled, skipped, t0, seen = Counter(), 0, time.time(), 0
     model.train()
-    for step in range(start, cfg.cpt_steps + cfg.sft_steps):
+    for step in tqdm(range(start, cfg.cpt_steps + cfg.sft_steps), desc="cpt + sft", disable=None):
         stage, first, steps, peak = (("cpt", 0, cfg.cpt_steps, cfg.cpt_lr) if step < cfg.cpt_steps else
                                      ("sft", cfg.cpt_steps, cfg.sft_steps, cfg.sft_lr))
         lr = lr_at(step - first, steps, peak, min(cfg.warmup, steps), cfg.min_lr_frac * peak)

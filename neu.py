@@ -51,6 +51,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from tqdm import tqdm
 
 from data import InputError, voice
 from data.entity_search import LINK_FEATURES, EntityIndex
@@ -685,7 +686,7 @@ def train_ner(cfg: Config, vocab: Vocab, train, dev, device, rank, world, log, n
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
     tokens, losses = 0, []
-    for step in range(first, end):
+    for step in tqdm(range(first, end), desc="NER", disable=None if rank == 0 else True):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(len(train), (cfg.batch_size,), generator=g)[rank::world].tolist()
         words, chars, tags, mask = vocab.encode([train[i] for i in idx], device)
