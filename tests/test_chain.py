@@ -1,6 +1,7 @@
 """The checkpoint chain mm1 -> mm15 -> dpo_bdhs / mia_bench: a model rebuilt from nothing but a checkpoint's
 metadata (`arch`, tokenizer sha256, `<image>` id) reproduces mm1's logits. Each later script adds its own
 model class to BUILDERS (the copies of mm1's classes it holds)."""
+
 import importlib
 import json
 
@@ -19,8 +20,19 @@ BUILDERS = {"mm1": "MM1", "mm15": "MM1"}  # script -> the class that builds the 
 def smoke_checkpoint(tmp_path_factory):
     """A short smoke run of mm1.py (every stage, a few steps): its out_dir with model.safetensors."""
     out = tmp_path_factory.mktemp("chain")
-    mm1.main(["--preset=smoke", f"--out_dir={out}", "--steps=6", "--stop_after=5", "--vit_pretrain_steps=3",
-              "--lm_pretrain_steps=3", "--connector_warmup_steps=3", "--log_every=3", "--eval_every=3"])
+    mm1.main(
+        [
+            "--preset=smoke",
+            f"--out_dir={out}",
+            "--steps=6",
+            "--stop_after=5",
+            "--vit_pretrain_steps=3",
+            "--lm_pretrain_steps=3",
+            "--connector_warmup_steps=3",
+            "--log_every=3",
+            "--eval_every=3",
+        ]
+    )
     return out
 
 
@@ -35,14 +47,18 @@ def probe_inputs(arch: dict):
     slots = [arch["image_token_id"]] * arch["connector"]["image_tokens"]
     ids = torch.tensor([[11, 12] + slots + [13, 14, 15] + slots + [16, 17]])
     size = arch["image_size"]
-    images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(
+        0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     return ids, images
 
 
 def mm1_logits(out, ids, images):
     """mm1's own path: its Config from the checkpoint, the model built by mm1.py, weights loaded."""
     weights, meta = read_checkpoint(out)
-    cfg = mm1.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(meta["config"]).items()})
+    cfg = mm1.Config(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(meta["config"]).items()}
+    )
     enc = get_tokenizer()
     model = mm1.MM1(mm1.arch_of(cfg, enc.n_vocab, enc.encode_single_token("<image>"))).eval()
     model.load_state_dict(weights)
@@ -91,10 +107,20 @@ def test_mm15_continues_from_an_mm1_smoke_checkpoint(smoke_checkpoint, tmp_path)
     tokenizer, <image> id) plus the SFT fields, mm1's class rebuilds it from the metadata alone (strict
     load), its weights moved, and the SFT rows sampled add up to the steps x batch."""
     import mm15
+
     out = tmp_path / "mm15"
     init = smoke_checkpoint / "model.safetensors"
-    metrics = mm15.main(["--preset=smoke", f"--init={init}", f"--out_dir={out}", "--cpt_steps=2",
-                         "--sft_steps=3", "--eval_items=1", "--max_new_tokens=3"])
+    metrics = mm15.main(
+        [
+            "--preset=smoke",
+            f"--init={init}",
+            f"--out_dir={out}",
+            "--cpt_steps=2",
+            "--sft_steps=3",
+            "--eval_items=1",
+            "--max_new_tokens=3",
+        ]
+    )
     weights, meta = read_checkpoint(out)
     _, mm1_meta = read_checkpoint(smoke_checkpoint)
     for key in ("arch", "tokenizer_sha256", "image_token_id", "image_size"):

@@ -1,5 +1,6 @@
 """mm1.py: parity with transformers, KV cache, packing with document masks, smoke training, exact resume,
 DDP (2 gloo processes) == 1 process, user LLaVA files, bad input."""
+
 import json
 import os
 import subprocess
@@ -33,14 +34,28 @@ def read_log(out_dir):
 
 # ----------------------------------------------------------------------------- parity with transformers
 
+
 def test_llama_parity():
     from transformers import LlamaConfig, LlamaForCausalLM
+
     vocab = 101
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                                      rope_theta=500.0, max_position_embeddings=256, tie_word_embeddings=False)).eval()
-    ours = tiny_model(vocab, vocab - 1, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_hidden=96,
-                      rope_theta=500.0).eval()
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            rope_theta=500.0,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
+    ).eval()
+    ours = tiny_model(
+        vocab, vocab - 1, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_hidden=96, rope_theta=500.0
+    ).eval()
     missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)  # the same names
     assert not unexpected and all(k.startswith(("vision_model.", "connector.")) for k in missing)
     ids = torch.randint(0, vocab - 1, (2, 37))
@@ -52,13 +67,24 @@ def test_llama_parity():
 
 def test_clip_vision_parity():
     from transformers import CLIPVisionConfig, CLIPVisionModel
-    hf = CLIPVisionModel(CLIPVisionConfig(hidden_size=48, intermediate_size=192, num_hidden_layers=2,
-                                          num_attention_heads=3, image_size=32, patch_size=8)).eval()
+
+    hf = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=48,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            image_size=32,
+            patch_size=8,
+        )
+    ).eval()
     with torch.no_grad():  # HF's init leaves biases / LN at trivial values: randomise everything
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     ours = tiny_model(50, 49, image_size=32, patch_size=8, vit_width=48, vit_layers=2, vit_heads=3).eval()
-    state = {k if k.startswith("vision_model.") else "vision_model." + k: v for k, v in hf.state_dict().items()}
+    state = {
+        k if k.startswith("vision_model.") else "vision_model." + k: v for k, v in hf.state_dict().items()
+    }
     missing, unexpected = ours.load_state_dict(state, strict=False)
     assert not unexpected and not [k for k in missing if k.startswith("vision_model.")]
     pixels = torch.randn(3, 3, 32, 32)
@@ -70,6 +96,7 @@ def test_clip_vision_parity():
 
 
 # ----------------------------------------------------------------------------- model pieces
+
 
 @pytest.mark.parametrize("connector,tokens", [("avgpool", 4), ("attnpool", 5), ("cabstractor", 4)])
 def test_kv_cache_generation_matches_uncached(connector, tokens):
@@ -103,7 +130,7 @@ def test_batched_generation_equals_one_at_a_time():
     batched = vl_tasks.generate(model, prompts, images, 10, stop_id=-1, pad_id=0)
     alone, first = [], 0
     for prompt, n in zip(prompts, n_images):
-        alone += vl_tasks.generate(model, [prompt], images[first: first + n], 10, stop_id=-1, pad_id=0)
+        alone += vl_tasks.generate(model, [prompt], images[first : first + n], 10, stop_id=-1, pad_id=0)
         first += n
     assert batched == alone and len({tuple(x) for x in alone}) == 3
 
@@ -122,7 +149,7 @@ def test_images_land_in_image_slots_and_counts_are_checked():
 
 
 def test_bf16_autocast_forward_backward():
-    """The CUDA path trains under bf16 autocast; CPU autocast exercises the same dtype mixing (RoPE, splice)."""
+    """The CUDA path trains under bf16 autocast; CPU autocast exercises the same dtype mixing."""
     cfg = tiny_cfg(moe_every=2, n_experts=4)
     model = mm1.MM1(mm1.arch_of(cfg, 60, 59))
     ids = torch.randint(0, 58, (2, 12))
@@ -136,7 +163,7 @@ def test_bf16_autocast_forward_backward():
 
 
 def test_clip_loss_by_hand():
-    """Symmetric InfoNCE: one-hot embeddings, scale e^0 = 1 -> logits = identity, loss = -log(e / (e + B - 1))."""
+    """Symmetric InfoNCE: one-hot embeddings, scale e^0 = 1: logits = identity, loss -log(e / (e + B - 1))."""
     emb = torch.eye(4) * 3.0  # normalised away
     loss = mm1.clip_loss(emb, emb, torch.tensor(0.0))
     torch.testing.assert_close(loss, torch.tensor(-np.log(np.e / (np.e + 3)), dtype=torch.float32))
@@ -147,8 +174,10 @@ def test_clip_loss_by_hand():
 
 def test_packing_never_splits_an_image():
     image_id, pad_id, k = 9, 0, 4
-    docs = [(np.array([1, 9, 2, 3, 9, 9, 4, 5], dtype=np.int32), [10, 11, 12]),
-            (np.array([6, 7, 8], dtype=np.int32), [])]
+    docs = [
+        (np.array([1, 9, 2, 3, 9, 9, 4, 5], dtype=np.int32), [10, 11, 12]),
+        (np.array([6, 7, 8], dtype=np.int32), []),
+    ]
     rng = np.random.default_rng(0)
     for seq_len in range(3, 40):
         ids, images, doc_of = vl_tasks.pack_sequence(rng, docs, seq_len, image_id, pad_id, k)
@@ -186,19 +215,40 @@ def write_llava_mix(folder: Path, image_folder: Path) -> Path:
     image_folder.mkdir(exist_ok=True)
     for i in range(2):
         shapes.render(shapes.make_scene("train", i), size=48).save(image_folder / f"im{i}.png")
-    items = [{"id": str(i), "image": f"im{i}.png", "conversations": [
-        {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": f"Answer number {i}."}]}
-        for i in range(2)]
-    items.append({"id": "t", "conversations": [{"from": "human", "value": "What is a hexagon?"},
-                                               {"from": "gpt", "value": "A shape with six sides."}]})
+    items = [
+        {
+            "id": str(i),
+            "image": f"im{i}.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe the image."},
+                {"from": "gpt", "value": f"Answer number {i}."},
+            ],
+        }
+        for i in range(2)
+    ]
+    items.append(
+        {
+            "id": "t",
+            "conversations": [
+                {"from": "human", "value": "What is a hexagon?"},
+                {"from": "gpt", "value": "A shape with six sides."},
+            ],
+        }
+    )
     (folder / "mix.json").write_text(json.dumps(items, indent=1))
     return folder / "mix.json"
 
 
 def test_user_llava_mix_with_text_only_items_and_image_folder(tmp_path):
     path = write_llava_mix(tmp_path, tmp_path / "images")
-    cfg = tiny_cfg(train_data=str(path), image_folder=str(tmp_path / "images"), n_documents=1, n_passages=1,
-                   eval_scenes=1, n_eval_passages=1)
+    cfg = tiny_cfg(
+        train_data=str(path),
+        image_folder=str(tmp_path / "images"),
+        n_documents=1,
+        n_passages=1,
+        eval_scenes=1,
+        n_eval_passages=1,
+    )
     pools = mm1.Pools(cfg, get_tokenizer())
     assert len(pools.caption_docs) == 2 and pools.user_text_items == 1 and len(pools.passages) == 2
     assert "six sides" in pools.enc.decode(pools.passages[-1][0][:-1].tolist())
@@ -206,11 +256,14 @@ def test_user_llava_mix_with_text_only_items_and_image_folder(tmp_path):
         assert ids[0] == pools.image_id and (ids == pools.image_id).sum() == 1 and ids[-1] == pools.eot_id
         assert f"Answer number {i}." in pools.enc.decode(ids[1:-1].tolist())
         assert pools.bank[images[0]].shape == (3, 32, 32) and pools.bank[images[0]].float().std() > 0
-    with pytest.raises(InputError, match="im0.png"):  # without --image_folder the paths resolve next to the file
+    with pytest.raises(
+        InputError, match="im0.png"
+    ):  # without --image_folder the paths resolve next to the file
         mm1.Pools(tiny_cfg(train_data=str(path), n_documents=1, n_passages=1, eval_scenes=1), get_tokenizer())
 
 
 # ----------------------------------------------------------------------------- end to end
+
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
@@ -228,8 +281,16 @@ def test_smoke_loss_falls_and_outputs(smoke_run):
     clip = [line["loss"] for line in lines if line["stage"] == "vit_clip"]  # stage 0: tiny CLIP for the ViT
     assert len(clip) == 12 and np.mean(clip[-3:]) < min(np.mean(clip[:3]) - 0.3, np.log(16) - 0.2), clip
     saved = json.loads((out / "metrics.json").read_text())
-    for key in ("caption_cider_0shot", "vqa_exact_match_2shot", "average_2shot", "text_ppl_unseen",
-                "vqa_majority_baseline", "main_object_named_0shot", "image_gain", "connector_image_share"):
+    for key in (
+        "caption_cider_0shot",
+        "vqa_exact_match_2shot",
+        "average_2shot",
+        "text_ppl_unseen",
+        "vqa_majority_baseline",
+        "main_object_named_0shot",
+        "image_gain",
+        "connector_image_share",
+    ):
         assert key in saved and saved[key] == metrics[key]
     assert saved["text_ppl_unseen"] < 2048  # better than uniform over the vocabulary
     assert saved["text_passages_seen"] + saved["text_passages_unseen"] == 4
@@ -253,12 +314,28 @@ def test_resume_is_exact_and_refuses_another_config(smoke_run, tmp_path, capsys)
 
 
 def test_ddp_two_processes_equal_one(tmp_path):
-    args = SMOKE + ["--steps=4", "--log_every=1", "--batch_size=4", "--vit_pretrain_steps=2", "--eval_scenes=1",
-                    "--shots=0", "--n_eval_passages=1", "--max_new_tokens=2"]
+    args = SMOKE + [
+        "--steps=4",
+        "--log_every=1",
+        "--batch_size=4",
+        "--vit_pretrain_steps=2",
+        "--eval_scenes=1",
+        "--shots=0",
+        "--n_eval_passages=1",
+        "--max_new_tokens=2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for launcher, out in (([], "one"), (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "two")):
-        proc = subprocess.run([sys.executable, *launcher, str(ROOT / "mm1.py"), *args, f"--out_dir={tmp_path / out}"],
-                              env=env, capture_output=True, text=True, cwd=ROOT)
+    for launcher, out in (
+        ([], "one"),
+        (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "two"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, *launcher, str(ROOT / "mm1.py"), *args, f"--out_dir={tmp_path / out}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
     one, two = ([x for x in read_log(tmp_path / d) if x["stage"] == "mm1"] for d in ("one", "two"))
     assert [x["step"] for x in one] == [x["step"] for x in two] == [1, 2, 3, 4]
@@ -266,6 +343,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
+
 
 def run_bad(args, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["mm1.py", *args])
@@ -294,9 +372,24 @@ def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys):
 def test_overfit_few_scenes_sees_the_image(tmp_path):
     """Caption-only training on 24 scenes, evaluated on 16 of them: the model must tell the images apart
     (>= 8 distinct captions, image gain > 0.02 nats/token), the overfit check of issue 12."""
-    cfg = tiny_cfg(mix="100:0:0", n_caption_scenes=24, caption_formats=("ssc",), vqa_per_scene=0, eval_scenes=16,
-                   shots=(0,), n_documents=2, n_passages=200, n_eval_passages=2, steps=200, warmup=10,
-                   log_every=50, eval_every=200, ckpt_every=1000, max_new_tokens=12, out_dir=str(tmp_path))
+    cfg = tiny_cfg(
+        mix="100:0:0",
+        n_caption_scenes=24,
+        caption_formats=("ssc",),
+        vqa_per_scene=0,
+        eval_scenes=16,
+        shots=(0,),
+        n_documents=2,
+        n_passages=200,
+        n_eval_passages=2,
+        steps=200,
+        warmup=10,
+        log_every=50,
+        eval_every=200,
+        ckpt_every=1000,
+        max_new_tokens=12,
+        out_dir=str(tmp_path),
+    )
     pools = mm1.Pools(cfg, get_tokenizer())
     pools.eval_items = pools.shot_items  # training scenes 0..15
     metrics = mm1.run(cfg, "cpu", 0, 1, pools)
