@@ -12,7 +12,7 @@ classification and entity linking.
     cat = voice.load_catalog()                       # list[Entity]
     q = voice.make_query("train", 0, noise=0.1)      # Query(tokens, tags, domain, intent, entities, ...)
     voice.write_jointbert(voice.dataset("train", 1000), "out/voice/train")   # seq.in / seq.out / label
-    qs = voice.read_jointbert("../shared/realdata/snips/train")             # a user's SNIPS / ATIS folder
+    qs = voice.read_jointbert("path/to/snips/train")                      # a user's SNIPS / ATIS folder
 
     python -m data.voice --out_dir=out/voice --n_train=2000 --noise=0.1     # writes train/dev/test folders
 
@@ -37,7 +37,7 @@ from pathlib import Path
 import jellyfish
 
 from data import InputError
-from data.jsonl import iter_jsonl
+from data.jsonl import iter_jsonl, text_lines
 
 # ----------------------------------------------------------------------------- schema
 
@@ -652,16 +652,8 @@ def check_bio(tags: list[str]) -> str | None:
 
 
 def read_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file; a byte that is not UTF-8 is an InputError naming file:line."""
-    lines = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                lines.append(raw.decode("utf-8").rstrip("\r\n"))
-            except UnicodeDecodeError as e:
-                raise InputError(f"{path}:{lineno}: byte 0x{raw[e.start]:02x} at column {e.start + 1} "
-                                 "is not UTF-8 (expected UTF-8 text)") from None
-    return lines
+    """The lines of a UTF-8 text file, without line endings (data.jsonl.text_lines' errors)."""
+    return [line.rstrip("\r\n") for _, line in text_lines(path)]
 
 
 def read_jointbert(folder: str | Path) -> list[Query]:
