@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_SCRIPTS = ["mm1.py", "mm15.py", "dpo_bdhs.py", "mia_bench.py", "clip_caption.py", "jitter.py", "neu.py"]
@@ -105,7 +106,7 @@ def bad_argvs(tmp_path):
     a_file.write_text("x")
     cases = {"bad key": ["--no_such_key=1"], "bad value": ["--seed=abc"], "bad device": ["--device=tpu"],
              "unwritable out_dir": [f"--out_dir={a_file}/run"]}
-    if not __import__("torch").cuda.is_available():
+    if not torch.cuda.is_available():
         cases["absent device"] = ["--device=cuda"]
     return cases
 
