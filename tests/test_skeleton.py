@@ -24,9 +24,10 @@ SHARED_PREFIXES = ("CLIP", "Llama", "RMSNorm", "rotate_half", "apply_rope")
 # per script: a flag whose file is read late (after config, device and out_dir checks), for the bad-run test
 LATE_INPUT = {"mm1.py": ("train_data", "llava.json"), "clip_caption.py": ("data", "pairs.csv"),
               "jitter.py": ("data", "jointbert"), "neu.py": ("data", "jointbert"),
-              "mm15.py": ("init", "model.safetensors")}
-# scripts that start from another script's checkpoint: the run that makes it (smoke size)
-START_POINT = {"mm15.py": "mm1.py"}
+              "mm15.py": ("init", "model.safetensors"), "dpo_bdhs.py": ("init", "model.safetensors"),
+              "mia_bench.py": ("init", "model.safetensors")}
+# scripts that start from another script's checkpoint: the script that makes it (smoke size, recursively)
+START_POINT = {"mm15.py": "mm1.py", "dpo_bdhs.py": "mm15.py", "mia_bench.py": "mm15.py"}
 
 
 def skeleton_of(text: str, name: str) -> str:
@@ -151,6 +152,16 @@ def folder_hashes(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def start_point(script: str, tmp_path: Path) -> list:
+    """The --init flag of a script that continues another's checkpoint, after making the chain (smoke)."""
+    if script not in START_POINT:
+        return []
+    before = START_POINT[script]
+    made = smoke_run(before, tmp_path / before[:-3], *start_point(before, tmp_path))
+    assert made.returncode == 0, made.stderr[-2000:]
+    return [f"--init={tmp_path / before[:-3] / 'model.safetensors'}"]
+
+
 def smoke_run(script: str, out_dir: Path, *argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, script, "--preset=smoke", f"--out_dir={out_dir}", *argv], cwd=ROOT,
@@ -160,11 +171,7 @@ def smoke_run(script: str, out_dir: Path, *argv: str) -> subprocess.CompletedPro
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_failed_run_leaves_a_finished_run_untouched(script, tmp_path):
-    run_dir, start = tmp_path / "finished", []
-    if script in START_POINT:
-        made = smoke_run(START_POINT[script], tmp_path / "start")
-        assert made.returncode == 0, made.stderr[-2000:]
-        start = [f"--init={tmp_path / 'start' / 'model.safetensors'}"]
+    run_dir, start = tmp_path / "finished", start_point(script, tmp_path)
     done = smoke_run(script, run_dir, *start)
     assert done.returncode == 0, done.stderr[-2000:]
     before = folder_hashes(run_dir)
