@@ -217,3 +217,33 @@ def score_replies(items: list[dict], answers: dict, replies: dict) -> dict:
                 per_type_n={t: len(v) for t, v in per_type.items()},
                 per_type_overwritten={t: mean(v) for t, v in overwrite.items()},
                 official_as_is=mean(as_is), official_as_is_skipped=as_is_skipped)
+
+
+def prompt_rows(items: list[dict], answers: dict) -> list[dict]:
+    """The judge prompt of every answered item ({item id: text}; an 'error' answer gets none, as in the
+    notebook), each row with the item's image: the official judge sees the image with the prompt."""
+    rows = []
+    for item in items:
+        text = answers.get(item_id(item), "error")
+        if text != "error":
+            prompt = judge_prompt(item, text)
+            rows.append(dict(id=item_id(item), image=item["image"], prompt_sha256=prompt_sha256(prompt),
+                             prompt=prompt))
+    return rows
+
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def stats_table(ours: dict, official: dict | None) -> str:
+    """Markdown: type counts, weight patterns, component counts, items repeating a type and items whose
+    weights don't sum to 10 (stats()), the official file's beside ours."""
+    lines = [f"| statistic | official ({official['items'] if official else 'file not given'}) | ours "
+             f"({ours['items']}) |", "|---|---|---|"]
+    for key, subs in (("types", TYPES), ("weights", ("[6, 4]", "[4, 3, 3]", "[4, 2, 2, 2]")),
+                      ("components", (2, 3, 4, 5)), ("repeated_type", [None]), ("weights_not_10", [None])):
+        for sub in subs:
+            get = lambda s, k=key, x=sub: (s[k] if x is None else s[k].get(x, 0)) if s else "n/a"
+            lines.append(f"| {key} {'' if sub is None else sub} | {get(official)} | {get(ours)} |")
+    return "\n".join(lines)
