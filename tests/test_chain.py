@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 import mm1
 from data.tokenizer import get_tokenizer
 
-BUILDERS = {"mm1": "MM1", "mm15": "MM1"}  # script -> the class that builds the model from an arch dict
+# script -> the class that builds the model from an arch dict
+BUILDERS = {"mm1": "MM1", "mm15": "MM1", "mia_bench": "MM1"}
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +136,23 @@ def test_mm15_continues_from_an_mm1_smoke_checkpoint(smoke_checkpoint, tmp_path)
         assert not torch.allclose(model(ids, images)[0], mm1_logits(smoke_checkpoint, ids, images), atol=1e-4)
     assert sum(metrics["sampled_counts"].get(c, 0) for c in metrics["shares"]) == 3 * 4
     assert (out / "grounding.png").is_file() and (out / "report.md").is_file()
+
+
+def test_mia_bench_continues_from_an_mm15_smoke_checkpoint(smoke_checkpoint, tmp_path):
+    """mm1 -> mm15 -> mia_bench at smoke size: mia_bench's checkpoint keeps the contract (arch, tokenizer,
+    <image> id, image size, mm15's sft block) plus its `mia` block, and mm1's class rebuilds it (strict)."""
+    import mia_bench
+    import mm15
+
+    mm15_args = ["--cpt_steps=2", "--sft_steps=3", "--eval_items=1", "--max_new_tokens=3"]
+    init = smoke_checkpoint / "model.safetensors"
+    mm15.main(["--preset=smoke", f"--init={init}", f"--out_dir={tmp_path / 'mm15'}", *mm15_args])
+    init = tmp_path / "mm15" / "model.safetensors"
+    mia_bench.main(["--preset=smoke", f"--init={init}", f"--out_dir={tmp_path / 'mia'}", "--sft_steps=2"])
+    weights, meta = read_checkpoint(tmp_path / "mia")
+    _, mm15_meta = read_checkpoint(tmp_path / "mm15")
+    for key in ("arch", "tokenizer_sha256", "image_token_id", "image_size", "sft"):
+        assert meta[key] == mm15_meta[key], key
+    assert json.loads(meta["mia"])["n_sft"] == 8 and int(meta["step"]) == 2
+    model = mm1.MM1(json.loads(meta["arch"])).eval()
+    model.load_state_dict(weights)
