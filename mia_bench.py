@@ -69,12 +69,12 @@ class Config:
     answers: str = ""               # with --official: answers JSONL (question_id = the image URL, text)
     judge: str = "rule"             # rule | replies:FILE (a judge's replies, JSONL {prompt_sha256, reply})
     n_bench: int = 100              # ShapesWorld benchmark items (test scenes)
-    max_new_tokens: int = 40        # answer length limit at generation
+    max_new_tokens: int = 48        # answer length limit at generation (gold answers: <= 41 tokens)
     n_retention: int = 100          # held-out VQA and POPE questions (retention)
     # instruction SFT (the paper: ~5k items on LLaVA-NeXT)
     n_sft: int = 600                # SFT items (train scenes; combinations disjoint from the benchmark's)
     replay: float = 0.25            # share of each batch that is plain VQA in mm15's format (retention)
-    sft_steps: int = 120            # SFT steps (0: score the checkpoint only)
+    sft_steps: int = 200            # SFT steps (0: score the checkpoint only)
     sft_lr: float = 3e-4            # peak lr (warmup, cosine to min_lr_frac x peak)
     batch_size: int = 8             # samples per step, one per row
     seq_len: int = 400              # longest sample (tokens); a longer one is counted and skipped, never cut

@@ -175,6 +175,8 @@ def test_rule_judge_strict_vs_loose_and_the_official_sentence():
                                             "score: 10/10."
     assert mia.parse_reply(sentence, [6, 4])["score"] == 1.0
     assert world_mia.judge(item, SCENE, "   ", loose=True)[0] == [0, 0]  # empty fails everything (IFEval)
+    assert world_mia.variants("**A**\nb\nc") == ["**A**\nb\nc", "A\nb\nc", "b\nc", "b\nc", "**A**\nb", "A\nb",
+                                                  "b", "b"]  # IFEval's 8: first / last line dropped, no '*'
 
 
 def test_benchmark_items_gold_responses_and_distribution():
