@@ -1,7 +1,5 @@
-"""MIA-Bench in miniature: layered instructions, the official judge protocol done right, instruction SFT.
-
-Qian et al., "MIA-Bench: Towards Better Instruction Following Evaluation of Multimodal LLMs",
-arXiv:2407.01509.
+"""MIA-Bench in miniature (Qian et al., "MIA-Bench: Towards Better Instruction Following Evaluation of
+Multimodal LLMs", arXiv:2407.01509): layered instructions, the official judge protocol, instruction SFT.
 From an mm15.py checkpoint (model rebuilt from its `arch`, tiled and prompted as its `sft` block says), the
 model answers ShapesWorld MIA items (data/shapes/mia.py: the official fields, eight component types checked
 exactly against the scene graph); a rule judge (IFEval strict / loose) writes the official score sentence,
@@ -72,9 +70,9 @@ class Config:
     max_new_tokens: int = 48        # answer length limit at generation (gold answers: <= 41 tokens)
     n_retention: int = 100          # held-out VQA and POPE questions (retention)
     # instruction SFT (the paper: ~5k items on LLaVA-NeXT)
-    n_sft: int = 600                # SFT items (train scenes; combinations disjoint from the benchmark's)
+    n_sft: int = 1000               # SFT items (train scenes; combinations disjoint from the benchmark's)
     replay: float = 0.25            # share of each batch that is plain VQA in mm15's format (retention)
-    sft_steps: int = 200            # SFT steps (0: score the checkpoint only)
+    sft_steps: int = 400            # SFT steps (0: score the checkpoint only)
     sft_lr: float = 3e-4            # peak lr (warmup, cosine to min_lr_frac x peak)
     batch_size: int = 8             # samples per step, one per row
     seq_len: int = 400              # longest sample (tokens); a longer one is counted and skipped, never cut
@@ -95,6 +93,7 @@ PRESETS = {
 }
 RESUME_MAY_DIFFER = ("resume", "device", "out_dir", "log_every", "ckpt_every", "n_bench", "max_new_tokens",
                      "n_retention", "judge")
+CONSTANT = "A red circle sits in the center."  # the constant-answer baseline
 PROMPT_FORMAT = "Question: {q} <image slots> Answer: {a}<|endoftext|>"  # mm15's SFT format, read from --init
 
 def check_config(cfg: Config) -> None:
@@ -102,8 +101,7 @@ def check_config(cfg: Config) -> None:
     if cfg.judge != "rule" and not cfg.judge.startswith("replies:"):
         raise InputError(f"--judge={cfg.judge}: expected rule or replies:FILE")
     if min(cfg.n_bench, cfg.n_sft, cfg.n_retention, cfg.batch_size, cfg.seq_len, cfg.max_new_tokens) < 1:
-        raise InputError("expected --n_bench, --n_sft, --n_retention, --batch_size, --seq_len, "
-                         "--max_new_tokens > 0")
+        raise InputError("expected n_bench, n_sft, n_retention, batch_size, seq_len, max_new_tokens > 0")
     if not 0 <= cfg.replay < 1:
         raise InputError(f"--replay={cfg.replay}: expected a share in [0, 1)")
     if cfg.answers and not cfg.official:
@@ -449,6 +447,9 @@ class Data:
         self.replay = [self.vqa_item("train", i, cfg.seed, tile) for i in range(cfg.n_sft)]
         self.vqa = [self.vqa_item("val", i, 0, tile) for i in range(cfg.n_retention)]
         self.pope = [self.vqa_item("val", i, 0, tile, "adversarial") for i in range(cfg.n_retention)]
+        longest = max(len(self.sample(item)[0]) for item in self.sft + self.replay)
+        if longest > cfg.seq_len:  # a sample is never cut (that would cut image slots)
+            raise InputError(f"--seq_len={cfg.seq_len}: the longest SFT sample has {longest} tokens")
 
     def vqa_item(self, split: str, i: int, seed: int, tile: int, pope: str = "") -> dict:
         scene = shapes.make_scene(split, i, seed)
@@ -781,7 +782,7 @@ def loss_of(model, rows, pad_id: int, device: str):
 def train(cfg: Config, data: Data, model, opt, device: str, log, start: int, meta: dict) -> dict:
     """Instruction SFT: each row an SFT item (gold response), or with probability `replay` a plain VQA item;
     a step's samples are a pure function of (seed, step)."""
-    skipped, t0, seen = 0, time.time(), 0
+    t0, seen = time.time(), 0
     model.train()
     for step in tqdm(range(start, cfg.sft_steps), desc="sft", disable=None):
         peak = cfg.sft_lr
@@ -790,13 +791,7 @@ def train(cfg: Config, data: Data, model, opt, device: str, log, start: int, met
         rng, rows = np.random.default_rng([cfg.seed, step]), []
         while len(rows) < cfg.batch_size:
             pool = data.replay if rng.random() < cfg.replay else data.sft
-            row = data.sample(pool[rng.integers(len(pool))])
-            if len(row[0]) > cfg.seq_len:  # never cut (that would cut image slots): counted and skipped
-                skipped += 1
-                if skipped > 20 * cfg.batch_size * (step + 1):
-                    raise InputError(f"--seq_len={cfg.seq_len}: most samples are longer ({len(row[0])})")
-                continue
-            rows.append(row)
+            rows.append(data.sample(pool[rng.integers(len(pool))]))
         loss = loss_of(model, rows, data.pad_id, device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -805,11 +800,11 @@ def train(cfg: Config, data: Data, model, opt, device: str, log, start: int, met
         seen += len(rows)
         last = step + 1 == cfg.sft_steps
         if (step + 1) % cfg.log_every == 0 or last:
-            print(json.dumps(log(step + 1, loss.item(), lr, seen, skipped_too_long=skipped)))
+            print(json.dumps(log(step + 1, loss.item(), lr, seen)))
             seen = 0
         if (step + 1) % cfg.ckpt_every == 0 or last:
             save_checkpoint(cfg.out_dir, model, opt, cfg, step + 1, meta=meta)
-    return dict(train_time_s=round(time.time() - t0, 1), skipped=skipped)
+    return dict(train_time_s=round(time.time() - t0, 1))
 
 # ----------------------------------------------------------------------------- eval
 
@@ -827,7 +822,7 @@ def answers(model, data: Data, items: list, max_new_tokens: int, device: str, bl
     model.train()
     return texts, stopped
 
-def judge_bench(data: Data, texts: list, replies_file: str) -> dict:
+def judge_bench(data: Data, texts: list, judge: str) -> dict:
     """The rule judge's replies (strict and loose) scored by the official protocol's parser (data/mia.py)
     like any judge's; a replies file's judge too (looked up by prompt hash); agreement of strict and loose
     per component, and of the rule judge (strict) and the replies file per item (scores within 0.05)."""
@@ -840,8 +835,8 @@ def judge_bench(data: Data, texts: list, replies_file: str) -> dict:
             passed[mode] += [p > 0 for p in points]
         out[mode] = mia.score_replies(items, given, replies) | {"replies": replies}
     out["agree_strict_loose"] = round(100 * np.mean(np.equal(passed["strict"], passed["loose"])), 1)
-    if replies_file:
-        cache = mia.read_replies(replies_file)
+    if judge != "rule":
+        cache = mia.read_replies(judge.removeprefix("replies:"))
         rows = mia.prompt_rows(items, given)
         found = {r["id"]: cache[r["prompt_sha256"]] for r in rows if r["prompt_sha256"] in cache}
         out["replies_file"] = mia.score_replies(items, given, found)
@@ -855,8 +850,7 @@ def evaluate(model, data: Data, cfg: Config, device: str, blank: bool) -> dict:
     """The benchmark (answers, judges, EOS in time, words) and retention: VQA exact match and POPE
     accuracy (an unparsed answer is wrong), also with blank (grey) images of the same sizes when `blank`."""
     texts, stopped = answers(model, data, data.bench, cfg.max_new_tokens, device)
-    m = dict(texts=texts, judged=judge_bench(data, texts, cfg.judge.removeprefix("replies:")
-                                             if cfg.judge != "rule" else ""))
+    m = dict(texts=texts, judged=judge_bench(data, texts, cfg.judge))
     m["stopped"] = round(100 * float(np.mean(stopped)), 1)
     m["mean_words"] = round(float(np.mean([len(words(t)) for t in texts])), 1)
     for task, items in (("vqa", data.vqa), ("pope", data.pope)):
@@ -867,28 +861,31 @@ def evaluate(model, data: Data, cfg: Config, device: str, blank: bool) -> dict:
                                                       for t, it in zip(said, items)]), 1)
     return m
 
-def results_table(base: dict, tuned: dict | None) -> str:
-    """Per type (strict rule judge, mean over component instances, x100), base vs +SFT, and the rest."""
-    runs = [base] + ([tuned] if tuned else [])
+def results_table(constant: dict, base: dict, tuned: dict | None) -> str:
+    """Per type (strict rule judge, mean over component instances, x100): a constant answer (what vacuous
+    compliance earns), base, +SFT; then EOS, length, judges, retention."""
+    runs = [constant, base] + ([tuned] if tuned else [])
     cell = lambda v: "n/a" if v is None else f"{v:.1f}"
     row = lambda name, get: f"| {name} | " + " | ".join(cell(get(r)) for r in runs) + " |"
     strict = lambda r: r["judged"]["strict"]
-    lines = ["| | base |" + (" +SFT |" if tuned else ""), "|---" * (len(runs) + 1) + "|",
+    lines = [f"| | constant {CONSTANT!r} | base |" + (" +SFT |" if tuned else ""),
+             "|---" * (len(runs) + 1) + "|",
              row("**score (strict rule judge)**", lambda r: strict(r)["strict"]),
              row("score (loose rule judge)", lambda r: r["judged"]["loose"]["strict"])]
     lines += [row(f"{t} (n={strict(base)['per_type_n'].get(t, 0)})",
                   lambda r, t=t: strict(r)["per_type"].get(t))
               for t in [t for t in mia.TYPES if t != "length_limit"] + ["length_limit"]]
-    lines += [row("answers ending with EOS (%)", lambda r: r["stopped"]),
-              row("mean words per answer", lambda r: r["mean_words"]),
+    lines += [row("answers ending with EOS (%)", lambda r: r.get("stopped")),
+              row("mean words per answer", lambda r: r.get("mean_words")),
               row("rule judge failures", lambda r: strict(r)["failed"]),
-              row("strict vs loose agreement (% components)", lambda r: r["judged"]["agree_strict_loose"])]
+              row("strict vs loose agreement (% comp.)", lambda r: r["judged"]["agree_strict_loose"])]
     if "replies_file" in base["judged"]:
-        lines += [row("replies file: strict score", lambda r: r["judged"]["replies_file"]["strict"]),
-                  row("replies file: failures", lambda r: r["judged"]["replies_file"]["failed"]),
+        replies = lambda r: r["judged"]["replies_file"]
+        lines += [row("replies file: strict score", lambda r: replies(r)["strict"]),
+                  row("replies file: failures", lambda r: replies(r)["failed"]),
                   row("rule vs replies agreement (% items)", lambda r: r["judged"]["agree_rule_replies"])]
     return "\n".join(lines + [row(f"{t} retention (blank image {cell(base[f'{t}_blank'])})",
-                                  lambda r, t=t: r[f"{t}_model"]) for t in ("vqa", "pope")])
+                                  lambda r, t=t: r.get(f"{t}_model")) for t in ("vqa", "pope")])
 
 # ----------------------------------------------------------------------------- main
 
@@ -907,9 +904,10 @@ def load_init(cfg: Config, enc):
         raise InputError(f"--init={cfg.init}: made with another tokenizer (sha256 or <image> id differs)")
     if sft.get("prompt") != PROMPT_FORMAT:
         raise InputError(f"--init={cfg.init}: sft.prompt {sft.get('prompt')!r}, expected {PROMPT_FORMAT!r}")
-    tiling = ("tile_size", "image_tokens", "split", "n_min", "n_max", "overview", "indicators")
-    if set(tiling) - set(sft.get("tiling", {})):
-        raise InputError(f"--init={cfg.init}: sft.tiling lacks {sorted(set(tiling) - set(sft['tiling']))}")
+    lacks = {"tile_size", "image_tokens", "split", "n_min", "n_max", "overview", "indicators"} - set(sft.get(
+        "tiling", {}))
+    if lacks:
+        raise InputError(f"--init={cfg.init}: sft.tiling lacks {sorted(lacks)}")
     return weights, meta, arch, SimpleNamespace(**sft["tiling"])
 
 def official_mode(cfg: Config) -> dict:
@@ -966,6 +964,7 @@ def main(argv):
     ours = mia.stats([b["item"] for b in data.bench])
     print(f"config: {json.dumps(asdict(cfg))}\ndata: {data_time} s\n{mia.stats_table(ours, None)}")
     t1 = time.time()
+    constant = dict(judged=judge_bench(data, [CONSTANT] * len(data.bench), cfg.judge))
     base = evaluate(model, data, cfg, device, blank=True)
     summary, tuned = {}, None
     if cfg.sft_steps:
@@ -980,17 +979,18 @@ def main(argv):
         b["pil"].save(Path(cfg.out_dir) / b["item"]["image"])
     items, files = [b["item"] for b in data.bench], {}
     m = {"data_time_s": data_time, "eval_and_train_time_s": round(time.time() - t1, 1), **summary}
-    for name, run in (("base", base), ("sft", tuned)):
-        if run is not None:
-            given = {it["id"]: t for it, t in zip(items, run.pop("texts"))}
-            files[f"answers_{name}.jsonl"] = mia.jsonl([dict(question_id=k, text=given[k]) for k in given])
-            files[f"judge_prompts_{name}.jsonl"] = mia.jsonl(mia.prompt_rows(items, given))
-            m[name], m[f"{name}_samples"] = run, [f"{it['instruction']!r} -> {given[it['id']]!r}"
-                                                   for it in items[:3]]
-            for mode in ("strict", "loose"):
-                run["judged"][mode].pop("replies")
+    for name, run in (("constant", constant), ("base", base), ("sft", tuned)):
+        if run is None:
+            continue
+        m[name], given = run, {it["id"]: t for it, t in zip(items, run.pop("texts", [CONSTANT] * len(items)))}
+        files[f"answers_{name}.jsonl"] = mia.jsonl([dict(question_id=k, text=given[k]) for k in given])
+        files[f"judge_prompts_{name}.jsonl"] = mia.jsonl(mia.prompt_rows(items, given))
+        m[f"{name}_samples"] = [f"{it['instruction']!r} -> {given[it['id']]!r}" for it in items[:3]]
+        for mode in ("strict", "loose"):
+            run["judged"][mode].pop("replies")
+    table = results_table(constant, base, tuned)
     report = (f"# MIA-Bench miniature ({cfg.preset} preset, seed {cfg.seed})\n\n## Benchmark statistics\n"
-              f"{mia.stats_table(ours, None)}\n\n## Results (x100)\n{results_table(base, tuned)}\n\n"
+              f"{mia.stats_table(ours, None)}\n\n## Results (x100)\n{table}\n\n"
               + "".join(f"- {s}\n" for name in ("base", "sft") for s in m.get(f"{name}_samples", [])))
     print(report)
     write_outputs(cfg.out_dir, {"metrics.json": m, "report.md": report, **files})
