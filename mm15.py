@@ -1,19 +1,17 @@
-"""MM1.5 in miniature: continual pre-training on text-rich images, dynamic image splitting, SFT mixture.
+"""MM1.5 in miniature (Zhang et al., "MM1.5: Methods, Analysis & Insights from Multimodal LLM Fine-tuning",
+arXiv:2409.20566). From an mm1.py checkpoint (rebuilt from its `arch` metadata): continual pre-training on
+text-rich ShapesWorld scenes at their real shapes, dynamic image splitting (plan_tiles: ONE plan for pixels
+and `<image>` slots), SFT on a category mixture whose ratios resolve to the paper's shares. Boxes: pixels of
+the original image, written "[x1, y1, x2, y2]" on 0-999 (one token per digit). Not implemented: video, UI,
+torchrun.
 
-Zhang et al., "MM1.5: Methods, Analysis & Insights from Multimodal LLM Fine-tuning", arXiv:2409.20566.
-Continues from an mm1.py checkpoint (the model is rebuilt from its `arch` metadata): continual pre-training
-on text-rich ShapesWorld scenes at their real aspect ratios (dense captions) with dynamic image splitting
-(plan_tiles: ONE plan for the pixels and the `<image>` slots), then SFT on a category mixture whose ratios
-resolve to the paper's shares. Boxes: original-image pixels, written "[x1, y1, x2, y2]" on 0-999.
-
-    python mm1.py && python mm15.py                  # cpu preset, continues from out/mm1 (prints the tables)
+    python mm1.py && python mm15.py                  # cpu preset from out/mm1: prints the tables
+    python mm15.py --ablate=resolution               # also split | mixture: whole runs x 3 seeds, mean +- sd
+    python mm15.py --sft_data=conv.json              # SFT on LLaVA conversation JSON (boxes in the text)
     python mm15.py --preset=smoke --init=PATH        # tiny (what the tests run)
 
-Tables (report.md; numbers in metrics.json): tile selectors (MM1.5, LLaVA-NeXT, InternVL: grid, tokens,
-padded pixels per image shape); mixture shares and counts sampled; accuracy per eval task beside a blank
-image and the majority answer; grounding at IoU >= 0.5 with parse failures, also with n_min = 1 at inference.
-Checkpoint: mm1's contract (HF names; metadata arch, tokenizer_sha256, image_token_id, image_size) + `sft`.
-Not implemented yet: video, UI SFT, --sft_data, the mixture and resolution ablations, torchrun.
+Tables (report.md, metrics.json): tile selectors (MM1.5, LLaVA-NeXT, InternVL); SFT shares, counts; accuracy
+per task beside a blank image and the majority answer; grounding (IoU >= 0.5, parse failures, n_min = 1).
 """
 import ast
 import csv
@@ -43,10 +41,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from data import InputError
-from data.metrics import words
-from data.shapes import iou
-from data.shapes.mm15_tasks import CATEGORIES, ItemPools, boxes_png, item_texts, text_to_box
-from data.tile_selectors import grids, internvl_grid, llava_next_grid
+from data.shapes import mm15_tasks
+from data.shapes.mm15_tasks import CATEGORIES, EVAL_TASKS, ItemPools, item_texts, resolve_mixture, text_to_box
+from data.tile_selectors import grids, selector_table
 from data.tokenizer import get_tokenizer
 from data.vl_tasks import generate, tokenizer_sha256
 from kernels import attention, moe_ffn
@@ -70,14 +67,16 @@ class Config:
     overview: str = "after"         # after | before | none: the whole image as one more tile
     indicators: str = "none"        # none | index ("r1c2:" before a tile) | seps ("," and newline)
     # continual pre-training (text-rich scenes + dense captions), then SFT on the mixture
-    cpt_steps: int = 80             # continual pre-training steps
+    cpt_steps: int = 40             # continual pre-training steps
     cpt_lr: float = 3e-4            # its peak lr (warmup, cosine to min_lr_frac x peak)
     n_cpt_items: int = 300          # pre-rendered text-rich training scenes
-    sft_steps: int = 220            # SFT steps
+    cpt_split: bool = True          # split its images too (False: one tile each, MM1.5's "low resolution")
+    sft_steps: int = 260            # SFT steps
     sft_lr: float = 3e-4            # its peak lr
     mix_ratios: str = "general=1,text_rich=3.3,refer_ground=2,knowledge=0.1,math=0.5"  # vs general
     mix_groups: str = "single=0.8,multi_image=0.1,text_only=0.1"  # shares of the three groups (the paper's)
     n_train_items: int = 200        # pre-rendered SFT items per category
+    sft_data: str = ""              # LLaVA conversation JSON to fine-tune on, not the mixture (boxes in text)
     batch_size: int = 8             # samples per step, one per row
     seq_len: int = 400              # longest sample (tokens); a longer one is counted and skipped, never cut
     warmup: int = 10                # linear warmup steps of each stage
@@ -88,7 +87,10 @@ class Config:
     log_every: int = 10             # steps between log lines
     ckpt_every: int = 100           # steps between checkpoints (and at the end)
     eval_items: int = 100           # held-out items per eval category
-    max_new_tokens: int = 16        # answer length limit at generation
+    max_new_tokens: int = 20        # answer length limit at generation (a box: 18 tokens)
+    # ablations: whole runs in out_dir/<variant>_seed<k> (a finished one with the same config is reused)
+    ablate: str = ""                # resolution | split | mixture: run its variants, print mean +- sd
+    ablation_seeds: tuple = (0, 1, 2)  # seeds of each ablation variant
 
 PRESETS = {
     "smoke": dict(n_min=2, n_max=4, cpt_steps=4, n_cpt_items=6, sft_steps=6, n_train_items=6, batch_size=4,
@@ -102,8 +104,8 @@ RESUME_MAY_DIFFER = ("resume", "device", "out_dir", "log_every", "ckpt_every", "
 
 def check_config(cfg: Config) -> None:
     """Script-specific checks of the values (the skeleton checks keys and types)."""
-    for key, allowed in dict(overview=("after", "before", "none"),
-                             indicators=("none", "index", "seps")).items():
+    for key, allowed in dict(overview=("after", "before", "none"), indicators=("none", "index", "seps"),
+                             ablate=("", "resolution", "split", "mixture")).items():
         if getattr(cfg, key) not in allowed:
             raise InputError(f"--{key}={getattr(cfg, key)}: expected one of {', '.join(allowed)}")
     if not 1 <= cfg.n_min <= cfg.n_max:
@@ -113,30 +115,20 @@ def check_config(cfg: Config) -> None:
     mixture(cfg)
 
 def parse_ratios(text: str, key: str) -> dict:  # "a=1,b=0.5" -> {"a": 1.0, "b": 0.5}
-    out = {}
-    for part in text.split(","):
-        name, eq, value = part.partition("=")
-        if not eq or not re.fullmatch(r"\d+(\.\d*)?", value.strip()) or name.strip() in out:
-            raise InputError(f"--{key}={text}: expected name=number pairs, like {getattr(Config, key)}")
-        out[name.strip()] = float(value)
-    return out
-
-def resolve_mixture(ratios: dict, groups: dict) -> dict:
-    """MM1.5's recipe: single-image categories weighted relative to general, the groups (single, and the
-    others: multi-image, text-only) given their shares -> {category: share of SFT samples}, summing to 1."""
-    single, total = sum(ratios.values()), sum(groups.values())
-    if single <= 0 or total <= 0 or "single" not in groups:
-        raise InputError(f"mixture {ratios} / {groups}: expected positive ratios and a `single` group")
-    shares = {name: groups["single"] / total * value / single for name, value in ratios.items()}
-    return shares | {name: value / total for name, value in groups.items() if name != "single"}
+    pairs = [part.partition("=") for part in text.split(",")]
+    if any(not eq or not re.fullmatch(r"\d+(\.\d*)?", v.strip()) for _, eq, v in pairs) or len(
+            {k.strip() for k, _, _ in pairs}) < len(pairs):
+        raise InputError(f"--{key}={text}: expected name=number pairs, like {getattr(Config, key)}")
+    return {k.strip(): float(v) for k, _, v in pairs}
 
 def mixture(cfg: Config) -> dict:
+    if cfg.sft_data:  # the user's data replaces the ShapesWorld mixture (the eval stays on ShapesWorld)
+        return {"user": 1.0}
     ratios, groups = parse_ratios(cfg.mix_ratios, "mix_ratios"), parse_ratios(cfg.mix_groups, "mix_groups")
     shares = resolve_mixture(ratios, groups)
-    unknown = sorted(set(shares) - set(CATEGORIES))
-    if unknown:
-        raise InputError(f"--mix_ratios / --mix_groups: unknown {unknown}, expected some of {CATEGORIES} "
-                         "(MM1.5's code and science data have no counterpart in ShapesWorld)")
+    if set(shares) - set(CATEGORIES):
+        raise InputError(f"--mix_ratios / --mix_groups: unknown {sorted(set(shares) - set(CATEGORIES))}, "
+                         f"expected some of {CATEGORIES} (MM1.5's code and science have no counterpart here)")
     return shares
 
 # ============================================================================= skeleton: begin
@@ -477,11 +469,12 @@ class Data(ItemPools):
         self.enc, self.image_id = enc, enc.encode_single_token("<image>")
         self.eot_id, self.pad_id = (enc.encode_single_token(t) for t in ("<|endoftext|>", "<|pad|>"))
         super().__init__(cfg.seed, cfg.tile_size, cfg.n_cpt_items, cfg.n_train_items, cfg.eval_items)
+        self.train = {"user": mm15_tasks.llava_sft_items(cfg.sft_data)} if cfg.sft_data else self.train
 
     def sample(self, item: dict, cfg: Config, with_answer=True, blank=False):
         """(ids, n_prompt, tiles (N, 3, r, r) or None). SFT: "Question: q <image slots> Answer: a<eot>";
         continual pre-training: "<image slots>caption<eot>" (mm1's caption format)."""
-        encode = self.enc.encode_ordinary
+        encode = lambda text: mm15_tasks.encode_text(self.enc, text)  # BPE, box digits one token each
         ids, tiles = ([] if "text" in item else encode("Question: " + item_texts(item)[0])), []
         for pil in item["pil"]:
             plan = plan_tiles(*pil.size, cfg)
@@ -789,11 +782,7 @@ class MM1(nn.Module):
         h, aux = self.model(x, positions, mask, cache)
         return self.lm_head(h), aux
 
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
-
 # ----------------------------------------------------------------------------- losses
-
 def loss_of(model, rows, pad_id: int, device: str):
     """Mean next-token cross-entropy over the targets of a batch of samples (ids, n_prompt, tiles): only
     the answer (SFT) or the caption (continual pre-training) is a target; image slots and padding never."""
@@ -809,13 +798,13 @@ def loss_of(model, rows, pad_id: int, device: str):
     return loss + (0.01 * aux["balance_loss"] + 0.001 * aux["z_loss"] if aux else 0.0)  # MM1's MoE recipe
 
 # ----------------------------------------------------------------------------- train
-
 def train(cfg: Config, data: Data, model, opt, device: str, log, start: int, meta: dict) -> dict:
     """Continual pre-training (steps 0..cpt_steps-1), then SFT on the mixture, one optimizer; each stage
     warms up and decays on its own. A step's samples are a pure function of (seed, step)."""
     shares = mixture(cfg)
     names, p = list(shares), np.array(list(shares.values()))
     sampled, skipped, t0, seen = Counter(), 0, time.time(), 0
+    cpt_cfg = dataclasses.replace(cfg, split=cfg.cpt_split)
     model.train()
     for step in tqdm(range(start, cfg.cpt_steps + cfg.sft_steps), desc="cpt + sft", disable=None):
         stage, first, steps, peak = (("cpt", 0, cfg.cpt_steps, cfg.cpt_lr) if step < cfg.cpt_steps else
@@ -826,7 +815,7 @@ def train(cfg: Config, data: Data, model, opt, device: str, log, start: int, met
         while len(rows) < cfg.batch_size:
             name = "cpt" if stage == "cpt" else names[rng.choice(len(names), p=p)]
             pool = data.cpt if stage == "cpt" else data.train[name]
-            row = data.sample(pool[rng.integers(len(pool))], cfg)
+            row = data.sample(pool[rng.integers(len(pool))], cpt_cfg if stage == "cpt" else cfg)
             if len(row[0]) > cfg.seq_len:  # never cut (that would cut image slots): counted and skipped
                 skipped += 1
                 if skipped > 20 * cfg.batch_size + sum(sampled.values()):
@@ -851,26 +840,6 @@ def train(cfg: Config, data: Data, model, opt, device: str, log, start: int, met
                 sampled_shares={k: round(sampled[k] / max(total, 1), 4) for k in names}, shares=shares)
 
 # ----------------------------------------------------------------------------- eval
-
-def selector_table(cfg) -> str:
-    """Grid, image tokens and padded pixels of the three selectors for a fixed set of image shapes."""
-    r, k = cfg.tile_size, cfg.image_tokens
-    lines = [f"tiles of {r} px, {k} tokens each, {cfg.n_min} <= tiles <= {cfg.n_max}; padded = grid pixels "
-             "not covered by the resized image (InternVL stretches: none, but the aspect changes)", "",
-             "| W x H | MM1.5 grid | tokens | padded px | LLaVA-NeXT grid | tokens | padded px "
-             "| InternVL grid | tokens | aspect change |", "|---" * 10 + "|"]
-    for w, h in [(r, r), (2 * r, 2 * r), (r // 4, r // 4), (3 * r // 2, 2 * r), (9 * r // 8, 5 * r // 2),
-                 (3 * r, 27 * r // 16), (r, 13 * r // 6), (r, 6 * r), (6 * r, r), (1, 5 * r), (7, 3)]:
-        cells = [f"{w} x {h}"]
-        plan = plan_tiles(w, h, cfg)
-        for (rows, cols), views in ((plan["grid"], len(plan["order"])), (llava_next_grid(w, h, cfg), None)):
-            (rw, rh), views = fit(w, h, cols * r, rows * r)[1], views or rows * cols + 1  # LLaVA: + base
-            cells += [f"{rows}x{cols}", views * k, rows * cols * r * r - rw * rh]
-        rows, cols = internvl_grid(w, h, cfg)
-        cells += [f"{rows}x{cols}", (rows * cols + (rows * cols > 1)) * k, f"{cols / rows / (w / h):.2f}x"]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines)
-
 @torch.no_grad()
 def answers(model, data: Data, cfg, items: list, device: str, blank=False) -> list:
     """Greedy answers to items, 16 at a time, left-padded (data.vl_tasks.generate)."""
@@ -885,13 +854,6 @@ def answers(model, data: Data, cfg, items: list, device: str, blank=False) -> li
     model.train()
     return out
 
-def correct(text: str, item: dict, task: str, data: Data):
-    """Grounding: IoU >= 0.5 of the parsed box with the gold (None: unparseable); else exact words."""
-    if task == "grounding":
-        box = text_to_box(text, *item["pil"][0].size)
-        return None if box is None else iou(box, item["box"]) >= 0.5
-    return words(text) == words(item_texts(item)[1])
-
 def evaluate(model, data: Data, cfg, device: str) -> dict:
     """Accuracy per eval task: the model, the same model with blank (grey) images of the same shapes (so
     the same tiles and tokens), and the majority training answer; grounding also with n_min = 1 at
@@ -904,10 +866,10 @@ def evaluate(model, data: Data, cfg, device: str) -> dict:
             runs["blank"] = answers(model, data, cfg, items, device, blank=True)
         if task == "grounding":
             runs["n_min_1"] = answers(model, data, dataclasses.replace(cfg, n_min=1), items, device)
-            boxes_png(items[:8], [text_to_box(t, *it["pil"][0].size) for t, it in zip(runs["model"], items)],
-                      Path(cfg.out_dir) / "grounding.png")  # gold green, predicted red
+            predicted = [text_to_box(t, *it["pil"][0].size) for t, it in zip(runs["model"], items)]
+            mm15_tasks.boxes_png(items[:8], predicted, Path(cfg.out_dir) / "grounding.png")  # gold, predicted
         for run, texts in runs.items():
-            hits = [correct(t, item, task, data) for t, item in zip(texts, items)]
+            hits = [mm15_tasks.score(t, item, task) for t, item in zip(texts, items)]
             m[f"{task}_{run}"] = round(100 * np.mean([bool(h) for h in hits]), 1)
             if task == "grounding":
                 m[f"{task}_{run}_parse_fail"] = round(100 * np.mean([h is None for h in hits]), 1)
@@ -918,36 +880,76 @@ def evaluate(model, data: Data, cfg, device: str) -> dict:
     return m
 
 def results_table(m: dict, data: Data) -> str:
-    lines = ["| eval task | n | model | blank image | majority answer |", "|---" * 5 + "|"]
-    for task in data.test:
-        blank = f"{m[f'{task}_blank']:.1f}" if f"{task}_blank" in m else "n/a (no image)"
-        lines.append(f"| {task} | {m[f'{task}_n']} | {m[f'{task}_model']:.1f} | {blank} | "
-                     f"{m[f'{task}_majority']:.1f} |")
-    return "\n".join(lines + [
-        f"| average | | {m['average_model']:.1f} | | |", "",
-        f"grounding (acc at IoU >= 0.5): parse failures {m['grounding_model_parse_fail']:.1f}%; with "
-        f"n_min = 1 at inference only: {m['grounding_n_min_1']:.1f}% (parse failures "
-        f"{m['grounding_n_min_1_parse_fail']}%)"])
+    lines = ["| eval task | n | model | blank image | majority answer |", "|---" * 5 + "|"] + [
+        f"| {t} | {m[f'{t}_n']} | {m[f'{t}_model']:.1f} | {m.get(f'{t}_blank', 'n/a (no image)')} | "
+        f"{m[f'{t}_majority']:.1f} |" for t in data.test] + [f"| average | | {m['average_model']:.1f} | | |"]
+    fails = m["grounding_model_parse_fail"], m["grounding_n_min_1"], m["grounding_n_min_1_parse_fail"]
+    return "\n".join(lines) + ("\n\ngrounding (acc at IoU >= 0.5): parse failures {}%; with n_min = 1 at "
+                              "inference only: {}% (parse failures {}%)").format(*fails)
 
 # ----------------------------------------------------------------------------- main
-
 def load_init(cfg: Config, enc):
     """The mm1.py checkpoint: weights, metadata and the arch dict, checked against this tokenizer."""
     if not Path(cfg.init).is_file():
         raise InputError(f"--init={cfg.init}: no such checkpoint; run `python mm1.py` first (about 6 min on "
                          "2 cores) or pass --init=PATH")
     weights, meta = read_safetensors(cfg.init)
-    if "arch" not in meta or "tokenizer_sha256" not in meta:
-        raise InputError(f"--init={cfg.init}: no `arch` or `tokenizer_sha256` metadata (not from mm1.py)")
-    arch = json.loads(meta["arch"])
-    if (meta["tokenizer_sha256"], arch["image_token_id"]) != (tokenizer_sha256(), enc.encode_single_token(
-            "<image>")):
-        raise InputError(f"--init={cfg.init}: made with another tokenizer (sha256 or <image> id differs)")
+    arch = json.loads(meta.get("arch", "{}"))
+    image_id = enc.encode_single_token("<image>")
+    if (meta.get("tokenizer_sha256"), arch.get("image_token_id")) != (tokenizer_sha256(), image_id):
+        raise InputError(f"--init={cfg.init}: no mm1.py metadata, or made with another tokenizer (sha256 or "
+                         "<image> id differ)")
     return weights, meta, arch
+
+def variants(cfg: Config) -> dict:
+    """{variant: config overrides} of --ablate ({}: the base run, shared by the three). Mixture: each category
+    dropped in turn (its ratio or group share 0), text-rich, refer & ground and multi-image doubled."""
+    if cfg.ablate != "mixture":
+        return dict(resolution=dict(none=dict(cpt_steps=0), low=dict(cpt_split=False), high={}),
+                    split=dict(off=dict(split=False), on={}))[cfg.ablate]
+    tables = dict(mix_ratios=parse_ratios(cfg.mix_ratios, ""), mix_groups=parse_ratios(cfg.mix_groups, ""))
+    scaled = lambda name, x: {key: ",".join(f"{k}={v * x if k == name else v:g}" for k, v in table.items())
+                              for key, table in tables.items()}
+    return ({"paper shares": {}} | {f"no {c}": scaled(c, 0) for c in mixture(cfg)}
+            | {f"{c} x2": scaled(c, 2) for c in ("text_rich", "refer_ground", "multi_image")})
+
+def finished(cfg: Config):
+    """The metrics of a finished run in cfg.out_dir made with this config, else None."""
+    folder = Path(cfg.out_dir)
+    if not (folder / "metrics.json").is_file():
+        return None
+    saved, now = json.loads((folder / "config.json").read_text()), json.loads(json.dumps(asdict(cfg)))
+    free = RESUME_MAY_DIFFER + ("tile_size", "image_tokens", "ablation_seeds")  # sizes: filled in from --init
+    same = all(saved.get(k) == v for k, v in now.items() if k not in free)
+    return json.loads((folder / "metrics.json").read_text()) if same else None
+
+def ablate(cfg: Config) -> dict:
+    """Each variant x seed as a whole run in out_dir/<variant>_seed<k> (a finished run of the same config is
+    reused); accuracy per eval task, mean +- sd (n - 1) over the seeds, and minutes per run."""
+    lines, means = [f"| {cfg.ablate} | {' | '.join(EVAL_TASKS)} | average | minutes |", "|---" * 11 + "|"], {}
+    for name, overrides in variants(cfg).items():
+        runs = []
+        for seed in cfg.ablation_seeds:
+            folder = re.sub(r"\W+", "_", name) if overrides else "base"
+            sub = dataclasses.replace(cfg, ablate="", seed=seed, out_dir=f"{cfg.out_dir}/{folder}_seed{seed}",
+                                      **overrides)
+            runs.append(finished(sub) or run(sub))
+        cells = [[m[f"{t}_model"] for m in runs] for t in (*EVAL_TASKS, "average")] + [
+            [(m["train_time_s"] + m["eval_time_s"] + m["data_time_s"]) / 60 for m in runs]]
+        means[name] = [round(float(np.mean(c)), 2) for c in cells]
+        lines.append(f"| {name} | " + " | ".join(f"{np.mean(c):.1f}" + (
+            f" ± {np.std(c, ddof=1):.1f}" if len(c) > 1 else "") for c in cells) + " |")
+    print("\n".join(lines))
+    write_outputs(cfg.out_dir, {f"ablation_{cfg.ablate}.md": "\n".join(lines) + "\n",
+                                f"ablation_{cfg.ablate}.json": means})
+    return means
 
 def main(argv):
     cfg = parse_config(argv)
     check_config(cfg)
+    return ablate(cfg) if cfg.ablate else run(cfg)
+
+def run(cfg: Config) -> dict:
     device, rank, world = setup_device(cfg.device)
     if world > 1:
         raise InputError("torchrun: mm15.py runs in one process (not implemented yet)")
@@ -970,11 +972,12 @@ def main(argv):
         opt.load_state_dict(optim_state)
     tiling = ("tile_size", "image_tokens", "split", "n_min", "n_max", "overview", "indicators")
     sft = dict(init=cfg.init, tiling={k: getattr(cfg, k) for k in tiling},
-               boxes="[x1, y1, x2, y2] on 0-999 of the original image: floor(x / W * 1000), clipped to 999",
+               boxes="[x1, y1, x2, y2] on 0-999 of the original image: floor(x / W * 1000), clipped to 999; "
+               "one token per digit (data.shapes.mm15_tasks.encode_text)",
                prompt="Question: {q} <image slots> Answer: {a}<|endoftext|>", shares=mixture(cfg))
     meta = {k: meta[k] for k in ("arch", "tokenizer_sha256", "image_token_id", "image_size")} | {"sft": sft}
     write_outputs(cfg.out_dir, {"config.json": cfg})  # every input is read and checked: only now
-    selectors, data_time = selector_table(cfg), round(time.time() - t0, 1)
+    selectors, data_time = selector_table(cfg, plan_tiles, fit), round(time.time() - t0, 1)
     print(f"config: {json.dumps(asdict(cfg))}\ndata: {data_time} s\n{selectors}")
     summary = train(cfg, data, model, opt, device, RunLog(cfg.out_dir, "items", 0.0, device), start, meta)
     t1 = time.time()

@@ -38,3 +38,24 @@ def internvl_grid(width: int, height: int, cfg) -> tuple:
         if diff < best_diff or diff == best_diff and width * height > 0.5 * cfg.tile_size ** 2 * rows * cols:
             best, best_diff = (rows, cols), min(diff, best_diff)
     return best
+
+
+def selector_table(cfg, plan_tiles, fit) -> str:
+    """Grid, image tokens and padded pixels of MM1.5's rule (mm15.plan_tiles, and its aspect-kept resize
+    `fit`) and the two selectors here, for a fixed set of image shapes: the table mm15.py prints."""
+    r, k = cfg.tile_size, cfg.image_tokens
+    lines = [f"tiles of {r} px, {k} tokens each, {cfg.n_min} <= tiles <= {cfg.n_max}; padded = grid pixels "
+             "not covered by the resized image (InternVL stretches: none, but the aspect changes)", "",
+             "| W x H | MM1.5 grid | tokens | padded px | LLaVA-NeXT grid | tokens | padded px "
+             "| InternVL grid | tokens | aspect change |", "|---" * 10 + "|"]
+    for w, h in [(r, r), (2 * r, 2 * r), (r // 4, r // 4), (3 * r // 2, 2 * r), (9 * r // 8, 5 * r // 2),
+                 (3 * r, 27 * r // 16), (r, 13 * r // 6), (r, 6 * r), (6 * r, r), (1, 5 * r), (7, 3)]:
+        cells = [f"{w} x {h}"]
+        plan = plan_tiles(w, h, cfg)
+        for (rows, cols), views in ((plan["grid"], len(plan["order"])), (llava_next_grid(w, h, cfg), None)):
+            (rw, rh), views = fit(w, h, cols * r, rows * r)[1], views or rows * cols + 1  # LLaVA: + base
+            cells += [f"{rows}x{cols}", views * k, rows * cols * r * r - rw * rh]
+        rows, cols = internvl_grid(w, h, cfg)
+        cells += [f"{rows}x{cols}", (rows * cols + (rows * cols > 1)) * k, f"{cols / rows / (w / h):.2f}x"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)

@@ -2,6 +2,7 @@
 other selectors, boxes through every resize / pad / tile and the 0-999 text, the mixture resolver, the
 missing --init message. The smoke run from an mm1 checkpoint is in tests/test_chain.py."""
 import dataclasses
+import json
 import random
 import sys
 
@@ -9,11 +10,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 
 import mm15
 from data import InputError, shapes
+from data import tile_selectors as selectors
 from data.shapes import mm15_tasks as tasks
 from data.shapes.mm15_tasks import box_to_text, text_to_box
+from data.tokenizer import get_tokenizer
+from data.vl_tasks import tokenizer_sha256
 
 R, K = 32, 4  # tile side, tokens per tile
 
@@ -129,16 +134,16 @@ def test_transformed_boxes_land_on_the_drawn_pixels():
 
 def test_selectors_follow_their_published_rules():
     c = cfg(n_min=1, n_max=6)
-    assert mm15.internvl_grid(2 * R, R, c) == (1, 2) and mm15.internvl_grid(R, R, c) == (1, 1)
-    assert mm15.internvl_grid(4 * R, 4 * R, c) == (2, 2)  # 1:1 ties: the larger grid for a large image
-    assert mm15.llava_next_grid(R, R, c) == (1, 1) and mm15.llava_next_grid(3 * R, R, c) == (1, 3)
-    table = mm15.selector_table(c)
+    assert selectors.internvl_grid(2 * R, R, c) == (1, 2) and selectors.internvl_grid(R, R, c) == (1, 1)
+    assert selectors.internvl_grid(4 * R, 4 * R, c) == (2, 2)  # 1:1 ties: the larger grid for a large image
+    assert selectors.llava_next_grid(R, R, c) == (1, 1) and selectors.llava_next_grid(3 * R, R, c) == (1, 3)
+    table = selectors.selector_table(c, mm15.plan_tiles, mm15.fit)
     assert table.count("\n| ") == 12 and "| 32 x 32 | 1x1 | 4 | 0 | 1x1 | 8 |" in table
 
 
 def test_resolver_reproduces_the_papers_shares():
     ratios = dict(general=1, text_rich=3.3, refer_ground=2, science=0.1, math=0.5, code=0.2)
-    shares = mm15.resolve_mixture(ratios, dict(single=0.8, multi_image=0.1, text_only=0.1))
+    shares = tasks.resolve_mixture(ratios, dict(single=0.8, multi_image=0.1, text_only=0.1))
     paper = dict(text_rich=37.2, refer_ground=22.5, general=11.3, math=5.6, code=2.3, science=1.1,
                  multi_image=10.0, text_only=10.0)
     assert {k: round(100 * v, 1) for k, v in shares.items()} == paper
@@ -153,9 +158,9 @@ def test_grounding_score_parses_or_counts_a_failure():
     item = dict(pil=[Image.new("RGB", (200, 100))], box=[20, 10, 80, 60], question="q", answer="<box>")
     gold = mm15.item_texts(item)[1]
     assert gold == "[100, 100, 400, 600]"
-    assert mm15.correct(gold, item, "grounding", None) is True
-    assert mm15.correct("[0, 0, 50, 50]", item, "grounding", None) is False
-    assert mm15.correct("somewhere left", item, "grounding", None) is None
+    assert tasks.score(gold, item, "grounding") is True
+    assert tasks.score("[0, 0, 50, 50]", item, "grounding") is False
+    assert tasks.score("somewhere left", item, "grounding") is None
 
 
 def test_missing_init_names_the_command(tmp_path, monkeypatch, capsys):
@@ -207,3 +212,104 @@ def test_task_items_are_deterministic_and_complete():
         _, w, h = item["images"][0]
         x1, y1, x2, y2 = item["box"]
         assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+
+
+def bare_data():
+    """mm15.Data's tokenizer side without the pre-rendered pools (sample() needs only these)."""
+    data = mm15.Data.__new__(mm15.Data)
+    data.enc = get_tokenizer()
+    data.image_id, data.eot_id = (data.enc.encode_single_token(t) for t in ("<image>", "<|endoftext|>"))
+    return data
+
+
+def test_box_digits_are_one_token_each_and_decode_back():
+    data, rng = bare_data(), random.Random(0)
+    for _ in range(50):
+        box = [rng.randint(0, 999) for _ in range(4)]
+        text = f"Where? At [{box[0]}, {box[1]}, {box[2]}, {box[3]}] I think."
+        ids = tasks.encode_text(data.enc, text)
+        assert data.enc.decode(ids) == text
+        pieces = [data.enc.decode([i]) for i in ids]
+        inside = pieces[pieces.index(" [") + 1:pieces.index("]")]  # the box: digits, one per token, and ","
+        assert "".join(inside) == ", ".join(map(str, box)) and all(len(p.strip()) == 1 for p in inside)
+    assert tasks.encode_text(data.enc, "no box 123 here") == data.enc.encode_ordinary("no box 123 here")
+
+
+def write_llava(tmp_path, conversations):
+    Image.new("RGB", (120, 60), (200, 0, 0)).save(tmp_path / "a.png")
+    (tmp_path / "sft.json").write_text(json.dumps(conversations, indent=1))
+    return tmp_path / "sft.json"
+
+
+def test_sft_data_reads_llava_json_with_boxes_in_the_text(tmp_path):
+    path = write_llava(tmp_path, [
+        {"id": "g", "image": "a.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhere is the red square? Give its box."},
+            {"from": "gpt", "value": "[10, 20, 500, 998]"},
+            {"from": "human", "value": "What is at [0, 0, 999, 999]?"},
+            {"from": "gpt", "value": "a red square"}]},
+        {"id": "t", "conversations": [{"from": "human", "value": "2 + 2?"}, {"from": "gpt", "value": "4"}]}])
+    items = tasks.llava_sft_items(path)
+    assert [(it["question"], it["answer"], len(it["pil"])) for it in items] == [
+        ("Where is the red square? Give its box.", "[10, 20, 500, 998]", 1),
+        ("What is at [0, 0, 999, 999]?", "a red square", 1), ("2 + 2?", "4", 0)]
+    assert items[0]["pil"][0].size == (120, 60)
+    data, c = bare_data(), cfg(n_min=2, n_max=4)
+    ids, n_prompt, tiles = data.sample(items[0], c)
+    assert data.enc.decode(ids[n_prompt:-1]) == " [10, 20, 500, 998]" and len(ids[n_prompt:-1]) == 15
+    assert len(tiles) == len(mm15.plan_tiles(120, 60, c)["order"])
+    assert ids.count(data.image_id) == len(tiles) * K
+    assert data.sample(items[2], c)[2] is None
+
+
+@pytest.mark.parametrize("turns,match", [
+    ([("human", "<image> Where?"), ("gpt", "[10, 20, 5, 30]")], r"sft.json:2: item x: box \[10, 20, 5, 30\]"),
+    ([("human", "<image> Where?"), ("gpt", "[1, 2, 3, 1000]")], r"sft.json:2: item x: box .*<= 999"),
+    ([("gpt", "<image> hi"), ("human", "hello")], r"sft.json:2: item x: expected human and gpt"),
+    ([("human", "Where?"), ("gpt", "here")], r"1 image\(s\) but 0 '<image>' marker"),
+])
+def test_sft_data_bad_input_is_one_line_naming_the_item(tmp_path, turns, match):
+    path = write_llava(tmp_path, [{"id": "x", "image": "a.png",
+                                   "conversations": [{"from": f, "value": v} for f, v in turns]}])
+    with pytest.raises(InputError, match=match) as err:
+        tasks.llava_sft_items(path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory):
+    """A tiny random mm1-style checkpoint (arch metadata, this tokenizer), so mm15 runs without mm1.py."""
+    enc = get_tokenizer()
+    arch = dict(vision=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                            patch_size=8),
+                connector=dict(type="avgpool", image_tokens=4),
+                text=dict(vocab_size=enc.n_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=1e4,
+                          moe_every=0, num_experts=2, num_experts_per_tok=1),
+                image_token_id=enc.encode_single_token("<image>"), image_size=16,
+                pixel_mean=[0.5] * 3, pixel_std=[0.25] * 3)
+    path = tmp_path_factory.mktemp("init") / "model.safetensors"
+    weights = {k: v.contiguous() for k, v in mm15.MM1(arch).state_dict().items()}
+    save_file(weights, str(path), metadata=dict(arch=json.dumps(arch), tokenizer_sha256=tokenizer_sha256(),
+                                                image_token_id=str(arch["image_token_id"]), image_size="16"))
+    return path
+
+
+def test_ablation_runs_each_variant_per_seed_and_reuses_finished_runs(tiny_init, tmp_path, monkeypatch):
+    argv = ["--preset=smoke", f"--init={tiny_init}", f"--out_dir={tmp_path}", "--ablate=split",
+            "--ablation_seeds=0,1", "--cpt_steps=1", "--sft_steps=1", "--eval_items=1", "--max_new_tokens=2"]
+    means = mm15.main(argv)
+    assert list(means) == ["off", "on"] and len(means["on"]) == len(tasks.EVAL_TASKS) + 2
+    for folder in ("base_seed0", "base_seed1", "off_seed0", "off_seed1"):
+        assert (tmp_path / folder / "metrics.json").is_file()
+    assert json.loads((tmp_path / "off_seed1" / "config.json").read_text())["split"] is False
+    table = (tmp_path / "ablation_split.md").read_text()
+    assert table.count("\n") == 4 and " ± " in table
+    monkeypatch.setattr(mm15, "run", lambda cfg: pytest.fail(f"finished run {cfg.out_dir} run again"))
+    assert mm15.main(argv) == means
+    mixture = mm15.variants(cfg(ablate="mixture"))
+    assert len(mixture) == 1 + len(tasks.CATEGORIES) + 3 and mixture["paper shares"] == {}
+    shares = {name: mm15.mixture(cfg(**over)) for name, over in mixture.items()}
+    assert shares["no general"]["general"] == 0 and shares["no text_only"]["text_only"] == 0
+    assert shares["multi_image x2"]["multi_image"] == pytest.approx(0.2 / 1.1)
+    assert all(abs(sum(s.values()) - 1) < 1e-9 for s in shares.values())

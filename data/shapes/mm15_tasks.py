@@ -26,16 +26,31 @@ from collections import Counter
 
 from PIL import Image, ImageDraw
 
+from .. import InputError
+from ..metrics import words
+from .formats import IMAGE_TOKEN, load_image, read_llava_json
 from .render import render
 from .tasks import multi_image, text_passage
-from .text import caption, emblem_facts, parse_box, reference, shapes_of, visual_name, vqa
+from .text import caption, emblem_facts, iou, parse_box, reference, shapes_of, visual_name, vqa
 from .world import EMBLEMS, Scene, make_scene, rng_for
 
 CATEGORIES = ("general", "text_rich", "refer_ground", "knowledge", "math", "multi_image", "text_only")
+EVAL_TASKS = ("general", "text_rich", "grounding", "referring", "knowledge", "math", "multi_image",
+              "text_only")  # refer & ground is scored as two tasks
 ASPECT = {"natural": 1.0, "document": 3 / 4, "receipt": 9 / 20, "chart": 16 / 9, "ui": 9 / 19.5}  # W / H
 LONG_SIDE = {"natural": (0.75, 2.5), "document": (1.5, 3.5), "receipt": (1.5, 3.5), "chart": (1.5, 3.5),
              "ui": (1.5, 3.5)}  # the long side's range in tiles: text-rich pages are large
 TEXT_RICH = ("document", "receipt", "chart")
+
+
+def resolve_mixture(ratios: dict, groups: dict) -> dict:
+    """MM1.5's recipe: single-image categories weighted relative to general, the groups (single, and the
+    others: multi-image, text-only) given their shares -> {category: share of SFT samples}, summing to 1."""
+    single, total = sum(ratios.values()), sum(groups.values())
+    if single <= 0 or total <= 0 or "single" not in groups:
+        raise InputError(f"mixture {ratios} / {groups}: expected positive ratios and a `single` group")
+    shares = {name: groups["single"] / total * value / single for name, value in ratios.items()}
+    return shares | {name: value / total for name, value in groups.items() if name != "single"}
 
 
 def native_size(kind: str, rng: random.Random, tile: int) -> tuple[int, int]:
@@ -153,10 +168,30 @@ def text_to_box(text: str, width: int, height: int):
     return None if grid is None else [(v + 0.5) * s / 1000 for v, s in zip(grid, sides)]
 
 
+def encode_text(enc, text: str) -> list[int]:
+    """BPE ids of a text, but a box "[x1, y1, x2, y2]" one token per digit. The BPE splits 0-999 irregularly
+    (' 456' is one token, ' 999' is ' 9' + '99'), so each value would be a token of its own to learn from a
+    few hundred grounding samples; per digit, the first one already says roughly where (10 classes). Decodes
+    to the same text."""
+    parts = re.split(r"( ?\[\d+, \d+, \d+, \d+\])", text)  # odd parts are boxes
+    pieces = [p for n, part in enumerate(parts)
+              for p in (re.findall(r" ?\[| ?\d|\D", part) if n % 2 else [part])]
+    return [i for piece in pieces for i in enc.encode_ordinary(piece)]
+
+
 def item_texts(item: dict) -> tuple[str, str]:
     """(question, answer) of a rendered item with "<box>" written out by box_to_text."""
     box = box_to_text(item["box"], *item["pil"][0].size) if item.get("box") else ""
     return item["question"].replace("<box>", box), item["answer"].replace("<box>", box)
+
+
+def score(text: str, item: dict, task: str):
+    """Is an answer right? Grounding: IoU >= 0.5 of the parsed box with the gold box, both in pixels of the
+    original image (None: no box in the text, which Ferret's eval scores as a miss); else the same words."""
+    if task == "grounding":
+        box = text_to_box(text, *item["pil"][0].size)
+        return None if box is None else iou(box, item["box"]) >= 0.5
+    return words(text) == words(item_texts(item)[1])
 
 
 def rendered(item: dict) -> dict:
@@ -192,6 +227,35 @@ class ItemPools:
         """The blind baseline: the most frequent training answer to the same question, else of the task."""
         counts = self.answers.get(item["question"]) or self.answers[task]
         return counts.most_common(1)[0][0]
+
+
+BOX_TEXT = re.compile(r"\[\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*\]")
+
+
+def llava_sft_items(path) -> list[dict]:
+    """SFT items from LLaVA conversation JSON (data.shapes.formats.read_llava_json checks the file): each
+    human -> gpt pair of turns becomes one item with the conversation's images (read at their own sizes),
+    the human text without its `<image>` markers as the question and the gpt text as the answer. Boxes are
+    written in the text as "[x1, y1, x2, y2]" on 0-999 of the original image (MM1.5 / Ferret), so they
+    need no transform here; one out of range or with x2 < x1 is an InputError naming file:line."""
+    items = []
+    for item in read_llava_json(path):
+        pil = [load_image(p) for p in item["images"]]
+        turns = [t for t in item["conversations"] if t["from"] != "system"]
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            if (human["from"], gpt["from"]) != ("human", "gpt"):
+                raise InputError(f"{path}:{item['line']}: item {item['id']}: expected human and gpt turns in "
+                                 f"turn, got {human['from']} then {gpt['from']}")
+            for text in (human["value"], gpt["value"]):
+                for box in BOX_TEXT.findall(text):
+                    x1, y1, x2, y2 = map(int, box)
+                    if not (0 <= x1 <= x2 <= 999 and 0 <= y1 <= y2 <= 999):
+                        raise InputError(f"{path}:{item['line']}: item {item['id']}: box [{', '.join(box)}]: "
+                                         "expected 0 <= x1 <= x2 <= 999 and 0 <= y1 <= y2 <= 999")
+            question = " ".join(human["value"].replace(IMAGE_TOKEN, " ").split())
+            items.append(dict(pil=pil, question=question, answer=gpt["value"].strip(), box=None,
+                              category="user"))
+    return items
 
 
 def boxes_png(items: list, predicted: list, path, scale: int = 3) -> None:
