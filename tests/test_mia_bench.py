@@ -247,8 +247,21 @@ def mm15_smoke(tmp_path_factory):
 
 
 def test_smoke_run_from_an_mm15_checkpoint(mm15_smoke, tmp_path):
-    out = tmp_path / "mia"
-    m = mia_bench.main(["--preset=smoke", f"--init={mm15_smoke}/model.safetensors", f"--out_dir={out}"])
+    out, replies = tmp_path / "mia", tmp_path / "replies.jsonl"
+    items = [world_mia.mia_item("test", i, 0, "bench") for i in range(4)]  # the smoke benchmark
+    rows = []  # an external judge's replies to the constant answer: 2 good, 1 malformed, 1 missing
+    for item in items[:3]:
+        weights = item["component_weight"]
+        reply = world_mia.judge(item, world_mia.item_scene(item), mia_bench.CONSTANT, loose=True)[1]
+        reply = reply if item is not items[1] else reply.replace(f"/{weights[0]},", f"/{weights[0] + 1},")
+        prompt = mia.judge_prompt(item, mia_bench.CONSTANT)
+        rows.append(dict(prompt_sha256=mia.prompt_sha256(prompt), reply=reply))
+    replies.write_text(mia.jsonl(rows))
+    m = mia_bench.main(["--preset=smoke", f"--init={mm15_smoke}/model.safetensors", f"--out_dir={out}",
+                        f"--judge=replies:{replies}"])
+    from_file = m["constant"]["judged"]["replies_file"]
+    assert from_file["parsed"] == 2 and from_file["failures"] == {"denominator": 1, "no_reply": 1}
+    assert m["constant"]["judged"]["agree_rule_replies"] is not None
     for run in ("base", "sft"):
         judged = m[run]["judged"]
         assert judged["strict"]["n"] == 4 and judged["strict"]["failed"] == 0  # the rule judge never fails
