@@ -185,7 +185,8 @@ def score_replies(items: list[dict], answers: dict, replies: dict) -> dict:
     """Scores of a judge's replies ({item id: reply}) to the answers ({item id: text}), in percent:
     official_compatible (mean over parsed items, failures skipped as the notebook does), strict (failures
     count 0), failures by kind, per-type means over every component instance, the notebook's overwriting
-    per-type means, and the notebook's own parse of the same replies (official_as_is, its skips counted)."""
+    per-type means, and the notebook's own parse of every reply (official_as_is: the judge's totals as it
+    trusts them, and how many replies it skips)."""
     item_scores, failures, per_type, overwrite, as_is, as_is_skipped = [], Counter(), {}, {}, [], 0
     for item in items:
         key = item_id(item)
@@ -196,6 +197,10 @@ def score_replies(items: list[dict], answers: dict, replies: dict) -> dict:
         reply = replies.get(key)
         parsed = dict(failure="no_reply") if reply is None else parse_reply(reply, item["component_weight"])
         item_scores.append(parsed.get("score"))
+        try:
+            as_is.append(official_parse(reply, item["component_type"])["total_score"])
+        except (IndexError, ValueError, ZeroDivisionError):  # the notebook's `except: pass`
+            as_is_skipped += 1
         if "failure" in parsed:
             failures[parsed["failure"]] += 1
             continue
@@ -205,10 +210,6 @@ def score_replies(items: list[dict], answers: dict, replies: dict) -> dict:
             last[t] = ratio
         for t, ratio in last.items():
             overwrite.setdefault(t, []).append(ratio)
-        try:
-            as_is.append(official_parse(reply, item["component_type"])["total_score"])
-        except (IndexError, ValueError, ZeroDivisionError):  # what the notebook's `except: pass` swallows
-            as_is_skipped += 1
     parsed_scores = [s for s in item_scores if s is not None]
     mean = lambda xs: round(100 * sum(xs) / len(xs), 2) if xs else None
     return dict(n=len(items), parsed=len(parsed_scores), official_compatible=mean(parsed_scores),
