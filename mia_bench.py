@@ -75,7 +75,7 @@ class Config:
     sft_steps: int = 400            # SFT steps (0: score the checkpoint only)
     sft_lr: float = 3e-4            # peak lr (warmup, cosine to min_lr_frac x peak)
     batch_size: int = 8             # samples per step, one per row
-    seq_len: int = 400              # longest sample (tokens); a longer one is counted and skipped, never cut
+    seq_len: int = 400              # longest training sample (tokens): a longer one is an error, never cut
     warmup: int = 10                # linear warmup steps
     min_lr_frac: float = 0.0        # final lr / peak lr
     vit_lr_mult: float = 0.1        # lr multiplier of the ViT
