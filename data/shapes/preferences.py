@@ -1,0 +1,339 @@
+"""Preference data for multimodal alignment in ShapesWorld (dpo_bdhs.py): every judgement is exact, read off
+the scene graph, so no judge model is needed.
+
+    item = pref_item("train", 0, seed=0)   # {id, scene, question, kind: describe | yesno, answer (gold)}
+    povid(item, rng)                       # the gold answer with one hallucination injected (POVID-style)
+    correct(text, item)                    # a policy answer corrected by the scene graph (RLHF-V-style)
+    judge(texts, item)                     # (best, worst) index by the exact judge, or None on a tie
+    pope_items("adversarial", 50, seed)    # POPE questions with ids, balanced yes / no
+    chair(texts, scenes)                   # CHAIR-s, CHAIR-i, object recall, mean length
+    bow_cosine(a, b)                       # the offline text similarity of BDHS's filter
+
+Descriptions are one sentence per object ("A red star is at the top left."), so sentence-wise tools
+(BDHS's reference-guided prefixes, RLHF-V's corrections, dropping an unfinished last sentence) have clear
+units. Yes/no questions are POPE's ("Is there a star in the image?"), answered "Yes, there is a red star."
+or "No, there is no star.": the first word is the verdict (data.metrics.parse_yes_no).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .. import InputError
+from ..metrics import object_scores, parse_yes_no, words
+from .formats import load_image, read_preference_jsonl
+from .text import a, at_position, hallucinations, object_mentions, pope, position, shapes_of, vqa
+from .world import COLORS, SHAPES, make_scene, rng_for
+
+PROMPT_DESCRIBE = "Describe the image."
+MAX_OBJECTS = 3  # objects a gold description names (the largest first)
+# CHAIR's synonym table (Rohrbach et al. map COCO words onto 80 objects; here words onto ShapesWorld shapes)
+SYNONYMS = {word: shape for word, shape in dict(
+    ball="circle", disc="circle", disk="circle", box="square", block="square", rhombus="diamond",
+    lozenge="diamond", plus="cross", pyramid="triangle", hexagram="star", pentagram="star").items()
+    if word not in SHAPES}  # never remap a shape the world has
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences ending at '.', '?' or '!' (an unfinished tail is a sentence too), stripped."""
+    return [s.strip() for s in re.findall(r"[^.?!]*[.?!]|[^.?!]+$", text) if s.strip()]
+
+
+def object_sentence(obj, scene) -> str:
+    return sentence_about(obj.color, obj.shape, at_position(position(obj, scene)))
+
+
+def sentence_about(color: str, shape: str, where: str) -> str:
+    text = a(f"{color} {shape}")
+    return f"{text[0].upper()}{text[1:]} is {where}."
+
+
+def described(scene) -> list:
+    by_area = sorted(shapes_of(scene), key=lambda o: -(o.box[2] - o.box[0]) * (o.box[3] - o.box[1]))
+    return by_area[:MAX_OBJECTS]
+
+
+def pref_item(split: str, index: int, seed: int = 0, yes_no_share: float = 0.3) -> dict:
+    """A prompt with its scene and gold answer: a description, or (yes_no_share of items) a POPE-style
+    existence question, half of them about an absent shape."""
+    rng = rng_for("preference-item", split, index, seed)
+    scene = make_scene(split, index, seed, "natural")
+    item = dict(id=f"{split}-{index}", scene=scene, question=PROMPT_DESCRIBE, kind="describe",
+                answer=" ".join(object_sentence(o, scene) for o in described(scene)))
+    if rng.random() < yes_no_share:
+        present = sorted({o.shape for o in shapes_of(scene)})
+        absent = [s for s in SHAPES if s not in present]
+        shape = rng.choice(present if rng.random() < 0.5 or not absent else absent)
+        item.update(kind="yesno", shape=shape, question=f"Is there {a(shape)} in the image?",
+                    answer=yes_no_answer(scene, shape))
+    return item
+
+
+def yes_no_answer(scene, shape: str, flip: bool = False, rng=None) -> str:
+    """The gold answer to "Is there a <shape>?" (flip: the wrong one, with a made-up colour)."""
+    objs = [o for o in shapes_of(scene) if o.shape == shape]
+    if bool(objs) != flip:
+        color = objs[0].color if objs else rng.choice(COLORS)
+        return f"Yes, there is {a(color + ' ' + shape)}."
+    return f"No, there is no {shape}."
+
+
+def povid(item: dict, rng) -> str:
+    """POVID-style rejected answer: the gold answer with one hallucination injected from the scene graph (a
+    sentence's colour or shape changed to one absent from the scene, or a sentence about an absent object
+    added); a yes/no answer is flipped."""
+    scene = item["scene"]
+    if item["kind"] == "yesno":
+        return yes_no_answer(scene, item["shape"], flip=True, rng=rng)
+    present = {(o.color, o.shape) for o in shapes_of(scene)}
+    fakes = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+    parts, objs = sentences(item["answer"]), described(scene)
+    how, i = rng.choice(["color", "shape", "extra"]), rng.randrange(len(objs)) if objs else 0
+    if how == "extra" or not objs:
+        color, shape = rng.choice(fakes)
+        where = at_position(rng.choice(["top left", "top", "bottom right", "left", "center", "right"]))
+        return " ".join(parts + [sentence_about(color, shape, where)])
+    o = objs[i]
+    color, shape = rng.choice([f for f in fakes if (f[1] if how == "color" else f[0]) ==
+                               (o.shape if how == "color" else o.color)])
+    parts[i] = sentence_about(color, shape, parts[i].split(" is ", 1)[1].rstrip("."))
+    return " ".join(parts)
+
+
+def correct(text: str, item: dict) -> str:
+    """RLHF-V-style correction of a policy answer by the scene graph: a wrong yes/no verdict (or none) gets
+    the gold answer; each sentence that mentions an absent object is replaced by a true sentence about a
+    described object not yet mentioned (or dropped); an answer left without any object (a description that
+    describes nothing) is rewritten as the gold answer. Equal to `text` when nothing was wrong."""
+    scene = item["scene"]
+    if item["kind"] == "yesno" and parse_yes_no(text) != parse_yes_no(item["answer"]):
+        return item["answer"]
+    mentioned = {s for _, s in object_mentions_norm(text)}
+    spare = [o for o in described(scene) if o.shape not in mentioned]
+    out = []
+    for sentence in sentences(text):
+        if hallucinations(normalize(sentence), scene):
+            if spare:
+                out.append(object_sentence(spare.pop(0), scene))
+        else:
+            out.append(sentence)
+    fixed = " ".join(out)
+    return fixed if object_mentions_norm(fixed) else item["answer"]  # nothing left to describe: rewritten
+
+
+def normalize(text: str) -> str:
+    """CHAIR's synonym step: synonyms (and their plurals) -> the world's shape words; and negated mentions
+    ("there is no star") dropped: they deny an object, they do not claim one."""
+    text = re.sub(r"\b(?:no|not an?|not any)\s+(?:[a-z]+\s+)?[a-z]+", "", text, flags=re.I)
+    return re.sub(r"[A-Za-z]+", lambda m: SYNONYMS.get(m[0].lower().removesuffix("es").removesuffix("s"),
+                                                     SYNONYMS.get(m[0].lower(), m[0])), text)
+
+
+def object_mentions_norm(text: str):
+    return object_mentions(normalize(text))
+
+
+def score(text: str, item: dict) -> tuple:
+    """The exact judge's key, smaller is better: (wrong or unparseable yes/no verdict, hallucinated objects,
+    minus covered objects)."""
+    s = object_scores(normalize(text), item["scene"])  # a "no" answer's denied shape is not a mention
+    wrong = item["kind"] == "yesno" and parse_yes_no(text) != parse_yes_no(item["answer"])
+    covered = round(s["recall"] * len({(o.color, o.shape) for o in shapes_of(item["scene"])}))
+    return int(wrong), s["hallucinated"], -covered
+
+
+def judge(texts: list[str], item: dict):
+    """(index of the best, index of the worst) sample by score(); None when all score the same (a tie)."""
+    keys = [score(t, item) for t in texts]
+    best, worst = min(range(len(texts)), key=keys.__getitem__), max(range(len(texts)), key=keys.__getitem__)
+    return None if keys[best] == keys[worst] else (best, worst)
+
+
+def pope_items(negatives: str, n_scenes: int, seed: int = 0) -> list[dict]:
+    """POPE questions on test scenes, each with an id (negatives-scene-question) to match answers by."""
+    out = []
+    for i in range(n_scenes):
+        scene = make_scene("test", 50_000 + i, seed, "natural")  # apart from the description / VQA scenes
+        for j, (question, answer) in enumerate(pope(scene, negatives, seed)):
+            out.append(dict(id=f"{negatives}-{i}-{j}", scene=scene, question=question, answer=answer))
+    return out
+
+
+def pope_scores(items: list[dict], answers: dict) -> dict:
+    """POPE metrics (percent) with answers matched by item id: accuracy, precision, recall and F1 of "yes",
+    yes-ratio, and the unparseable share (an answer that is neither yes nor no is never a yes: it counts
+    as wrong and as neither a predicted yes nor a predicted no)."""
+    pred = {it["id"]: parse_yes_no(answers[it["id"]]) for it in items}
+    tp = sum(pred[it["id"]] == "yes" and it["answer"] == "yes" for it in items)
+    fp = sum(pred[it["id"]] == "yes" and it["answer"] == "no" for it in items)
+    fn = sum(pred[it["id"]] != "yes" and it["answer"] == "yes" for it in items)
+    n, n_yes = len(items), sum(p == "yes" for p in pred.values())
+    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    return dict(acc=100 * sum(pred[it["id"]] == it["answer"] for it in items) / n, precision=100 * precision,
+                recall=100 * recall, f1=200 * precision * recall / max(precision + recall, 1e-9),
+                yes_ratio=100 * n_yes / n, unparseable=100 * sum(p is None for p in pred.values()) / n)
+
+
+def drop_unfinished(text: str) -> str:
+    """The text without an unfinished last sentence (one not ending in '.', '?' or '!')."""
+    parts = sentences(text)
+    return " ".join(parts[:-1] if parts and parts[-1][-1] not in ".?!" else parts)
+
+
+def chair(texts: list[str], scenes: list, drop_last: bool = True) -> dict:
+    """CHAIR (Rohrbach et al. 2018) against the scene graphs, after the synonym table: CHAIR-s = share of
+    descriptions with a hallucinated object, CHAIR-i = hallucinated mentions / all mentions; object recall
+    (OPERA's addition) and mean length in words beside them. All in percent but the length."""
+    texts = [normalize(drop_unfinished(t) if drop_last else t) for t in texts]
+    scores = [object_scores(t, s) for t, s in zip(texts, scenes, strict=True)]
+    mentions = sum(s["mentions"] for s in scores)
+    return dict(chair_s=100 * sum(s["hallucinated"] > 0 for s in scores) / len(scores),
+                chair_i=100 * sum(s["hallucinated"] for s in scores) / max(mentions, 1),
+                recall=100 * sum(s["recall"] for s in scores) / len(scores),
+                length=sum(len(words(t)) for t in texts) / len(texts))
+
+
+def bow_cosine(a_text: str, b_text: str) -> float:
+    """Cosine of bag-of-words count vectors (data.metrics.words): the offline stand-in for the
+    all-mpnet-base-v2 similarity of BDHS's filter. 1.0 for the same words in any order."""
+    ca, cb = Counter(words(a_text)), Counter(words(b_text))
+    dot = sum(v * cb[k] for k, v in ca.items())
+    norm = math.sqrt(sum(v * v for v in ca.values()) * sum(v * v for v in cb.values()))
+    return dot / norm if norm else float(a_text.strip() == b_text.strip())
+
+
+def write_preference_jsonl(path, rows: list[dict], image_folder) -> None:
+    """TRL's standard preference JSONL: {"prompt": "<image>question", "chosen", "rejected", "images":
+    [png path relative to the file]}, one PNG per row written into image_folder (PIL images in row["pil"])."""
+    path, folder = Path(path), Path(image_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i, row in enumerate(rows):
+            row["pil"].save(folder / f"{i}.png")
+            f.write(json.dumps({"prompt": "<image>" + row["question"], "chosen": row["chosen"],
+                                "rejected": row["rejected"],
+                                "images": [os.path.relpath(folder / f"{i}.png", path.parent)]}) + "\n")
+
+
+def curves_png(path, series: dict, title: str, size=(640, 360)) -> None:
+    """Line plot of named series (lists of numbers over steps) with Pillow: one colour per series, the legend
+    and the y range written in the corner (matplotlib is not a dependency)."""
+    image = Image.new("RGB", size, "white")
+    draw, (w, h) = ImageDraw.Draw(image), size
+    values = [v for ys in series.values() for v in ys] or [0.0]
+    lo, hi = min(values), max(values) + 1e-9
+    palette = [(0, 110, 200), (210, 40, 40), (0, 150, 60), (150, 90, 0), (120, 0, 160), (90, 90, 90)]
+    for k, (name, ys) in enumerate(series.items()):
+        points = [(40 + i * (w - 60) / max(len(ys) - 1, 1), h - 30 - (y - lo) / (hi - lo) * (h - 70))
+                  for i, y in enumerate(ys)]
+        draw.line(points, fill=palette[k % len(palette)], width=2) if len(points) > 1 else None
+        draw.text((w - 230, 30 + 14 * k), name, fill=palette[k % len(palette)])
+    draw.text((10, 8), f"{title}   y: {lo:.2f} .. {hi:.2f}   x: step", fill="black")
+    image.save(path)
+
+
+def vqa_items(n: int, seed: int = 0) -> list[dict]:
+    """General VQA on held-out scenes (not counts or labels): the no-regression check of alignment."""
+    out = []
+    for i in range(n):
+        scene = make_scene("test", 20_000 + i, seed, "natural")
+        qa = [(q, ans) for q, ans in vqa(scene, seed) if not ans.isdigit() and "label" not in q]
+        out += [dict(id=f"vqa-{i}", scene=scene, question=qa[0][0], answer=qa[0][1])] if qa else []
+    return out
+
+
+def user_items(path) -> list[dict]:
+    """A user's TRL preference JSONL (read_preference_jsonl: unknown keys are an error), one image per pair,
+    as prompt items: answer = chosen, povid = rejected, pil = the image."""
+    items = []
+    for row in read_preference_jsonl(path):
+        if len(row["images"]) != 1:
+            raise InputError(f"{path}:{row['line']}: {len(row['images'])} images, expected exactly 1")
+        items.append(dict(id=f"user-{row['line']}", question=row["prompt"].replace("<image>", "").strip(),
+                          answer=row["chosen"], povid=row["rejected"], kind="user",
+                          pil=load_image(row["images"][0])))
+    return items
+
+
+def bdhs_prefixes(answer: str, rng) -> list[tuple[str, str]]:
+    """BDHS's reference-guided prefixes (Algorithm 1): per gold sentence, (the gold sentences before it, the
+    sentence cut before a random word). A sentence starting with yes / no is flipped with probability 0.5 and
+    keeps that first word; any other may be cut to nothing (the sentence is then generated whole)."""
+    gold, out = sentences(answer), []
+    for i, sentence in enumerate(gold):
+        w = sentence.split()
+        verdict = bool(w) and w[0].lower().strip(",.") in ("yes", "no")
+        if verdict and rng.random() < 0.5:
+            w[0] = ("No" if w[0].lower().startswith("yes") else "Yes") + w[0][len(w[0].rstrip(",.")):]
+        cut = rng.randrange(int(verdict), max(len(w), int(verdict) + 1))
+        out.append((" ".join(gold[:i]), " ".join(w[:cut])))
+    return out
+
+
+def mean_sd(values) -> tuple[float, float]:
+    """Mean and sample sd (ddof 1; nan for one value)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else float("nan")
+    return mean, math.sqrt(var)
+
+
+def verdict(name_a: str, a: list, name_b: str, b: list, lower_better: bool) -> str:
+    """a vs b over seeds: a difference under 2 pooled sd is noise; one seed gives no verdict."""
+    (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
+    diff, sd = ma - mb, math.sqrt((sa ** 2 + sb ** 2) / 2)
+    if math.isnan(sd):
+        return f"{name_a} - {name_b}: {diff:+.2f} (one seed: no sd, no verdict)"
+    better = name_a if (diff < 0) == lower_better else name_b
+    return f"{name_a} - {name_b}: {diff:+.2f} (2 sd = {2 * sd:.2f}): " + (
+        "noise" if abs(diff) < 2 * sd else f"{better} better")
+
+
+def histogram(values: list, bins: int = 10) -> str:
+    """A text histogram of values in [0, 1]."""
+    counts = Counter(min(int(v * bins), bins - 1) for v in values)
+    top = max(counts.values(), default=1)
+    return "\n".join(f"    {i / bins:.1f}-{(i + 1) / bins:.1f} {counts[i]:5d} "
+                     + "#" * round(40 * counts[i] / top) for i in range(bins))
+
+
+def table_and_verdicts(results: dict, rows, seeds, table: list, claims: list) -> str:
+    """A markdown table of results["row/seed"][key] as mean ± sd over seeds (table: (header, key, lower is
+    better or None)), then one verdict per claim (text, row a, row b, key) by verdict()."""
+    cells = lambda row, key: mean_sd([results[f"{row}/{s}"][key] for s in seeds])  # noqa: E731
+    lines = ["| row | " + " | ".join(name for name, _, _ in table) + " |", "|---" * (len(table) + 1) + "|"]
+    for row in rows:
+        lines.append(f"| {row} | " + " | ".join(f"{m:.1f}" + ("" if math.isnan(sd) else f" ± {sd:.1f}")
+                                              for m, sd in (cells(row, key) for _, key, _ in table)) + " |")
+    lower = {key: low for _, key, low in table}
+    lines += ["", "Verdicts (a difference under 2 sd is noise):"] + [
+        f"- {text or '  and'}: {key}: " + verdict(a, [results[f"{a}/{s}"][key] for s in seeds], b,
+                                                  [results[f"{b}/{s}"][key] for s in seeds], lower[key])
+        for text, a, b, key in claims if a in rows and b in rows]
+    return "\n".join(lines)
+
+
+def judged_pairs(items: list, samples: list, n: int) -> tuple[list, int]:
+    """Online pairs from n samples per item (item-major): (chosen = the judge's best, rejected = its worst)
+    per item, and the number of ties (dropped)."""
+    pairs = []
+    for j, item in enumerate(items):
+        verdict = judge(samples[j * n:(j + 1) * n], item)
+        pairs += [dict(item=item, chosen=samples[j * n + verdict[0]], rejected=samples[j * n + verdict[1]])
+                  ] if verdict else []
+    return pairs, len(items) - len(pairs)
+
+
+def bdhs_report(stats: dict, threshold: float, max_tries: int) -> str:
+    """BDHS's filter in report.md: similarity histogram over every try, tries per example, examples."""
+    tries = dict(sorted(Counter(stats["tries"]).items()))
+    examples = "\n".join(f"- y+ {gold!r}\n  y- {neg!r}" for gold, neg in stats["examples"][:4])
+    return (f"similarity filter (bag-of-words cosine with y+, every try; threshold {threshold}):\n"
+            f"{histogram(stats['similarity'])}\ntries per example (1..{max_tries}, the last unguided): "
+            f"{tries}\n"
+            f"{examples}")
