@@ -14,7 +14,7 @@ import mm1
 from data.tokenizer import get_tokenizer
 
 # script -> the class that builds the model from an arch dict
-BUILDERS = {"mm1": "MM1", "mm15": "MM1", "mia_bench": "MM1"}
+BUILDERS = {"mm1": "MM1", "mm15": "MM1", "mia_bench": "MM1", "dpo_bdhs": "MM1"}
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +156,25 @@ def test_mia_bench_continues_from_an_mm15_smoke_checkpoint(smoke_checkpoint, tmp
     assert json.loads(meta["mia"])["n_sft"] == 8 and int(meta["step"]) == 2
     model = mm1.MM1(json.loads(meta["arch"])).eval()
     model.load_state_dict(weights)
+
+
+def test_dpo_bdhs_continues_from_an_mm15_smoke_checkpoint(smoke_checkpoint, tmp_path):
+    """mm1 -> mm15 -> dpo_bdhs at smoke size: dpo_bdhs's checkpoint keeps the contract (arch, tokenizer,
+    <image> id, image size, mm15's sft block) plus its `dpo` block, mm1's class rebuilds it (strict), and
+    the DPO step moved the weights."""
+    import dpo_bdhs
+    import mm15
+
+    mm15_args = ["--cpt_steps=2", "--sft_steps=3", "--eval_items=1", "--max_new_tokens=3"]
+    init = smoke_checkpoint / "model.safetensors"
+    mm15.main(["--preset=smoke", f"--init={init}", f"--out_dir={tmp_path / 'mm15'}", *mm15_args])
+    init = tmp_path / "mm15" / "model.safetensors"
+    dpo_bdhs.main(["--preset=smoke", f"--init={init}", f"--out_dir={tmp_path / 'dpo'}", "--rows=povid"])
+    weights, meta = read_checkpoint(tmp_path / "dpo")
+    mm15_weights, mm15_meta = read_checkpoint(tmp_path / "mm15")
+    for key in ("arch", "tokenizer_sha256", "image_token_id", "image_size", "sft"):
+        assert meta[key] == mm15_meta[key], key
+    assert json.loads(meta["dpo"])["row"] == "povid" and int(meta["step"]) == 2
+    model = mm1.MM1(json.loads(meta["arch"])).eval()
+    model.load_state_dict(weights)
+    assert any(not torch.equal(weights[k], mm15_weights[k]) for k in weights)
