@@ -67,10 +67,10 @@ class Config:
     label_smoothing: float = 0.0    # cDPO: assumed share of flipped labels (sigmoid loss only)
     rpo_alpha: float = 0.0          # weight of the NLL of chosen (RPO); 0: off
     gamma: float = 0.5              # bdhs_ext: gamma * DPO(y+, y-_ext) + (1 - gamma) * DPO(y+, y-_BDHS)
-    steps: int = 20                 # training steps per row
-    lr: float = 5e-5                # peak lr (warmup, cosine to 0)
+    steps: int = 10                 # training steps per row
+    lr: float = 1e-4                # peak lr (warmup, cosine to 0)
     batch_size: int = 8             # preference pairs per step
-    n_train: int = 64               # training prompts (scenes)
+    n_train: int = 32               # training prompts (scenes)
     yes_no_share: float = 0.3       # share of yes/no existence questions among the prompts
     n_samples: int = 2              # online: samples per prompt for the judge
     temperature: float = 1.0        # sampling temperature (online samples, BDHS completions)
@@ -79,9 +79,9 @@ class Config:
     max_tries: int = 5              # BDHS: tries per example; the last one is unguided and kept
     seq_len: int = 256              # longest prompt + response; longer responses are cut (counted)
     max_new_tokens: int = 32        # generation limit of descriptions and online samples
-    eval_scenes: int = 16           # held-out scenes per POPE split, descriptions, VQA, held-out pairs
+    eval_scenes: int = 12           # held-out scenes per POPE split, descriptions, VQA, held-out pairs
     drop_unfinished: bool = True    # CHAIR: drop an unfinished last sentence
-    warmup: int = 5                 # linear warmup steps
+    warmup: int = 2                 # linear warmup steps
     weight_decay: float = 0.0       # AdamW decay
     grad_clip: float = 1.0          # max global grad norm
     log_every: int = 5              # steps between log lines

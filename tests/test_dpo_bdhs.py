@@ -160,6 +160,24 @@ def test_hidden_image_keys_make_the_answer_blind(parts):
     torch.testing.assert_close(masked[0], masked[1])
 
 
+def test_bdhs_masking_reaches_the_model_as_hidden_image_keys(parts, monkeypatch):
+    """answer(rho=1) hides exactly the image slots, rho=0 none; generate turns that into the attention mask
+    the model gets (the last prompt token sees no image key); noise=True changes the pixels instead."""
+    data, item, seen = parts.data, parts.data.train[1], []
+    forward = parts.ref.forward
+    monkeypatch.setattr(parts.ref, "forward", lambda *a, **k: seen.append(a) or forward(*a, **k))
+    ids = torch.tensor(data.prompt(item)[0])
+    for rho, visible in ((1.0, 0), (0.0, int((ids == data.image_id).sum()))):
+        seen.clear()
+        dpo.answer(parts.ref, data, [item], 2, gens=[torch.Generator().manual_seed(0)], rho=rho)
+        mask = seen[0][3]  # (B, 1, T, T) of the prompt pass
+        assert int(mask[0, 0, -1][ids == data.image_id].sum()) == visible
+        assert bool(mask[0, 0, -1][ids != data.image_id].all())
+    seen.clear()
+    dpo.answer(parts.ref, data, [item], 1, gens=[torch.Generator().manual_seed(0)], rho=0.9, noise=True)
+    assert not torch.equal(seen[0][1], data.prompt(item)[1]) and bool(seen[0][3][0, 0, -1].all())
+
+
 def test_bdhs_prefixes_flip_yes_no_half_the_time_and_keep_gold_context():
     answer = "Yes, there is a red star. A blue circle is on the left."
     flips = 0
