@@ -1,6 +1,6 @@
-"""clip_caption.py: AltText, synthetic captions or both for CLIP? A miniature of arXiv:2410.02740 (Apple):
-Lai et al., "Revisit Large-Scale Image-Caption Data in Pre-training Multimodal Foundation Models".
-Of the paper's three model families this script covers CLIP (multimodal LLMs: mm1.py; diffusion: none yet).
+"""clip_caption.py: AltText, synthetic captions or both? A miniature of arXiv:2410.02740 (Apple): Lai et al.,
+"Revisit Large-Scale Image-Caption Data in Pre-training Multimodal Foundation Models". Of the paper's three
+model families this script covers CLIP and diffusion (text-to-image); multimodal LLMs are in mm1.py.
 
 1. A controllable captioner (CLIP ViT + causal decoder) learns the "human" split's gold captions; a control
    token picks the format: <|ssc|> short, <|dsc|> descriptive (<= 77 tokens), <|dsc+|> dense, <|afc|> AltText
@@ -11,15 +11,21 @@ Of the paper's three model families this script covers CLIP (multimodal LLMs: mm
    dsc100 = DSC only; afc = AltText fusion. Scored on held-out web images: zero-shot emblem names (the long
    tail only AltTexts name), shape, colour (multi-label), retrieval in galleries; baselines (untrained CLIP,
    chance, majority) and a paired bootstrap over seeds on the KEY_PAIRS fixed in advance.
+4. One text-to-image flow-matching model per recipe (a small UNet at 32 px, its own small text tower, Euler
+   sampling with classifier-free guidance), scored GenEval-style: a probe trained on real renders checks the
+   requested colour, shape, count, position and background; baselines: real renders, another scene's render,
+   the empty prompt. Samples: out_dir/diffusion_samples.png.
 
   python clip_caption.py                          # cpu preset (default without CUDA)
   python clip_caption.py --preset=smoke           # tiny end-to-end run (what the tests run)
-  python clip_caption.py --synthetic=captioner    # CLIP on the captioner's captions, not gold ones
+  python clip_caption.py --parts=diffusion        # the diffusion side alone (gold captions)
+  python clip_caption.py --synthetic=captioner    # CLIP and diffusion on the captioner's captions
   torchrun --standalone --nproc_per_node=8 clip_caption.py --preset=gpu   # DDP; captioning sharded too
   python clip_caption.py --data=pairs.csv         # your images: CSV/JSONL with filepath, caption[, alttext]
 
-Prints and writes to out_dir/report.md a captioner table with blind rows, the key pairs' verdicts and
+Prints and writes to out_dir/report.md the captioner table with blind rows, the key pairs' verdicts,
   | recipe | emblem top1 | shape top1 | colour top1 | I->T R@1 | T->I R@1 |   (R@1 in galleries)
+  | model (prompts) | colour | shape | count | position | background | attributes | all requested |
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ from tqdm import tqdm
 
 from data import InputError, shapes
 from data.metrics import cider_d, object_scores
+from data.shapes.text import area, shapes_of
 from data.tokenizer import get_tokenizer
 from kernels import attention
 
@@ -103,27 +110,49 @@ class Config:
     log_every: int = 25  # steps between log lines
     ckpt_every: int = 200  # steps between checkpoints (and always at the end)
     export: bool = False  # write out_dir/export: captions.csv (filepath,alttext,ssc,dsc,afc), web image PNGs
+    parts: tuple = ("captioner", "clip", "diffusion")  # what runs (with gold captions, each part alone)
+    # the diffusion side: one text-to-image flow-matching model per recipe, scored by a GenEval-style probe
+    diff_recipes: tuple = ("alt", "ssc100", "dsc100", "dsc50")  # text recipes, one text-to-image model each
+    diff_seeds: int = 2  # seeds for the recipes of DIFF_KEY_PAIRS; the other recipes get one
+    diff_size: int = 32  # pixels per side of the images the diffusion models learn and generate
+    diff_width: int = 32  # UNet channels at its top level (twice as many one level down)
+    diff_steps: int = 800  # flow-matching optimizer steps per model
+    diff_batch: int = 32  # flow-matching batch size
+    diff_lr: float = 2e-3  # flow-matching peak learning rate
+    diff_drop: float = 0.1  # share of training prompts replaced by the empty prompt (for guidance)
+    sample_steps: int = 20  # Euler steps from noise to image
+    guidance: float = 3.0  # classifier-free guidance scale w (1 = the conditional model alone)
+    n_diff_eval: int = 200  # held-out web prompts per model for the GenEval-style probe
+    probe_steps: int = 400  # steps of the probe (reads colour, shape, count, position off real renders)
 
 PRESETS = {
     "smoke": dict(image_size=16, patch_size=4, vit_width=32, vit_layers=1, vit_heads=2, text_width=32,
                   text_layers=1, text_heads=2, embed_dim=16, dec_width=48, dec_layers=1, dec_heads=2,
                   n_human=16, cap_steps=100, cap_lr=1e-2, cap_max_tokens=32, alt_tokens=12, n_cap_eval=8,
                   n_web=32, n_eval=24, gallery=12, recipes=("alt", "ssc50", "afc"), seeds=1,
-                  clip_steps=4, clip_batch=16, bootstrap=50, log_every=20, ckpt_every=3),
+                  clip_steps=4, clip_batch=16, bootstrap=50, log_every=20, ckpt_every=3,
+                  diff_recipes=("alt", "dsc100"), diff_seeds=1, diff_size=16, diff_width=16, diff_steps=4,
+                  diff_batch=8, sample_steps=3, n_diff_eval=8, probe_steps=4),
     "cpu": dict(),
     "gpu": dict(image_size=64, vit_width=384, vit_layers=6, vit_heads=6, text_width=384, text_layers=6,
                 text_heads=6, embed_dim=256, dec_width=512, dec_layers=6, dec_heads=8, n_human=20000,
                 cap_steps=4000, cap_batch=128, cap_max_tokens=200, n_cap_eval=1000,
-                n_web=60000, n_eval=5000, seeds=3, clip_steps=3000, clip_batch=1024, ckpt_every=1000)}
+                n_web=60000, n_eval=5000, seeds=3, clip_steps=3000, clip_batch=1024, ckpt_every=1000,
+                diff_seeds=3, diff_width=96, diff_steps=5000, diff_batch=256, n_diff_eval=2000,
+                probe_steps=3000)}
 FORMATS = ("ssc", "dsc", "dsc+", "afc")  # captioner formats; CLIP recipes use ssc / dsc / afc
 GEN_BATCH = 256  # images per batched generation call
 # fields that change no model: a resume may set them anew (every other one, schedules included, must match)
 RESUME_MAY_DIFFER = ("preset", "out_dir", "device", "resume", "recipes", "n_cap_eval", "n_eval",
-                     "gallery", "bootstrap", "log_every", "ckpt_every", "export")
+                     "gallery", "bootstrap", "log_every", "ckpt_every", "export", "parts", "diff_recipes",
+                     "sample_steps", "guidance", "n_diff_eval")
 # the comparisons the verdict tests, fixed before any run: (a, b, metric), read "a beats b on metric"
 KEY_PAIRS = (("ssc50", "ssc100", "retrieval"), ("ssc50", "ssc100", "emblem top1"),
              ("ssc50", "alt", "retrieval"), ("ssc100", "dsc100", "retrieval"),
              ("alt", "ssc100", "emblem top1"))
+# the diffusion side's, fixed likewise: the paper finds DSC best for SD3, and GenEval peaking at 50% DSC
+DIFF_KEY_PAIRS = (("dsc100", "ssc100", "attributes (dense)"), ("dsc100", "ssc100", "attributes (short)"),
+                  ("dsc100", "alt", "attributes (dense)"), ("dsc50", "dsc100", "attributes (dense)"))
 
 def parse_recipe(name: str) -> tuple[str, float]:
     """(text source, p(synthetic)): 'alt' -> (alt, 0.0); 'ssc30' -> (ssc, 0.3); 'dsc' -> (dsc, 1.0)."""
@@ -136,13 +165,17 @@ def parse_recipe(name: str) -> tuple[str, float]:
 def check_config(cfg: Config) -> None:
     if cfg.image_size % cfg.patch_size:
         raise InputError(f"--image_size={cfg.image_size}: expected a multiple of --patch_size")
-    if cfg.synthetic not in ("gold", "captioner") or not 0.0 <= cfg.gold_error <= 1.0:
+    if cfg.synthetic not in ("gold", "captioner") or not 0.0 <= cfg.gold_error <= 1.0 or (
+            cfg.synthetic == "captioner" and "captioner" not in cfg.parts):
         raise InputError(f"--synthetic={cfg.synthetic} --gold_error={cfg.gold_error}: expected gold or "
-                         "captioner, and an error share in 0..1")
+                         "captioner (with captioner in --parts), and an error share in 0..1")
     for key in [k for k in ("n_web", "n_eval", "gallery", "clip_steps", "seeds") if getattr(cfg, k) < 1]:
         raise InputError(f"--{key}={getattr(cfg, key)}: expected a positive number")
-    for name in cfg.recipes:
+    for name in cfg.recipes + cfg.diff_recipes:
         parse_recipe(name)
+    if not set(cfg.parts) <= {"captioner", "clip", "diffusion"} or cfg.diff_size % 4 or cfg.diff_width % 8:
+        raise InputError(f"--parts={','.join(cfg.parts)} --diff_size={cfg.diff_size} --diff_width="
+                         f"{cfg.diff_width}: expected captioner, clip, diffusion; multiples of 4 and 8")
 
 # ============================================================================= skeleton: begin
 # The shared skeleton, byte for byte the same in every script (tests/test_skeleton.py diffs the copies):
@@ -409,10 +442,12 @@ class ImageSet:
         return ImageSet(self.images[cut], self.alttexts[cut], {f: c[cut] for f, c in self.captions.items()},
                         self.scenes and self.scenes[cut])
 
-def render_split(split: str, start: int, n: int, cfg: Config) -> ImageSet:
-    """Scenes split[start:start+n] rendered at cfg.image_size, with their AltTexts and gold captions."""
+def render_split(split: str, start: int, n: int, cfg: Config, size: int = 0, plain: bool = False) -> ImageSet:
+    """Scenes split[start:start+n] rendered at `size` or cfg.image_size, with AltTexts and gold captions;
+    plain: without background texture (no caption but DSC+ names it; at 32 px it is pixel noise)."""
     scenes = [shapes.make_scene(split, i, seed=cfg.seed) for i in range(start, start + n)]
-    pixels = np.stack([np.asarray(shapes.render(s, size=cfg.image_size)) for s in scenes])  # (N, S, S, 3)
+    scenes = [dataclasses.replace(s, texture="plain") for s in scenes] if plain else scenes
+    pixels = np.stack([np.asarray(shapes.render(s, size or cfg.image_size)) for s in scenes])  # (N, S, S, 3)
     captions = {f: [shapes.caption(s, f, seed=start + i) for i, s in enumerate(scenes)] for f in FORMATS}
     alttexts = [shapes.caption(s, "alttext", seed=start + i) for i, s in enumerate(scenes)]
     return ImageSet(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), alttexts, captions, scenes)
@@ -562,11 +597,12 @@ class TextTransformer(nn.Module):
         self.encoder.layers = nn.ModuleList(CausalLayer(cfg.text_width, cfg.text_heads)
                                             for _ in range(cfg.text_layers))
         self.final_layer_norm = nn.LayerNorm(cfg.text_width)
-    def forward(self, ids, lengths):  # (B, T), (B,)
+    def forward(self, ids, lengths, pooled: bool = True):  # (B, T), (B,) -> (B, C); or (B, T, C) states
         x = self.embeddings.token_embedding(ids) + self.embeddings.position_embedding.weight[:ids.shape[1]]
         for layer in self.encoder.layers:
             x = layer(x)  # (B, T, C)
-        return self.final_layer_norm(x)[torch.arange(len(ids), device=ids.device), lengths.to(ids.device) - 1]
+        x = self.final_layer_norm(x)
+        return x[torch.arange(len(ids), device=ids.device), lengths.to(ids.device) - 1] if pooled else x
 
 def init_weights(module: nn.Module):
     """N(0, 0.02) weights, zero biases (GPT-2 / CLIP): PyTorch's N(0, 1) embeddings drown a fresh ViT."""
@@ -625,6 +661,71 @@ class Captioner(nn.Module):
             x = layer(x, caches[i] if caches is not None else None)
         return self.lm_head(self.norm(x[:, x.shape[1] - ids.shape[1]:]))  # (B, T, V)
 
+# ----------------------------------------------------------------------------- model: text-to-image, probe
+class ResBlock(nn.Module):
+    """GroupNorm, SiLU, 3x3 conv, twice, with the conditioning vector added in between (DDPM / SD UNet)."""
+    def __init__(self, c_in: int, c_out: int, c_cond: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(8, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(8, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.cond_proj = nn.Linear(c_cond, c_out)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+    def forward(self, x, cond):  # (B, C_in, H, W), (B, C_cond) -> (B, C_out, H, W)
+        h = self.conv1(F.silu(self.norm1(x))) + self.cond_proj(cond)[:, :, None, None]
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+class FlowUNet(nn.Module):
+    """The velocity field v(x_t, t, prompt) of a text-to-image flow. The text encoder is a small CLIP-style
+    text tower trained from scratch with it (one per recipe); a two-level UNet works on 2x2-unshuffled pixels,
+    the pooled prompt joins the time embedding, and cross-attention reads the prompt's tokens a level down."""
+    def __init__(self, cfg: Config, vocab_size: int):
+        super().__init__()
+        c, c_cond = cfg.diff_width, 4 * cfg.diff_width
+        self.text_model = TextTransformer(cfg, vocab_size)
+        self.time_mlp = nn.Sequential(nn.Linear(c, c_cond), nn.SiLU(), nn.Linear(c_cond, c_cond))
+        self.pooled_proj = nn.Linear(cfg.text_width, c_cond)
+        self.stem = nn.Conv2d(12, c, 3, padding=1)
+        self.down_block, self.downsample = ResBlock(c, c, c_cond), nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
+        self.mid_block1, self.mid_block2 = ResBlock(2 * c, 2 * c, c_cond), ResBlock(2 * c, 2 * c, c_cond)
+        self.attn_norm = nn.GroupNorm(8, 2 * c)  # every image position attends to the prompt's tokens (SD)
+        self.cross_attn = nn.MultiheadAttention(2 * c, cfg.text_heads, batch_first=True, kdim=cfg.text_width,
+                                                vdim=cfg.text_width)
+        self.up_block = ResBlock(3 * c, c, c_cond)
+        self.out_norm, self.out_conv = nn.GroupNorm(8, c), nn.Conv2d(c, 12, 3, padding=1)
+        init_weights(self)
+    def encode_text(self, ids, lengths):  # (B, T), (B,) -> token states (B, T, C), keep (B, T), pooled (B, C)
+        tokens, lengths = self.text_model(ids, lengths, pooled=False), lengths.to(ids.device)
+        keep = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]  # False on padding
+        return tokens, keep, tokens[torch.arange(len(ids), device=ids.device), lengths - 1]  # pooled at <eot>
+    def forward(self, x, t, ids, lengths, text=None):  # (B, 3, S, S), (B,), (B, T), (B,) -> (B, 3, S, S)
+        """The velocity at x_t; `text` = encode_text(ids, lengths), computed once for a sampler's steps."""
+        tokens, keep, pooled = text or self.encode_text(ids, lengths)
+        half = torch.arange(self.stem.out_channels // 2, device=t.device) / (self.stem.out_channels // 2)
+        angles = 1000.0 * t[:, None] * torch.exp(-math.log(1000.0) * half)  # (B, c / 2): sinusoids of t
+        cond = F.silu(self.time_mlp(torch.cat([angles.cos(), angles.sin()], 1)) + self.pooled_proj(pooled))
+        top = self.down_block(self.stem(F.pixel_unshuffle(x, 2)), cond)  # (B, c, S/2, S/2)
+        h = self.mid_block1(self.downsample(top), cond)  # (B, 2c, S/4, S/4)
+        query = self.attn_norm(h).flatten(2).transpose(1, 2)  # (B, S/4 * S/4, 2c)
+        attended = self.cross_attn(query, tokens, tokens, key_padding_mask=~keep, need_weights=False)[0]
+        h = self.mid_block2(h + attended.transpose(1, 2).view_as(h), cond)
+        h = self.up_block(torch.cat([F.interpolate(h, scale_factor=2.0), top], 1), cond)  # (B, c, S/2, S/2)
+        return F.pixel_shuffle(self.out_conv(F.silu(self.out_norm(h))), 2)  # (B, 3, S, S)
+
+POSITIONS = tuple(f"{r} {c}".strip() or "center"
+                  for r in ("top", "", "bottom") for c in ("left", "", "right"))
+GENEVAL = {"colour": shapes.COLORS, "shape": shapes.SHAPES, "count": range(1, 9), "position": POSITIONS,
+           "background": list(shapes.BACKGROUNDS)}  # GenEval's four, and the background every DSC names
+
+def make_probe(cfg: Config) -> nn.Sequential:
+    """A small CNN that learns from real renders to read GenEval's attributes off an image (GenEval uses a
+    detector): logits of the largest shape's colour, shape and 3x3 position and of the count, side by side."""
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(64 * (cfg.diff_size // 4) ** 2, sum(map(len, GENEVAL.values()))))
+
+def read_probe(probe: nn.Module, images: torch.Tensor) -> dict:  # (B, 3, S, S) -> {attribute: (B, K) logits}
+    return dict(zip(GENEVAL, probe(images).split([len(v) for v in GENEVAL.values()], 1)))
+
 # ----------------------------------------------------------------------------- losses
 def clip_loss(image_emb, text_emb, logit_scale):
     """Symmetric InfoNCE (CLIP, Radford et al. 2021, Fig. 3): L = (CE(s I T^T, diag) + CE(s T I^T, diag)) / 2,
@@ -637,6 +738,17 @@ def clip_loss(image_emb, text_emb, logit_scale):
 def caption_loss(logits, targets, ignore: int = -100):
     """Next-token cross-entropy on caption tokens only (the captioner's autoregressive objective), fp32."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore)
+
+def flow_pair(images, noise, t):
+    """Rectified flow / conditional flow matching (Liu et al. 2023; Lipman et al. 2023; SD3 (Esser et al.
+    2024) with t reversed): the straight path x_t = t x_1 + (1 - t) x_0 from noise x_0 (t = 0) to the image
+    x_1 (t = 1), and its velocity dx_t/dt = x_1 - x_0, the regression target. Returns (x_t, target)."""
+    t = t.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    return t * images + (1 - t) * noise, images - noise
+
+def flow_loss(velocity, target):
+    """L = E_{t, x_0, x_1, c} || v(x_t, t, c) - (x_1 - x_0) ||^2, averaged over pixels, in fp32."""
+    return F.mse_loss(velocity.float(), target.float())
 
 # ----------------------------------------------------------------------------- train
 Run = namedtuple("Run", "device rank world texts saved")  # saved: name -> load_checkpoint(...) (--resume)
@@ -701,20 +813,23 @@ def train_captioner(data: ImageSet, cfg: Config, run: Run) -> Captioner:
         return loss, len(idx), ids.shape[1] + (cfg.image_size // cfg.patch_size) ** 2
     return train(model, step_loss, cfg.cap_steps, cfg.cap_lr, "captioner", cfg, run)
 
-def clip_name(recipe: str, seed: int, cfg: Config) -> str:
-    return f"clip_{recipe}" if seed == cfg.seed else f"clip_{recipe}_seed{seed}"
+def run_name(model: str, recipe: str, seed: int, cfg: Config) -> str:  # clip_ssc50, diffusion_alt_seed1, ...
+    return f"{model}_{recipe}" + ("" if seed == cfg.seed else f"_seed{seed}")
+
+def recipe_texts(recipe: str, idx: list, coins: list, data: ImageSet, synthetic: dict) -> list[str]:
+    """Each image's text under a recipe: its synthetic caption where the coin is below p, else its AltText."""
+    fmt, p_synthetic = parse_recipe(recipe)
+    return [synthetic[fmt][i] if c < p_synthetic else data.alttexts[i] for i, c in zip(idx, coins)]
 
 def train_clip(recipe: str, seed: int, data: ImageSet, synthetic: dict, cfg: Config, run: Run) -> CLIPModel:
     """One CLIP per (recipe, seed); the recipes of one seed share the init and the image order: only the
     text each image is paired with differs."""
-    fmt, p_synthetic = parse_recipe(recipe)
     torch.manual_seed(seed)
     model = CLIPModel(cfg, run.texts.enc.n_vocab).to(run.device)
     def step_loss(runner, step):
         idx = batch_indices(len(data.images), cfg.clip_batch, step, seed, run)
         coins = torch.rand(cfg.clip_batch, generator=torch.Generator().manual_seed(seed + 104729 * step))
-        chosen = [synthetic[fmt][i] if c < p_synthetic else data.alttexts[i]
-                  for i, c in zip(idx.tolist(), coins[run.rank::run.world].tolist())]
+        chosen = recipe_texts(recipe, idx.tolist(), coins[run.rank::run.world].tolist(), data, synthetic)
         ids, lengths = run.texts.clip_batch(chosen, cfg.context_length)  # (B, T), (B,)
         image_emb, text_emb, logit_scale = runner(to_float(data.images[idx], run.device), ids.to(run.device),
                                                   lengths)  # (B, E), (B, E), ()
@@ -722,7 +837,50 @@ def train_clip(recipe: str, seed: int, data: ImageSet, synthetic: dict, cfg: Con
             image_emb, text_emb = torch.cat(all_gather(image_emb)), torch.cat(all_gather(text_emb))
         n_tokens = ids.shape[1] + (cfg.image_size // cfg.patch_size) ** 2
         return clip_loss(image_emb, text_emb, logit_scale), len(idx), n_tokens
-    return train(model, step_loss, cfg.clip_steps, cfg.clip_lr, clip_name(recipe, seed, cfg), cfg, run)
+    return train(model, step_loss, cfg.clip_steps, cfg.clip_lr, run_name("clip", recipe, seed, cfg), cfg, run)
+
+def train_diffusion(recipe: str, seed: int, data: ImageSet, synthetic: dict, cfg: Config, run: Run):
+    """One text-to-image flow per (recipe, seed): t ~ logit-normal (SD3), and a share diff_drop of the prompts
+    emptied, so that the model also learns v(x_t, t, "") for guidance."""
+    torch.manual_seed(seed)
+    model, mine = FlowUNet(cfg, run.texts.enc.n_vocab).to(run.device), slice(run.rank, None, run.world)
+    def step_loss(runner, step):
+        idx = batch_indices(len(data.images), cfg.diff_batch, step, seed, run)
+        gen = torch.Generator().manual_seed(seed + 15485863 * step)
+        coins, drops = torch.rand(2, cfg.diff_batch, generator=gen)[:, mine]
+        t = torch.sigmoid(torch.randn(cfg.diff_batch, generator=gen)[mine]).to(run.device)  # (B,)
+        noise = torch.randn(cfg.diff_batch, 3, cfg.diff_size, cfg.diff_size, generator=gen)[mine]  # (B,3,S,S)
+        texts = drop_prompts(recipe_texts(recipe, idx.tolist(), coins.tolist(), data, synthetic), drops,
+                             cfg.diff_drop)
+        ids, lengths = run.texts.clip_batch(texts, cfg.context_length)  # (B, T), (B,)
+        x_t, target = flow_pair(to_float(data.images[idx], run.device), noise.to(run.device), t)
+        return flow_loss(runner(x_t, t, ids.to(run.device), lengths), target), len(idx), 1
+    name = run_name("diffusion", recipe, seed, cfg)
+    return train(model, step_loss, cfg.diff_steps, cfg.diff_lr, name, cfg, run)
+
+def drop_prompts(prompts: list[str], coins: torch.Tensor, p: float) -> list[str]:
+    """Classifier-free guidance training (Ho & Salimans 2022): the prompt becomes "" where coin < p."""
+    return ["" if c < p else text for text, c in zip(prompts, coins.tolist())]
+
+def geneval_targets(scenes) -> dict[str, torch.Tensor]:
+    """What a prompt about the scene requests, as class ids: the largest shape's colour, shape and 3x3
+    position (the subject of its SSC), the number of shapes, and the background colour."""
+    mains = [(max(shapes_of(s), key=lambda o: area(o.box)), s) for s in scenes]
+    return {"colour": torch.tensor([shapes.COLORS.index(o.color) for o, _ in mains]),
+            "shape": torch.tensor([shapes.SHAPES.index(o.shape) for o, _ in mains]),
+            "count": torch.tensor([min(len(shapes_of(s)), 8) - 1 for _, s in mains]),
+            "position": torch.tensor([POSITIONS.index(shapes.position(o, s)) for o, s in mains]),
+            "background": torch.tensor([list(shapes.BACKGROUNDS).index(s.background) for s in scenes])}
+
+def train_probe(data: ImageSet, cfg: Config, run: Run) -> nn.Module:
+    """The probe learns the GenEval attributes from real renders of training scenes (summed cross-entropy)."""
+    torch.manual_seed(cfg.seed)
+    model, targets = make_probe(cfg).to(run.device), geneval_targets(data.scenes)
+    def step_loss(runner, step):
+        idx = batch_indices(len(data.images), 64, step, cfg.seed, run)
+        logits = read_probe(runner, to_float(data.images[idx], run.device))
+        return sum(F.cross_entropy(logits[k], targets[k][idx].to(run.device)) for k in GENEVAL), len(idx), 1
+    return train(model, step_loss, cfg.probe_steps, 2e-3, "probe", cfg, run)
 
 @torch.no_grad()
 def generate(model: Captioner, data: ImageSet, batch: list[int], fmt: str, cfg: Config, run: Run) -> list:
@@ -884,15 +1042,15 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int, seed: int) -> tuple[f
     diffs = (a[idx] - b[idx]).mean(1)
     return float(a.mean() - b.mean()), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
 
-def key_pair_verdicts(hits: dict, cfg: Config) -> list[dict]:
-    """For each KEY_PAIRS entry whose recipes ran: the paired bootstrap per seed, and a verdict that holds
-    only when every seed's interval excludes 0 on the same side ("not resolved" otherwise)."""
+def key_pair_verdicts(hits: dict, pairs: tuple, resamples: int) -> list[dict]:
+    """For each (a, b, metric) of `pairs` whose recipes ran: the paired bootstrap per seed, and a verdict that
+    holds only when every seed's interval excludes 0 on the same side ("not resolved" otherwise)."""
     out = []  # retrieval: per image, the mean of its I->T and T->I R@1 hits
     per_item = lambda h, metric: (h["I->T R@1"] + h["T->I R@1"]) / 2 if metric == "retrieval" else h[metric]
-    for a, b, metric in KEY_PAIRS:
-        seeds = [s for s in range(cfg.seed, cfg.seed + cfg.seeds) if (a, s) in hits and (b, s) in hits]
+    for a, b, metric in pairs:
+        seeds = sorted(s for r, s in hits if r == a and (b, s) in hits)
         runs = [[round(x, 4) for x in paired_bootstrap(per_item(hits[a, s], metric),
-                                                       per_item(hits[b, s], metric), cfg.bootstrap, s)]
+                                                       per_item(hits[b, s], metric), resamples, s)]
                 for s in seeds]
         verdict = "yes" if all(r[1] > 0 for r in runs) else "no (reversed)" if all(r[2] < 0 for r in runs) \
             else "not resolved"
@@ -900,29 +1058,113 @@ def key_pair_verdicts(hits: dict, cfg: Config) -> list[dict]:
                  "diff": [r[0] for r in runs], "ci95": [r[1:] for r in runs]}] if seeds else []
     return out
 
+# ----------------------------------------------------------------------------- eval: diffusion
+REQUESTED = {"dense": tuple(GENEVAL), "short": ("colour", "shape")}  # what every DSC / SSC prompt states
+GENEVAL_COLUMNS = (*GENEVAL, "attributes", "all requested")
+
+@torch.no_grad()
+def euler_sample(velocity, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """Integrate dx/dt = v(x, t) from t = 0 (noise) to t = 1 (image) in `steps` Euler steps of 1 / steps."""
+    x = noise
+    for i in range(steps):
+        x = x + velocity(x, torch.full((len(x),), i / steps, device=x.device)) / steps
+    return x
+
+def guided_velocity(model: FlowUNet, ids, lengths, scale: float):
+    """Classifier-free guidance (Ho & Salimans 2022): v = v(x, t, empty) + w (v(x, t, c) - v(x, t, empty)).
+    ids / lengths hold the B prompts, then B empty prompts: both velocities come from one batched call."""
+    text = model.encode_text(ids, lengths)  # the prompts' token states, the same at every step
+    def velocity(x, t):  # (B, 3, S, S), (B,)
+        cond, empty = model(torch.cat([x, x]), torch.cat([t, t]), ids, lengths, text).float().chunk(2)
+        return empty + scale * (cond - empty)
+    return velocity
+
+@torch.no_grad()
+def generate_images(model: FlowUNet, prompts: list[str], cfg: Config, run: Run) -> torch.Tensor:
+    """uint8 samples, in one batch. Every model starts from the same noise (seeded by cfg.seed) for the same
+    prompt, so models are compared image by image."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    noise = torch.randn(len(prompts), 3, cfg.diff_size, cfg.diff_size, generator=gen).to(run.device)
+    ids, lengths = run.texts.clip_batch(prompts + [""] * len(prompts), cfg.context_length)  # (2N, T), (2N,)
+    velocity = guided_velocity(model.eval(), ids.to(run.device), lengths, cfg.guidance)
+    pixels = euler_sample(velocity, noise, cfg.sample_steps).cpu() * 0.25 + 0.5  # to_float's inverse
+    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)  # (N, 3, S, S)
+
+@torch.no_grad()
+def geneval_hits(probe: nn.Module, images: torch.Tensor, targets: dict, kind: str, run: Run) -> dict:
+    """Per prompt, 1 / 0 for each attribute requested (REQUESTED[kind]) as the probe reads the image;
+    "attributes": the share of them right; "all requested": 1 if all are (GenEval's per-prompt score)."""
+    logits = read_probe(probe, to_float(images, run.device))
+    hits = np.stack([(logits[k].argmax(1).cpu() == targets[k]).float().numpy() for k in REQUESTED[kind]])
+    return dict(zip(REQUESTED[kind], hits)) | {"attributes": hits.mean(0), "all requested": hits.prod(0)}
+
+def save_grid(path: Path, rows: dict, scale: int = 2) -> None:
+    """A PNG with one row of images (uint8 (n, 3, S, S) each) per entry of `rows`, in order, upscaled."""
+    grid = torch.cat([torch.cat(list(images), 2) for images in rows.values()], 1)  # (3, rows * S, n * S)
+    image = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+
+def diffusion_side(synthetic: dict, cfg: Config, run: Run, timings: dict) -> tuple[dict, list]:
+    """The probe, then one flow per recipe (and per seed for DIFF_KEY_PAIRS' recipes). Each model draws every
+    held-out web scene from its DSC (dense) and its SSC (short) caption; the probe scores what was requested.
+    Baselines: the real renders (the probe's ceiling), another scene's render, and empty-prompt samples."""
+    clock, rows, hits, grid, n = time.time(), {}, {}, {}, cfg.n_diff_eval
+    web = render_split("web", 0, cfg.n_web, cfg, cfg.diff_size, plain=True)
+    held_out = render_split("web", cfg.n_web, n, cfg, cfg.diff_size, plain=True)
+    probe, targets = train_probe(web, cfg, run), geneval_targets(held_out.scenes)
+    def score(name: str, images: torch.Tensor, kinds=tuple(REQUESTED)) -> dict:  # a row per prompt kind
+        found = {kind: geneval_hits(probe, images, targets, kind, run) for kind in kinds}
+        rows.update({f"{name} ({k})": {c: float(np.mean(h[c])) if c in h else None for c in GENEVAL_COLUMNS}
+                     for k, h in found.items()})
+        grid.setdefault(name, images[:8])
+        return found
+    if run.rank == 0:
+        score("real render", held_out.images), score("another scene's render", held_out.images.roll(1, 0))
+    timings["probe"], clock = time.time() - clock, time.time()
+    keyed = {r for pair in DIFF_KEY_PAIRS for r in pair[:2]}
+    for seed in range(cfg.seed, cfg.seed + cfg.diff_seeds):
+        for recipe in [r for r in cfg.diff_recipes if seed == cfg.seed or r in keyed]:
+            model = train_diffusion(recipe, seed, web, synthetic, cfg, run)
+            for kind, fmt in (("dense", "dsc"), ("short", "ssc")) if run.rank == 0 else ():
+                images = generate_images(model, held_out.captions[fmt], cfg, run)
+                found = score(recipe + ("" if seed == cfg.seed else f" seed {seed}"), images, [kind])[kind]
+                hits.setdefault((recipe, seed), {})[f"attributes ({kind})"] = found["attributes"]
+            timings[run_name("diffusion", recipe, seed, cfg)], clock = time.time() - clock, time.time()
+    if run.rank == 0:
+        score("empty prompt", generate_images(model, [""] * n, cfg, run))
+        save_grid(Path(cfg.out_dir) / "diffusion_samples.png", grid)
+    return rows, key_pair_verdicts(hits, DIFF_KEY_PAIRS, cfg.bootstrap)
+
 def markdown_table(first: str, rows: dict, columns) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.{3 if abs(v) < 10 else 1}f}" if type(v) is float else str(v)
     return "\n".join([f"| {first} | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)] + [
         f"| {name} | " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for name, row in rows.items()])
 
 def report(cfg: Config, metrics: dict) -> str:
-    pairs = {p["claim"]: dict(seeds=p["seeds"], diff=p["diff"], ci95=p["ci95"], verdict=p["verdict"])
-             for p in metrics["key_pairs"]}
+    pair_columns = ("seeds", "diff", "ci95", "verdict")
+    pairs = lambda key: {p["claim"]: {c: p[c] for c in pair_columns} for p in metrics[key]}
     text = [f"# clip_caption.py ({cfg.preset} preset, --synthetic={cfg.synthetic}); arXiv:2410.02740\n",
             "## Captioner (held-out test scenes, greedy; blind = the gold caption of another scene)\n",
             markdown_table("format", metrics["captioner"] or {}, CAPTION_COLUMNS),
             f"\n## CLIP per caption recipe ({cfg.n_eval} held-out web images, galleries of {cfg.gallery})\n",
             markdown_table("recipe", metrics["clip"], COLUMNS),
             f"\n## Key pairs (fixed in advance; paired bootstrap, {cfg.bootstrap} resamples)\n",
-            markdown_table("claim (a beats b)", pairs, ("seeds", "diff", "ci95", "verdict"))]
+            markdown_table("claim (a beats b)", pairs("key_pairs"), pair_columns),
+            f"\n## Text-to-image per caption recipe ({cfg.n_diff_eval} held-out web prompts, dense = DSC, "
+            "short = SSC; probe accuracy; samples: diffusion_samples.png)\n",
+            markdown_table("model (prompts)", metrics["diffusion"], GENEVAL_COLUMNS),
+            "\n## Diffusion key pairs (share of requested attributes right, per prompt; paired bootstrap)\n",
+            markdown_table("claim (a beats b)", pairs("diffusion_key_pairs"), pair_columns)]
     timings = ", ".join(f"{k} {v:.0f}" for k, v in metrics["timings_s"].items())
     return "\n".join(text + ["", f"Timings (s): {timings}"])
 
 # ----------------------------------------------------------------------------- main
 def read_resume_state(cfg: Config) -> dict:
     """--resume: every checkpoint of this run that exists, checked against cfg (reads only)."""
-    steps = {"captioner": cfg.cap_steps} | {clip_name(r, s, cfg): cfg.clip_steps for r in cfg.recipes
-                                             for s in range(cfg.seed, cfg.seed + cfg.seeds)}
+    steps = {"captioner": cfg.cap_steps, "probe": cfg.probe_steps}
+    for model, recipes, seeds, n in (("clip", cfg.recipes, cfg.seeds, cfg.clip_steps),
+                                     ("diffusion", cfg.diff_recipes, cfg.diff_seeds, cfg.diff_steps)):
+        steps |= {run_name(model, r, s, cfg): n for r in recipes for s in range(cfg.seed, cfg.seed + seeds)}
     saved = {name: load_checkpoint(cfg.out_dir, cfg, RESUME_MAY_DIFFER, name) for name in steps
              if (Path(cfg.out_dir) / f"{name}.optimizer.safetensors").is_file()}
     for name, (*_, step, _) in saved.items():
@@ -950,13 +1192,15 @@ def main(argv: list[str]):
         render_split("web", 0, cfg.n_web, cfg), render_split("web", cfg.n_web, cfg.n_eval, cfg))
 
     # 1. the controllable captioner, trained on the "human" split's gold captions, scored on "test"
-    captioner = train_captioner(render_split("human", 0, cfg.n_human, cfg), cfg, run)
-    cap_rows = rank == 0 and evaluate_captioner(captioner, render_split("test", 0, cfg.n_cap_eval, cfg), cfg,
-                                                run)
-    timings["captioner"], clock = time.time() - clock, time.time()
+    cap_rows = None
+    if "captioner" in cfg.parts:
+        captioner = train_captioner(render_split("human", 0, cfg.n_human, cfg), cfg, run)
+        cap_rows = rank == 0 and evaluate_captioner(captioner, render_split("test", 0, cfg.n_cap_eval, cfg),
+                                                    cfg, run)
+        timings["captioner"], clock = time.time() - clock, time.time()
 
     # 2. synthetic captions for the web images: gold, or the captioner's (cached, sharded over ranks)
-    fmts = {parse_recipe(r)[0] for r in cfg.recipes} - {"alt"}
+    fmts = {parse_recipe(r)[0] for r in cfg.recipes * ("clip" in cfg.parts) + cfg.diff_recipes} - {"alt"}
     fmts = sorted(fmts | {"ssc", "dsc", "afc"} if cfg.export else fmts)  # the export has all three
     if cfg.synthetic == "gold":
         synthetic = gold_synthetic(web, fmts, cfg.gold_error, cfg.seed)
@@ -973,24 +1217,29 @@ def main(argv: list[str]):
     if cfg.export and rank == 0:
         export(out / "export", web, synthetic)
     hits, clip_rows, keyed = {}, {}, {r for pair in KEY_PAIRS for r in pair[:2]}
-    if rank == 0:
+    if rank == 0 and "clip" in cfg.parts:
         torch.manual_seed(cfg.seed)
         untrained = CLIPModel(cfg, run.texts.enc.n_vocab).to(device)
         clip_rows["untrained CLIP"] = row_of(score_clip(untrained, held_out, cfg, run))
         clip_rows |= baseline_rows(held_out, web.scenes, cfg.gallery) if web.scenes is not None else {}
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds * ("clip" in cfg.parts)):
         for recipe in [r for r in cfg.recipes if seed == cfg.seed or r in keyed]:
             clip = train_clip(recipe, seed, web, synthetic, cfg, run)
             if rank == 0:
                 hits[recipe, seed] = score_clip(clip, held_out, cfg, run)
                 name = recipe if seed == cfg.seed else f"{recipe} (seed {seed})"
                 clip_rows[name] = row_of(hits[recipe, seed])
-            timings[clip_name(recipe, seed, cfg)], clock = time.time() - clock, time.time()
+            timings[run_name("clip", recipe, seed, cfg)], clock = time.time() - clock, time.time()
             if world > 1:
                 dist.barrier()
+
+    # 5. the diffusion side: one text-to-image flow per recipe, scored by a probe that reads the samples
+    diff_rows, diff_pairs = diffusion_side(synthetic, cfg, run, timings) if (
+        "diffusion" in cfg.parts and web.scenes is not None) else ({}, [])
     if rank == 0:
-        metrics = {"captioner": cap_rows, "clip": clip_rows, "timings_s": timings,
-                   "key_pairs": key_pair_verdicts(hits, cfg) if web.scenes is not None else []}
+        clip_pairs = key_pair_verdicts(hits, KEY_PAIRS, cfg.bootstrap) if web.scenes is not None else []
+        metrics = {"captioner": cap_rows, "clip": clip_rows, "diffusion": diff_rows, "timings_s": timings,
+                   "key_pairs": clip_pairs, "diffusion_key_pairs": diff_pairs}
         write_outputs(out, {"metrics.json": metrics, "report.md": report(cfg, metrics)})
         print(report(cfg, metrics))
     if world > 1:

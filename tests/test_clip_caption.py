@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import clip_caption as cc
 from data import InputError, shapes
@@ -50,6 +51,71 @@ def test_caption_loss_ignores_prompt_and_padding():
     assert cc.caption_loss(logits, targets).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
+def test_flow_pair_is_the_straight_path_from_noise_to_image():
+    images, noise = torch.full((1, 3, 2, 2), 2.0), torch.full((1, 3, 2, 2), -2.0)
+    x_t, target = cc.flow_pair(images, noise, torch.tensor([0.25]))
+    assert torch.all(x_t == -1.0) and torch.all(target == 4.0)  # 0.25 * 2 + 0.75 * -2; 2 - (-2)
+    images, noise, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.tensor([0.0, 0.3, 1.0])
+    x_t, target = cc.flow_pair(images, noise, t)
+    torch.testing.assert_close(x_t[0], noise[0])
+    torch.testing.assert_close(x_t[2], images[2])
+    later, _ = cc.flow_pair(images, noise, t + 0.1)
+    torch.testing.assert_close((later - x_t) / 0.1, target, atol=1e-4, rtol=1e-4)  # target = dx_t / dt
+    assert cc.flow_loss(target, target).item() == 0.0
+    assert cc.flow_loss(target + 1, target).item() == pytest.approx(1.0)
+
+
+def test_euler_sampler_integrates_known_velocity_fields():
+    point, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    toward = lambda x, t: (point - x) / (1 - t.view(-1, 1, 1, 1))  # the flow that ends exactly on `point`
+    for steps in (1, 3, 20):
+        torch.testing.assert_close(cc.euler_sample(toward, noise, steps), point, atol=1e-5, rtol=1e-5)
+    ramp = lambda x, t: torch.ones_like(x) * 2 * t.view(-1, 1, 1, 1)  # Euler takes t = 0, 1/4, 2/4, 3/4
+    torch.testing.assert_close(cc.euler_sample(ramp, noise, 4), noise + 0.75)  # 2 (0 + 1 + 2 + 3) / 16
+
+
+def test_guidance_mixes_prompt_and_empty_prompt():
+    class Stub:  # velocity = the prompt length everywhere: 7 for the prompts, 1 for the empty ones
+        def encode_text(self, ids, lengths):
+            return (lengths.float(),)
+        def __call__(self, x, t, ids, lengths, text):
+            return torch.zeros_like(x) + text[0].view(-1, 1, 1, 1)
+    texts = cc.Texts()
+    ids, lengths = texts.clip_batch(["a red circle on the left"] * 2 + [""] * 2, 77)
+    assert lengths.tolist() == [7, 7, 1, 1]  # 6 tokens + <|endoftext|>
+    velocity = cc.guided_velocity(Stub(), ids, lengths, 3.0)(torch.zeros(2, 3, 4, 4), torch.zeros(2))
+    assert torch.all(velocity == 1 + 3.0 * (7 - 1))  # v(empty) + w (v(prompt) - v(empty))
+    conditional = cc.guided_velocity(Stub(), ids, lengths, 1.0)(torch.zeros(2, 3, 4, 4), torch.zeros(2))
+    assert torch.all(conditional == 7)
+    assert cc.drop_prompts(["a", "b", "c"], torch.tensor([0.05, 0.5, 0.09]), 0.1) == ["", "b", ""]
+    coins = torch.rand(10000, generator=torch.Generator().manual_seed(0))
+    assert 0.09 < np.mean([p == "" for p in cc.drop_prompts(["x"] * 10000, coins, 0.1)]) < 0.11
+
+
+def test_geneval_targets_and_probe_scoring():
+    scene = shapes.Scene(1000, 1000, "white", [shapes.Obj("star", "blue", "small", (700, 50, 820, 170)),
+                                               shapes.Obj("circle", "red", "large", (20, 350, 320, 650))])
+    targets = cc.geneval_targets([scene, scene])
+    assert targets["colour"].tolist() == [shapes.COLORS.index("red")] * 2  # the largest shape, not the first
+    assert targets["shape"].tolist() == [shapes.SHAPES.index("circle")] * 2
+    assert targets["count"].tolist() == [1, 1] and targets["position"].tolist() == [3, 3]  # 2 shapes; left
+    assert targets["background"].tolist() == [0, 0]  # white
+
+    logits = {k: torch.zeros(2, len(v)) for k, v in cc.GENEVAL.items()}
+    for k in logits:  # a probe that reads both images right, but image 1's position wrong
+        logits[k][:, targets[k][0]] = 1.0
+    logits["position"][1, 0] = 2.0
+    reads = lambda images: torch.cat(list(logits.values()), 1)  # the probe's layout: the heads side by side
+    run = cc.Run("cpu", 0, 1, None, {})
+    dense = cc.geneval_hits(reads, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), targets, "dense", run)
+    assert dense["colour"].tolist() == [1, 1] and dense["position"].tolist() == [1, 0]
+    assert dense["all requested"].tolist() == [1, 0]
+    assert dense["attributes"] == pytest.approx([1, 0.8])  # image 1: 4 of the 5 attributes
+    short = cc.geneval_hits(reads, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), targets, "short", run)
+    assert set(short) == {"colour", "shape", "attributes", "all requested"}
+    assert short["all requested"].tolist() == [1, 1]  # a short prompt requests neither position nor count
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -74,6 +140,26 @@ def test_clip_vit_matches_transformers():
         pooled = ours.vision_model.post_layernorm(hidden[:, 0])
     torch.testing.assert_close(hidden, out.last_hidden_state, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pooled, out.pooler_output, atol=1e-5, rtol=1e-5)
+
+
+def test_flow_unet_ignores_padding_and_caches_the_prompt():
+    cfg = cc.parse_config(["--preset=smoke"])
+    texts = cc.Texts()
+    model = cc.FlowUNet(cfg, texts.enc.n_vocab).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a fresh model's output layers are near zero: randomise them so text matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x, t = torch.randn(1, 3, 16, 16).repeat(2, 1, 1, 1), torch.tensor([0.3, 0.3])
+    alone = texts.clip_batch(["a red circle"], 77)
+    padded = texts.clip_batch(["a red circle", "a much longer prompt about a blue star at the top left"], 77)
+    with torch.no_grad():
+        v_alone = model(x[:1], t[:1], *alone)
+        v_padded = model(x, t, *padded)
+        cached = model(x, t, *padded, model.encode_text(*padded))
+    torch.testing.assert_close(v_padded[:1], v_alone, atol=1e-5, rtol=1e-5)  # pads are masked out
+    torch.testing.assert_close(cached, v_padded)
+    assert (v_padded[0] - v_padded[1]).abs().max() > 1e-3  # the prompt changes the velocity
 
 
 def test_kv_cache_decoding_matches_full_recompute():
@@ -116,17 +202,16 @@ def test_paired_bootstrap_and_verdicts():
     noise[np.flatnonzero(base)[:20]], noise[np.flatnonzero(~base)[:20]] = False, True
     _, lo, hi = cc.paired_bootstrap(noise.astype(float), base.astype(float), 500, 0)
     assert lo < 0 < hi
-    cfg = cc.parse_config(["--preset=smoke", "--seeds=2", "--bootstrap=200"])
     hits = {("ssc50", s): {"I->T R@1": better.astype(float), "T->I R@1": better.astype(float)}
             for s in (0, 1)}
     hits |= {("alt", 0): {"I->T R@1": base.astype(float), "T->I R@1": base.astype(float)},
              ("alt", 1): {"I->T R@1": better.astype(float), "T->I R@1": better.astype(float)}}
     hits["alt", 1]["I->T R@1"][:40] = 1 - hits["alt", 1]["I->T R@1"][:40]  # about as good as ssc50
-    (pair,) = cc.key_pair_verdicts(hits, cfg)  # only ssc50 vs alt ran
+    (pair,) = cc.key_pair_verdicts(hits, cc.KEY_PAIRS, 200)  # only ssc50 vs alt ran
     assert pair["claim"] == "ssc50 beats alt on retrieval" and pair["seeds"] == [0, 1]
     assert pair["verdict"] == "not resolved"  # seed 0 separates, seed 1 does not
     hits["alt", 1] = hits["alt", 0]
-    assert cc.key_pair_verdicts(hits, cfg)[0]["verdict"] == "yes"
+    assert cc.key_pair_verdicts(hits, cc.KEY_PAIRS, 200)[0]["verdict"] == "yes"
 
 
 def test_gold_synthetic_swaps_the_stated_share():
@@ -251,6 +336,13 @@ def test_smoke_preset_end_to_end(smoke_run):
     assert all({"step", "loss", "lr", "items_s"} <= set(r) for r in log)
     cap = [r["loss"] for r in log if r["run"] == "captioner"]
     assert cap[-1] < cap[0] - 1.0  # the captioner learns
+    assert {"real render (dense)", "another scene's render (short)", "alt (dense)", "dsc100 (short)",
+            "empty prompt (dense)"} <= set(metrics["diffusion"])
+    assert [p["claim"] for p in metrics["diffusion_key_pairs"]] == ["dsc100 beats alt on attributes (dense)"]
+    diffusion = [r["loss"] for r in log if r["run"] == "diffusion_alt"]
+    assert diffusion and all(math.isfinite(v) for v in diffusion)
+    grid = Image.open(smoke_run / "diffusion_samples.png")  # rows: real, another scene, alt, dsc100, empty
+    assert grid.size == (8 * 16 * 2, 5 * 16 * 2)
     table = (smoke_run / "report.md").read_text()
     assert "| alt |" in table and "| dsc+ (blind) |" in table and "| untrained CLIP |" in table
 
