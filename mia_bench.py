@@ -11,9 +11,9 @@ items whose component combinations are held out from the benchmark's, the benchm
     python mia_bench.py --official=path/to/instruction_benchmark_all.json --answers=answers.jsonl \\
         [--judge=replies:judge_replies.jsonl]                 # the official file: statistics, prompts, scores
 
-Tables (report.md, metrics.json): statistics (official vs ours); per type, base vs +SFT (strict rule judge,
-x100), length_limit last beside the answers that stop (EOS) in time; judge failures and agreement; VQA / POPE
-retention beside a blank image. Checkpoint: mm15's contract + `mia`. No network judge (prompts go out as
+Tables (report.md, metrics.json): statistics (official vs ours); per type, constant answer / base / +SFT
+(strict rule judge, x100), length_limit last beside the answers that stop (EOS); judge failures, agreement;
+VQA / POPE retention beside a blank image. Checkpoint: mm15's + `mia`. No network judge (prompts go out as
 JSONL with the image; replies come back through --judge=replies:FILE). Not implemented yet: torchrun.
 """
 import ast
@@ -852,6 +852,7 @@ def evaluate(model, data: Data, cfg: Config, device: str, blank: bool) -> dict:
     texts, stopped = answers(model, data, data.bench, cfg.max_new_tokens, device)
     m = dict(texts=texts, judged=judge_bench(data, texts, cfg.judge))
     m["stopped"] = round(100 * float(np.mean(stopped)), 1)
+    m["pope_always_no"] = round(100 * float(np.mean([it["answer"] == "no" for it in data.pope])), 1)
     m["mean_words"] = round(float(np.mean([len(words(t)) for t in texts])), 1)
     for task, items in (("vqa", data.vqa), ("pope", data.pope)):
         for run in ("model", "blank") if blank else ("model",):
@@ -878,7 +879,8 @@ def results_table(constant: dict, base: dict, tuned: dict | None) -> str:
     lines += [row("answers ending with EOS (%)", lambda r: r.get("stopped")),
               row("mean words per answer", lambda r: r.get("mean_words")),
               row("rule judge failures", lambda r: strict(r)["failed"]),
-              row("strict vs loose agreement (% comp.)", lambda r: r["judged"]["agree_strict_loose"])]
+              row("strict vs loose agreement (% comp.)", lambda r: r["judged"]["agree_strict_loose"]),
+              row("POPE's blind baseline: always 'no'", lambda r: r.get("pope_always_no"))]
     if "replies_file" in base["judged"]:
         replies = lambda r: r["judged"]["replies_file"]
         lines += [row("replies file: strict score", lambda r: replies(r)["strict"]),
@@ -914,12 +916,8 @@ def official_mode(cfg: Config) -> dict:
     """The official file: its statistics beside ours, the judge prompts for an answers file (with each
     image URL: the official judge sees the image), and the scores of a judge's replies when given."""
     items = mia.load_items(cfg.official)
-    given = mia.read_answers(cfg.answers) if cfg.answers else {}
+    given = mia.read_answers(cfg.answers, items) if cfg.answers else {}
     cache = mia.read_replies(cfg.judge.removeprefix("replies:")) if cfg.judge != "rule" else None
-    unknown = sorted(set(given) - {mia.item_id(it) for it in items})
-    if unknown:
-        raise InputError(f"--answers={cfg.answers}: question_id {unknown[0]!r} is no item of {cfg.official} "
-                         f"({len(unknown)} unknown; ids are the image URLs)")
     write_outputs(cfg.out_dir, {"config.json": cfg})
     ours = mia.stats([world_mia.mia_item("test", i, 0, "bench") for i in range(len(items))])
     rows = mia.prompt_rows(items, given)

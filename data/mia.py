@@ -167,16 +167,20 @@ def read_replies(path) -> dict:
     return out
 
 
-def read_answers(path) -> dict:
+def read_answers(path, items: list[dict] | None = None) -> dict:
     """Model answers, JSONL rows {"question_id": item id (official: the image URL), "text": ...} -> {id:
-    text}; an id given twice is an error (matching is by id, never by row order)."""
-    out = {}
+    text}; an id given twice, or one that is no item's (when `items` is given), is an error: matching is by
+    id, never by row order."""
+    out, known = {}, None if items is None else {item_id(item) for item in items}
     for lineno, row in iter_jsonl(path):
         key, text = row.get("question_id", row.get("id")), row.get("text")
         if not isinstance(key, str) or not isinstance(text, str):
             raise InputError(f"{path}:{lineno}: expected string fields question_id and text")
         if key in out:
             raise InputError(f"{path}:{lineno}: question_id {key!r} repeats")
+        if known is not None and key not in known:
+            raise InputError(f"{path}:{lineno}: question_id {key!r} is no item of the benchmark (the "
+                             "official file's ids are its image URLs)")
         out[key] = text
     return out
 
@@ -198,7 +202,7 @@ def score_replies(items: list[dict], answers: dict, replies: dict) -> dict:
         parsed = dict(failure="no_reply") if reply is None else parse_reply(reply, item["component_weight"])
         item_scores.append(parsed.get("score"))
         try:
-            as_is.append(official_parse(reply, item["component_type"])["total_score"])
+            as_is.append(official_parse(reply or "", item["component_type"])["total_score"])
         except (IndexError, ValueError, ZeroDivisionError):  # the notebook's `except: pass`
             as_is_skipped += 1
         if "failure" in parsed:

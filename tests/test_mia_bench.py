@@ -223,7 +223,7 @@ def test_official_mode_writes_prompts_with_images_and_scores_replies(tmp_path):
     assert m["judge_prompts"] == 1 and m["scores"]["official_compatible"] == 70.0
     assert m["scores"]["failures"] == {"error_answer": 1, "no_answer": 1} and m["scores"]["strict"] == 23.33
     answers.write_text(json.dumps({"question_id": "http://elsewhere/9.jpg", "text": "x"}) + "\n")
-    with pytest.raises(InputError, match="question_id 'http://elsewhere/9.jpg' is no item"):
+    with pytest.raises(InputError, match="answers.jsonl:1: question_id 'http://elsewhere/9.jpg' is no item"):
         mia_bench.main([f"--official={bench}", f"--answers={answers}", f"--out_dir={tmp_path}/o2"])
 
 
