@@ -21,6 +21,10 @@ Held-out combinations: the set of rules of an item (its combination) is hashed t
 benchmark items and SFT items never share a combination, while every single rule appears on both sides.
 An item is kept only when gold_response finds a response that passes all its components (so no item asks
 the impossible, e.g. "quote the label" in "all lowercase").
+
+Each component is checked on its own, as IFEval does: a constraint can be met vacuously (a two-word answer
+has no pronouns and fits "at most 12 words"); mia_bench.py prints a constant answer's score beside the
+models' so that this floor is visible.
 """
 from __future__ import annotations
 
