@@ -58,6 +58,8 @@ def load_items(path) -> list[dict]:
         missing = [k for k in (*FIELDS, "image") if not isinstance(item, dict) or k not in item]
         if missing:
             raise InputError(f"{where}: missing {', '.join(missing)} (expected {', '.join(FIELDS)}, image)")
+        if not isinstance(item["image"], str) or not item["image"].strip():
+            raise InputError(f"{where}: image {item['image']!r}: expected its URL or path (judges see it)")
         comps, weights, types = item["components"], item["component_weight"], item["component_type"]
         if not (isinstance(comps, list) and all(isinstance(c, str) for c in comps) and 1 <= len(comps) <= 5):
             raise InputError(f"{where}: components must be a list of 1 to 5 strings")

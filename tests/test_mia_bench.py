@@ -111,6 +111,9 @@ def test_bad_benchmark_file_names_item_and_field(tmp_path):
     path.write_text(json.dumps([ITEM, dict(ITEM, image="b", component_weight=[4, 3])]))
     with pytest.raises(InputError, match=r"bench.json: item 1: component_weight \[4, 3\]"):
         mia.load_items(path)
+    path.write_text(json.dumps([dict(ITEM, image="")]))
+    with pytest.raises(InputError, match=r"bench.json: item 0: image '': expected its URL or path"):
+        mia.load_items(path)  # a judge prompt never goes out without its image
 
 
 @pytest.mark.skipif(not OFFICIAL.is_file(), reason="../shared/miabench is not here")
