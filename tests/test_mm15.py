@@ -313,3 +313,13 @@ def test_ablation_runs_each_variant_per_seed_and_reuses_finished_runs(tiny_init,
     assert shares["no general"]["general"] == 0 and shares["no text_only"]["text_only"] == 0
     assert shares["multi_image x2"]["multi_image"] == pytest.approx(0.2 / 1.1)
     assert all(abs(sum(s.values()) - 1) < 1e-9 for s in shares.values())
+
+
+def test_boxes_png_draws_gold_and_valid_predictions_and_skips_inverted_ones(tmp_path):
+    """A parsed prediction with x2 < x1 (a miss) must not crash the picture (it did at the cpu preset)."""
+    items = [dict(pil=[Image.new("RGB", (40, 30), "white")], box=[5, 5, 20, 20]) for _ in range(3)]
+    tasks.boxes_png(items, [[30, 2, 10, 25], None, [22, 3, 38, 28]], tmp_path / "g.png", scale=1)
+    sheet = np.asarray(Image.open(tmp_path / "g.png")).astype(int)
+    green, red = (sheet == (0, 200, 0)).all(-1), (sheet == (230, 0, 0)).all(-1)
+    assert green[:, :40].any() and green[:, 44:84].any() and green[:, 88:].any()
+    assert not red[:, :88].any() and red[:, 88:].any()  # only the third item's box is drawn

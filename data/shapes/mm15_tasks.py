@@ -268,7 +268,7 @@ def boxes_png(items: list, predicted: list, path, scale: int = 3) -> None:
     for im, item, box in zip(images, items, predicted):
         sheet.paste(im, (x, 0))
         for b, color in ((item["box"], (0, 200, 0)), (box, (230, 0, 0))):
-            if b is not None:
+            if b is not None and b[0] <= b[2] and b[1] <= b[3]:  # a predicted x2 < x1 is scored, not drawn
                 draw.rectangle([x + b[0] * scale, b[1] * scale, x + b[2] * scale, b[3] * scale],
                                outline=color)
         x += im.width + 4
