@@ -6,7 +6,8 @@ On ShapesWorld (data/shapes/): image tokens spliced into the text at `<image>`; 
 (45:45:10); the paper's lr rule; an optional MoE FFN every k layers (top-2, balance 0.01, z 0.001); 0/4/8-shot
 captioning CIDEr and VQA, text perplexity. MM1 starts from a pre-trained CLIP and LLM, so we pre-train both
 in miniature first: stage 0, a tiny CLIP (the ViT + a bag-of-words text tower, InfoNCE on caption pairs);
-stage 0b, the decoder on text alone; then MM1 pre-training (the connector-only warm-up is off: it collapses).
+stage 0b, the decoder on text alone; then MM1 pre-training with an average-pooling connector, SSC captions
+and 2 VQA per scene (a C-Abstractor or a connector-only warm-up collapses the image tokens at this scale).
 
     python mm1.py                                   # cpu preset (default without CUDA): prints the table
     python mm1.py --preset=smoke                    # tiny, < 1 min (what the tests run)
@@ -64,19 +65,19 @@ class Config:
     ablate: str = ""                # connector | resolution | mix | captions | moe: run that ablation grid
     image_size: int = 64            # rendered image side (pixels)
     mix: str = "45:45:10"           # caption : interleaved : text-only share of training sequences
-    caption_formats: tuple = ("ssc", "dsc")  # ShapesWorld caption styles in the caption stream
+    caption_formats: tuple = ("ssc",)  # ShapesWorld caption styles in the caption stream
     train_data: str = ""            # your LLaVA JSON or image-text CSV/JSONL (replaces ShapesWorld captions)
     image_folder: str = ""          # folder that relative image paths of train_data start from (LLaVA's)
     n_caption_scenes: int = 3000    # pre-rendered training scenes of the caption stream
     n_documents: int = 600          # pre-rendered interleaved training documents
     n_passages: int = 2000          # text-only training passages
-    vqa_per_scene: int = 1          # "Question: .. Answer: .." documents per caption scene (the eval format)
+    vqa_per_scene: int = 2          # "Question: .. Answer: .." documents per caption scene (the eval format)
     seq_len: int = 256              # tokens per packed training sequence
     patch_size: int = 8             # ViT patch side (pixels)
     vit_width: int = 128            # ViT hidden size
     vit_layers: int = 4             # ViT blocks
     vit_heads: int = 4              # ViT attention heads
-    connector: str = "cabstractor"  # avgpool | attnpool | cabstractor
+    connector: str = "avgpool"      # avgpool | attnpool | cabstractor (cabstractor collapses at this scale)
     image_tokens: int = 16          # LLM tokens per image (a square number for the pooling connectors)
     n_layer: int = 6                # decoder blocks
     n_embd: int = 192               # decoder width
@@ -90,7 +91,7 @@ class Config:
     steps: int = 300                # optimizer steps
     batch_size: int = 8             # sequences per step (global, over all ranks)
     lr: float = 0.0                 # peak lr (0: MM1's rule exp(-0.4214 ln N - 0.5535), N = decoder params)
-    vit_lr_mult: float = 0.1        # lr multiplier of the ViT (below 1: keeps the stage-0 features)
+    vit_lr_mult: float = 0.1        # lr multiplier of the ViT (< 1 keeps the stage-0 features; 0: frozen)
     connector_lr_mult: float = 1.0  # lr multiplier of the connector
     weight_decay: float = 0.1       # AdamW decay; torch multiplies it by lr (per-step 0.1 * lr, as the paper)
     warmup: int = 30                # linear warmup steps, then cosine to min_lr_frac * lr
@@ -102,7 +103,7 @@ class Config:
     vit_pretrain_steps: int = 300   # stage 0: tiny-CLIP contrastive steps for the ViT (0: from scratch)
     vit_pretrain_batch: int = 64    # stage 0 (image, caption) pairs per step
     vit_pretrain_lr: float = 2e-3   # stage 0 peak lr (warmup + cosine)
-    lm_pretrain_steps: int = 200    # stage 0b: text-only steps of the decoder (passages + caption words)
+    lm_pretrain_steps: int = 100    # stage 0b: text-only steps of the decoder (passages + caption words)
     connector_warmup_steps: int = 0  # caption steps of the connector alone, ViT + decoder frozen (collapses)
     doc_mask: bool = True           # packed rows: positions restart and attention stays inside each document
     eval_scenes: int = 100          # held-out test scenes for captioning and VQA
@@ -112,13 +113,14 @@ class Config:
     eval_every: int = 100           # steps between vision probes (image gain, connector variance share)
     ablation_seeds: tuple = (0, 1, 2)  # --ablate: seeds per row (mean ± sd)
 
-PRESETS = {
+PRESETS = {  # smoke keeps the C-Abstractor recipe: the test chain's dpo_bdhs.py holds only that connector
     "smoke": dict(image_size=32, patch_size=8, vit_width=32, vit_layers=1, vit_heads=2, image_tokens=4,
                   n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_hidden=128, seq_len=96, batch_size=4,
                   steps=30, warmup=3, log_every=5, ckpt_every=15, n_caption_scenes=48, n_documents=12,
                   n_passages=24, eval_scenes=3, shots=(0, 2), n_eval_passages=4, max_new_tokens=8, lr=3e-3,
                   vit_pretrain_steps=60, vit_pretrain_batch=16, lm_pretrain_steps=20,
-                  connector_warmup_steps=10, eval_every=15),
+                  connector_warmup_steps=10, eval_every=15, connector="cabstractor",
+                  caption_formats=("ssc", "dsc"), vqa_per_scene=1),
     "cpu": dict(),
     "ablate": dict(vit_width=96, vit_layers=3, n_layer=4, n_embd=128, n_head=4, n_kv_head=2, ffn_hidden=384,
                    seq_len=320, shots=(0, 4), n_caption_scenes=1200, n_documents=300, n_passages=1000,
@@ -745,7 +747,6 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
 # ----------------------------------------------------------------------------- losses
-
 def lm_loss_sum(logits, targets):
     """Next-token cross-entropy, the autoregressive objective MM1 pre-trains with on all three data
     types (image slots and padding are masked with -100), in fp32, summed over this micro-batch."""
@@ -768,7 +769,6 @@ def clip_loss(image_emb, text_emb, logit_scale):
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 # ----------------------------------------------------------------------------- train
-
 def pretrain_vit(model, pools, cfg, device, log):
     """Stage 0, MM1's pre-trained CLIP in miniature: the ViT (mean of the patch tokens the connector reads)
     is the image tower of a CLIP whose text tower is a bag of token embeddings; InfoNCE on the caption pairs.
@@ -818,11 +818,12 @@ def train(cfg, pools, model, device, rank, world, log, stage="mm1", resume_state
     mix = [pools.caption_docs, pools.documents, pools.passages]
     sources, weights = {"text": ([pools.lm_texts], [1.0]), "captions": ([pools.caption_docs], [1.0]),
                         "mix": (mix, mix_weights(cfg.mix))}[data]
-    for name, p in model.named_parameters():
-        p.requires_grad_(trained is None or name.startswith(trained))
+    mult = {"vision_model.": cfg.vit_lr_mult, "connector.": cfg.connector_lr_mult}
+    for name, p in model.named_parameters():  # an lr multiplier of 0 freezes: no gradient is computed
+        lr_mult = next((m for prefix, m in mult.items() if name.startswith(prefix)), 1.0)
+        p.requires_grad_((trained is None or name.startswith(trained)) and lr_mult > 0)
     n_decoder = count_params(model.model) + count_params(model.lm_head)
     peak = cfg.lr or paper_lr(n_decoder)
-    mult = {"vision_model.": cfg.vit_lr_mult, "connector.": cfg.connector_lr_mult}
     opt = make_adamw(model, peak, cfg.weight_decay, lr_mult=mult)
     start = resume_state[1] if resume_state else 0
     opt.load_state_dict(resume_state[0]) if resume_state else None
@@ -900,7 +901,6 @@ def results_table(m, cfg):
         f"variance between images: {m['connector_image_share']:.3f}"])
 
 # ----------------------------------------------------------------------------- main
-
 def prepare(cfg: Config, pools=None):
     """Everything that reads input, before anything is written: the data and the --resume state."""
     pools = pools or Pools(cfg, get_tokenizer())
@@ -966,8 +966,8 @@ def run_ablation(cfg: Config, device: str, rank: int, world: int):
             key = (seed, sub.image_size, sub.caption_formats)
             pools[key] = pools.get(key) or Pools(sub, get_tokenizer())
             t0 = time.time()
-            minutes = (time.time() - t0) / 60
-            results[label].append({**run(sub, device, rank, world, pools[key]), "minutes": minutes})
+            metrics = run(sub, device, rank, world, pools[key])
+            results[label].append({**metrics, "minutes": (time.time() - t0) / 60})
             lines = [f"| {cfg.ablate} | {' | '.join(columns)} | verdict |", "|---" * (len(columns) + 2) + "|"]
             for name, runs in ((n, r) for n, r in results.items() if r):
                 cells = []
