@@ -107,7 +107,7 @@ def check_config(cfg: Config) -> None:
     for key, allowed in dict(overview=("after", "before", "none"), indicators=("none", "index", "seps"),
                              ablate=("", "resolution", "split", "mixture")).items():
         if getattr(cfg, key) not in allowed:
-            raise InputError(f"--{key}={getattr(cfg, key)}: expected one of {', '.join(allowed)}")
+            raise InputError(f"--{key}={getattr(cfg, key)}: expected one of {', '.join(map(repr, allowed))}")
     if not 1 <= cfg.n_min <= cfg.n_max:
         raise InputError(f"--n_min={cfg.n_min} --n_max={cfg.n_max}: expected 1 <= n_min <= n_max")
     if min(cfg.batch_size, cfg.seq_len, cfg.n_cpt_items, cfg.n_train_items, cfg.eval_items) < 1:
