@@ -270,3 +270,11 @@ def test_missing_init_names_the_commands_to_run(tmp_path):
     with pytest.raises(InputError, match=r"python mm1\.py && python mm15\.py"):
         dpo.main(["--preset=smoke", f"--init={tmp_path / 'none.safetensors'}", f"--out_dir={tmp_path / 'o'}"])
     assert not (tmp_path / "o").exists()
+
+
+def test_verdict_calls_differences_within_2_sd_noise():
+    assert pref.verdict("a", [1, 2, 3], "b", [5, 6, 7], True).endswith("a better")  # -4 vs 2 sd = 2
+    assert pref.verdict("a", [1, 2, 3], "b", [5, 6, 7], False).endswith("b better")
+    assert pref.verdict("a", [1, 2, 3], "b", [2, 3, 4], True).endswith("noise")  # -1 vs 2 sd = 2
+    assert pref.verdict("a", [0, 0, 0], "b", [0, 0, 0], True).endswith("noise")  # equal, sd 0: no winner
+    assert "no verdict" in pref.verdict("a", [1.0], "b", [2.0], True)

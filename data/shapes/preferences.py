@@ -284,14 +284,14 @@ def mean_sd(values) -> tuple[float, float]:
 
 
 def verdict(name_a: str, a: list, name_b: str, b: list, lower_better: bool) -> str:
-    """a vs b over seeds: a difference under 2 pooled sd is noise; one seed gives no verdict."""
+    """a vs b over seeds: a difference of at most 2 pooled sd is noise; one seed gives no verdict."""
     (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
     diff, sd = ma - mb, math.sqrt((sa ** 2 + sb ** 2) / 2)
     if math.isnan(sd):
         return f"{name_a} - {name_b}: {diff:+.2f} (one seed: no sd, no verdict)"
     better = name_a if (diff < 0) == lower_better else name_b
     return f"{name_a} - {name_b}: {diff:+.2f} (2 sd = {2 * sd:.2f}): " + (
-        "noise" if abs(diff) < 2 * sd else f"{better} better")
+        "noise" if abs(diff) <= 2 * sd else f"{better} better")  # <=: equal rows with sd 0 are no win
 
 
 def histogram(values: list, bins: int = 10) -> str:
