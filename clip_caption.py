@@ -1,28 +1,23 @@
 """clip_caption.py: AltText, synthetic captions or both? A miniature of arXiv:2410.02740 (Apple): Lai et al.,
-"Revisit Large-Scale Image-Caption Data in Pre-training Multimodal Foundation Models". Of the paper's three
-model families this script covers CLIP and diffusion (text-to-image); multimodal LLMs are in mm1.py.
-
+"Revisit Large-Scale Image-Caption Data in Pre-training Multimodal Foundation Models": its CLIP and
+text-to-image families (the multimodal LLMs are in mm1.py).
 1. A controllable captioner (CLIP ViT + causal decoder) learns the "human" split's gold captions; a control
-   token picks the format: <|ssc|> short, <|dsc|> descriptive (<= 77 tokens), <|dsc+|> dense, <|afc|> AltText
-   fusion. Scored on "test" scenes (CIDEr-D, object hallucination) next to an image-blind reference row.
-2. Synthetic captions for the "web" images (which have noisy AltTexts only): --synthetic=gold (scene graph,
-   --gold_error of them swapped) or --synthetic=captioner (sharded over ranks, cached by weights and data).
-3. One CLIP from scratch per recipe: alt = AltText; ssc50 = the SSC caption with p = 0.5, else the AltText;
-   dsc100 = DSC only; afc = AltText fusion. Scored on held-out web images: zero-shot emblem names (the long
-   tail only AltTexts name), shape, colour (multi-label), retrieval in galleries; baselines (untrained CLIP,
-   chance, majority) and a paired bootstrap over seeds on the KEY_PAIRS fixed in advance.
-4. One text-to-image flow-matching model per recipe (a small UNet at 32 px, its own small text tower, Euler
-   sampling with classifier-free guidance), scored GenEval-style: a probe trained on real renders checks the
-   requested colour, shape, count, position and background; baselines: real renders, another scene's render,
-   the empty prompt. Samples: out_dir/diffusion_samples.png.
-
+   token picks the format (<|ssc|> short, <|dsc|> descriptive, <|dsc+|> dense, <|afc|> AltText fusion).
+   Scored on "test" scenes (CIDEr-D, object hallucination) next to an image-blind row.
+2. Synthetic captions for the "web" images (noisy AltTexts only): --synthetic=gold (scene graph, --gold_error
+   swapped) or --synthetic=captioner (sharded over ranks, cached by weights and data).
+3. One CLIP per recipe (alt; ssc50 = SSC with p = 0.5, else AltText; dsc100; afc), scored on held-out web
+   images: zero-shot emblem (a long tail only AltTexts name) / shape / colour, gallery retrieval; baselines
+   (untrained, chance, majority); a paired bootstrap over seeds on KEY_PAIRS, fixed in advance.
+4. One text-to-image flow per recipe (32 px UNet, own text tower, Euler + classifier-free guidance), scored
+   GenEval-style by a probe trained on real renders (colour, shape, count, position, background); baselines:
+   real renders, another scene's render, the empty prompt. Samples: out_dir/diffusion_samples.png.
   python clip_caption.py                          # cpu preset (default without CUDA)
   python clip_caption.py --preset=smoke           # tiny end-to-end run (what the tests run)
   python clip_caption.py --parts=diffusion        # the diffusion side alone (gold captions)
   python clip_caption.py --synthetic=captioner    # CLIP and diffusion on the captioner's captions
   torchrun --standalone --nproc_per_node=8 clip_caption.py --preset=gpu   # DDP; captioning sharded too
   python clip_caption.py --data=pairs.csv         # your images: CSV/JSONL with filepath, caption[, alttext]
-
 Prints and writes to out_dir/report.md the captioner table with blind rows, the key pairs' verdicts,
   | recipe | emblem top1 | shape top1 | colour top1 | I->T R@1 | T->I R@1 |   (R@1 in galleries)
   | model (prompts) | colour | shape | count | position | background | attributes | all requested |
@@ -111,8 +106,7 @@ class Config:
     ckpt_every: int = 200  # steps between checkpoints (and always at the end)
     export: bool = False  # write out_dir/export: captions.csv (filepath,alttext,ssc,dsc,afc), web image PNGs
     parts: tuple = ("captioner", "clip", "diffusion")  # what runs (with gold captions, each part alone)
-    # the diffusion side: one text-to-image flow-matching model per recipe, scored by a GenEval-style probe
-    diff_recipes: tuple = ("alt", "ssc100", "dsc100", "dsc50")  # text recipes, one text-to-image model each
+    diff_recipes: tuple = ("alt", "ssc100", "dsc100", "dsc50")  # text recipes, one text-to-image flow each
     diff_seeds: int = 2  # seeds for the first DIFF_KEY_PAIRS claim's recipes; the other recipes get one
     diff_size: int = 32  # pixels per side of the images the diffusion models learn and generate
     diff_width: int = 32  # UNet channels at its top level (twice as many one level down)
@@ -124,7 +118,6 @@ class Config:
     guidance: float = 3.0  # classifier-free guidance scale w (1 = the conditional model alone)
     n_diff_eval: int = 200  # held-out web prompts per model for the GenEval-style probe
     probe_steps: int = 400  # steps of the probe (reads colour, shape, count, position off real renders)
-
 PRESETS = {
     "smoke": dict(image_size=16, patch_size=4, vit_width=32, vit_layers=1, vit_heads=2, text_width=32,
                   text_layers=1, text_heads=2, embed_dim=16, dec_width=48, dec_layers=1, dec_heads=2,
@@ -136,10 +129,9 @@ PRESETS = {
     "cpu": dict(),
     "gpu": dict(image_size=64, vit_width=384, vit_layers=6, vit_heads=6, text_width=384, text_layers=6,
                 text_heads=6, embed_dim=256, dec_width=512, dec_layers=6, dec_heads=8, n_human=20000,
-                cap_steps=4000, cap_batch=128, cap_max_tokens=200, n_cap_eval=1000,
-                n_web=60000, n_eval=5000, seeds=3, clip_steps=3000, clip_batch=1024, ckpt_every=1000,
-                diff_seeds=3, diff_width=96, diff_steps=5000, diff_batch=256, n_diff_eval=2000,
-                probe_steps=3000)}
+                cap_steps=4000, cap_batch=128, cap_max_tokens=200, n_cap_eval=1000, n_web=60000, n_eval=5000,
+                seeds=3, clip_steps=3000, clip_batch=1024, ckpt_every=1000, diff_seeds=3, diff_width=96,
+                diff_steps=5000, diff_batch=256, n_diff_eval=2000, probe_steps=3000)}
 FORMATS = ("ssc", "dsc", "dsc+", "afc")  # captioner formats; CLIP recipes use ssc / dsc / afc
 GEN_BATCH = 256  # images per batched generation call
 # fields that change no model: a resume may set them anew (every other one, schedules included, must match)
@@ -153,15 +145,12 @@ KEY_PAIRS = (("ssc50", "ssc100", "retrieval"), ("ssc50", "ssc100", "emblem top1"
 # the diffusion side's, fixed likewise: the paper finds DSC best for SD3, and GenEval peaking at 50% DSC
 DIFF_KEY_PAIRS = (("dsc100", "ssc100", "attributes (dense)"), ("dsc100", "ssc100", "attributes (short)"),
                   ("dsc100", "alt", "attributes (dense)"), ("dsc50", "dsc100", "attributes (dense)"))
-
 def parse_recipe(name: str) -> tuple[str, float]:
     """(text source, p(synthetic)): 'alt' -> (alt, 0.0); 'ssc30' -> (ssc, 0.3); 'dsc' -> (dsc, 1.0)."""
     match = re.fullmatch(r"(alt|ssc|dsc|afc)(\d{1,3})?", name)
     if not match or int(match.group(2) or 100) > 100:
         raise InputError(f"--recipes: {name!r}: expected alt, ssc<P>, dsc<P> or afc<P> with P in 0..100")
-    fmt, pct = match.group(1), int(match.group(2) or 100)
-    return (fmt, 0.0) if fmt == "alt" else (fmt, pct / 100)
-
+    return match.group(1), 0.0 if match.group(1) == "alt" else int(match.group(2) or 100) / 100
 def check_config(cfg: Config) -> None:
     if cfg.image_size % cfg.patch_size:
         raise InputError(f"--image_size={cfg.image_size}: expected a multiple of --patch_size")
@@ -171,12 +160,10 @@ def check_config(cfg: Config) -> None:
                          "captioner (with captioner in --parts), and an error share in 0..1")
     for key in [k for k in ("n_web", "n_eval", "gallery", "clip_steps", "seeds") if getattr(cfg, k) < 1]:
         raise InputError(f"--{key}={getattr(cfg, key)}: expected a positive number")
-    for name in cfg.recipes + cfg.diff_recipes:
-        parse_recipe(name)
+    list(map(parse_recipe, cfg.recipes + cfg.diff_recipes))  # InputError on a bad name
     if not set(cfg.parts) <= {"captioner", "clip", "diffusion"} or cfg.diff_size % 4 or cfg.diff_width % 8:
         raise InputError(f"--parts={','.join(cfg.parts)} --diff_size={cfg.diff_size} --diff_width="
                          f"{cfg.diff_width}: expected captioner, clip, diffusion; multiples of 4 and 8")
-
 # ============================================================================= skeleton: begin
 # The shared skeleton, byte for byte the same in every script (tests/test_skeleton.py diffs the copies):
 # CLI and --help, device, seeding, lr schedule, AdamW, checkpoints, log.jsonl, outputs, error handler.
@@ -430,7 +417,6 @@ def run_main(main) -> None:
     print(f"{Path(sys.argv[0]).name}: error: {why}", file=sys.stderr)
     raise SystemExit(2)
 # ============================================================================= skeleton: end
-
 # ----------------------------------------------------------------------------- data
 @dataclass
 class ImageSet:
@@ -441,20 +427,16 @@ class ImageSet:
     def __getitem__(self, cut: slice) -> ImageSet:
         return ImageSet(self.images[cut], self.alttexts[cut], {f: c[cut] for f, c in self.captions.items()},
                         self.scenes and self.scenes[cut])
-
 def render_split(split: str, start: int, n: int, cfg: Config, size: int = 0, plain: bool = False) -> ImageSet:
-    """Scenes split[start:start+n] rendered at `size` or cfg.image_size, with AltTexts and gold captions;
-    plain: without background texture (no caption but DSC+ names it; at 32 px it is pixel noise)."""
+    """Scenes split[start:start+n] with AltTexts and gold captions; plain: no background texture (noise)."""
     scenes = [shapes.make_scene(split, i, seed=cfg.seed) for i in range(start, start + n)]
     scenes = [dataclasses.replace(s, texture="plain") for s in scenes] if plain else scenes
     pixels = np.stack([np.asarray(shapes.render(s, size or cfg.image_size)) for s in scenes])  # (N, S, S, 3)
     captions = {f: [shapes.caption(s, f, seed=start + i) for i, s in enumerate(scenes)] for f in FORMATS}
     alttexts = [shapes.caption(s, "alttext", seed=start + i) for i, s in enumerate(scenes)]
     return ImageSet(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), alttexts, captions, scenes)
-
 def read_user_pairs(path: str, cfg: Config) -> ImageSet:
-    """A user's CSV/JSONL (filepath, caption[, alttext]). AltText = `alttext` if given, else `caption`;
-    the `caption` column is the "gold" synthetic caption of every format."""
+    """A user's CSV/JSONL: AltText = `alttext` or else `caption`; `caption` is every format's gold caption."""
     rows = shapes.read_image_text(path)  # InputError naming file:line on bad rows or bytes
     if len(rows) < 10:
         raise InputError(f"{path}: {len(rows)} rows; expected at least 10 image-text pairs")
@@ -463,17 +445,13 @@ def read_user_pairs(path: str, cfg: Config) -> ImageSet:
     images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
     alttexts = [row.get("alttext") or row["caption"] for row in rows]
     return ImageSet(images, alttexts, dict.fromkeys(FORMATS, [row["caption"] for row in rows]))
-
 def gold_synthetic(data: ImageSet, fmts, error: float, seed: int) -> dict:
-    """--synthetic=gold: each image's gold caption per format; a share `error` of them is swapped for another
-    image's caption (a captioner that is wrong about the whole image, at a known rate)."""
+    """Gold captions per format, a share `error` swapped for another image's (errors at a known rate)."""
     rngs, n = {fmt: random.Random(f"{seed}/{fmt}") for fmt in fmts}, len(data.images)
     return {f: [data.captions[f][(i + rngs[f].randrange(1, n)) % n if rngs[f].random() < error else i]
                 for i in range(n)] for f in fmts}
-
 def to_float(images: torch.Tensor, device) -> torch.Tensor:  # uint8 (B, 3, S, S) -> float in about [-2, 2]
     return (images.to(device).float() / 255.0 - 0.5) / 0.25
-
 class Texts:
     """Tokenization shared by both models: `<|endoftext|>` ends a text, `<|pad|>` fills batches."""
     def __init__(self):
@@ -481,7 +459,6 @@ class Texts:
         self.eot, self.pad, self.alt = map(enc.encode_single_token, ("<|endoftext|>", "<|pad|>", "<|alt|>"))
         self.control = {f: enc.encode_single_token(f"<|{f}|>") for f in FORMATS}
         self.encode = self.enc.encode_ordinary  # user text never produces control tokens
-
     def clip_batch(self, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) ids, each truncated to context_length - 1 tokens + <|endoftext|>; and (B,) lengths."""
         ids = [self.encode(t)[: context_length - 1] + [self.eot] for t in texts]
@@ -494,10 +471,8 @@ class Texts:
             return [self.control[fmt]]
         alt = self.encode(alttext)[:alt_tokens]
         return [self.pad] * (alt_tokens - len(alt)) + [self.alt] + alt + [self.control["afc"]]
-
 # ----------------------------------------------------------------------------- model
 # The CLIP ViT (HF names): verbatim copies of mm1.py's classes (tests/test_skeleton.py compares them).
-
 class CLIPAttention(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -562,7 +537,6 @@ class CLIPVisionTransformer(nn.Module):
         for layer in self.encoder.layers:
             x = layer(x)
         return x
-
 # ----------------------------------------------------------------------------- model: text tower, captioner
 class CausalAttention(CLIPAttention):
     """CLIPAttention's weights (HF names) with a causal mask and a KV cache for generation."""
@@ -577,7 +551,6 @@ class CausalAttention(CLIPAttention):
         # one new query attends to the whole cache (no mask); a prefill is square and causal
         y = attention(q, k, v, causal=T > 1)  # (B, H, T, D)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
-
 class CausalLayer(CLIPEncoderLayer):
     """CLIPEncoderLayer (HF names, quick_gelu MLP), causal: CLIP's text tower and the captioner's decoder."""
     def __init__(self, width: int, heads: int):
@@ -586,7 +559,6 @@ class CausalLayer(CLIPEncoderLayer):
     def forward(self, x, cache: dict | None = None):
         x = x + self.self_attn(self.layer_norm1(x), cache)
         return x + self.mlp(self.layer_norm2(x))
-
 class TextTransformer(nn.Module):
     """CLIP text tower (HF CLIPTextTransformer names): causal, pooled at each text's <|endoftext|>."""
     def __init__(self, cfg: Config, vocab_size: int):
@@ -603,7 +575,6 @@ class TextTransformer(nn.Module):
             x = layer(x)  # (B, T, C)
         x = self.final_layer_norm(x)
         return x[torch.arange(len(ids), device=ids.device), lengths.to(ids.device) - 1] if pooled else x
-
 def init_weights(module: nn.Module):
     """N(0, 0.02) weights, zero biases (GPT-2 / CLIP): PyTorch's N(0, 1) embeddings drown a fresh ViT."""
     for m in module.modules():
@@ -611,7 +582,6 @@ def init_weights(module: nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
-
 class CLIPModel(nn.Module):
     """Two towers and a learned temperature (HF CLIPModel names; logit_scale stores log(1/temperature))."""
     def __init__(self, cfg: Config, vocab_size: int):
@@ -628,19 +598,16 @@ class CLIPModel(nn.Module):
         return F.normalize(self.text_projection(self.text_model(ids, lengths)), dim=-1)  # (B, E)
     def forward(self, images, ids, lengths):
         return self.encode_image(images), self.encode_text(ids, lengths), self.logit_scale
-
 class Captioner(nn.Module):
-    """ViT -> linear connector -> causal decoder over [image tokens, prompt, caption] (a prefix-LM captioner).
-    The mean image token is also added to every text embedding: a direct path that makes a tiny decoder use
-    the image sooner (through attention alone it first learns the captions' language, then the image)."""
+    """ViT -> linear connector -> causal decoder over [image tokens, prompt, caption] (a prefix LM). The mean
+    image token is also added to every text embedding: a tiny decoder then uses the image sooner."""
     def __init__(self, cfg: Config, vocab_size: int):
         super().__init__()
-        n_image = (cfg.image_size // cfg.patch_size) ** 2 + 1
+        n_positions = (cfg.image_size // cfg.patch_size) ** 2 + 1 + cfg.alt_tokens + 3 + cfg.cap_max_tokens
         self.vision_model = CLIPVisionTransformer(cfg)
         self.connector = nn.Linear(cfg.vit_width, cfg.dec_width)
         self.embed_tokens = nn.Embedding(vocab_size, cfg.dec_width)
-        self.position_embedding = nn.Embedding(n_image + cfg.alt_tokens + 3 + cfg.cap_max_tokens,
-                                               cfg.dec_width)
+        self.position_embedding = nn.Embedding(n_positions, cfg.dec_width)
         self.layers = nn.ModuleList(CausalLayer(cfg.dec_width, cfg.dec_heads) for _ in range(cfg.dec_layers))
         self.norm = nn.LayerNorm(cfg.dec_width)
         self.lm_head = nn.Linear(cfg.dec_width, vocab_size, bias=False)
@@ -648,8 +615,7 @@ class Captioner(nn.Module):
     def forward(self, images, ids, caches: list | None = None, start: int = 0):
         """(B, T, V) logits of the text positions; images=None continues `caches` at `start` (decoding)."""
         if images is not None:
-            hidden = self.vision_model.post_layernorm(self.vision_model(images))  # (B, P+1, C_vit)
-            prefix = self.connector(hidden)  # (B, P+1, C)
+            prefix = self.connector(self.vision_model.post_layernorm(self.vision_model(images)))  # (B,P+1,C)
             summary = prefix.mean(1, keepdim=True)  # (B, 1, C)
             if caches is not None:
                 caches[0]["image"] = summary  # decode steps add it too
@@ -660,7 +626,6 @@ class Captioner(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, caches[i] if caches is not None else None)
         return self.lm_head(self.norm(x[:, x.shape[1] - ids.shape[1]:]))  # (B, T, V)
-
 # ----------------------------------------------------------------------------- model: text-to-image, probe
 class ResBlock(nn.Module):
     """GroupNorm, SiLU, 3x3 conv, twice, with the conditioning vector added in between (DDPM / SD UNet)."""
@@ -673,11 +638,9 @@ class ResBlock(nn.Module):
     def forward(self, x, cond):  # (B, C_in, H, W), (B, C_cond) -> (B, C_out, H, W)
         h = self.conv1(F.silu(self.norm1(x))) + self.cond_proj(cond)[:, :, None, None]
         return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
-
 class FlowUNet(nn.Module):
-    """The velocity field v(x_t, t, prompt) of a text-to-image flow. The text encoder is a small CLIP-style
-    text tower trained from scratch with it (one per recipe); a two-level UNet works on 2x2-unshuffled pixels,
-    the pooled prompt joins the time embedding, and cross-attention reads the prompt's tokens a level down."""
+    """v(x_t, t, prompt): its own CLIP-style text tower; a two-level UNet on 2x2-unshuffled pixels; the pooled
+    prompt joins the time embedding, and cross-attention reads the prompt's tokens a level down."""
     def __init__(self, cfg: Config, vocab_size: int):
         super().__init__()
         c, c_cond = cfg.diff_width, 4 * cfg.diff_width
@@ -710,22 +673,12 @@ class FlowUNet(nn.Module):
         h = self.mid_block2(h + attended.transpose(1, 2).view_as(h), cond)
         h = self.up_block(torch.cat([F.interpolate(h, scale_factor=2.0), top], 1), cond)  # (B, c, S/2, S/2)
         return F.pixel_shuffle(self.out_conv(F.silu(self.out_norm(h))), 2)  # (B, 3, S, S)
-
 POSITIONS = tuple(f"{r} {c}".strip() or "center"
                   for r in ("top", "", "bottom") for c in ("left", "", "right"))
 GENEVAL = {"colour": shapes.COLORS, "shape": shapes.SHAPES, "count": range(1, 9), "position": POSITIONS,
            "background": list(shapes.BACKGROUNDS)}  # GenEval's four, and the background every DSC names
-
-def make_probe(cfg: Config) -> nn.Sequential:
-    """A small CNN that learns from real renders to read GenEval's attributes off an image (GenEval uses a
-    detector): logits of the largest shape's colour, shape and 3x3 position and of the count, side by side."""
-    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1),
-                         nn.ReLU(), nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(64 * (cfg.diff_size // 4) ** 2, sum(map(len, GENEVAL.values()))))
-
 def read_probe(probe: nn.Module, images: torch.Tensor) -> dict:  # (B, 3, S, S) -> {attribute: (B, K) logits}
     return dict(zip(GENEVAL, probe(images).split([len(v) for v in GENEVAL.values()], 1)))
-
 # ----------------------------------------------------------------------------- losses
 def clip_loss(image_emb, text_emb, logit_scale):
     """Symmetric InfoNCE (CLIP, Radford et al. 2021, Fig. 3): L = (CE(s I T^T, diag) + CE(s T I^T, diag)) / 2,
@@ -734,36 +687,27 @@ def clip_loss(image_emb, text_emb, logit_scale):
     logits = scale * image_emb.float() @ text_emb.float().t()  # (B, B)
     target = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-
 def caption_loss(logits, targets, ignore: int = -100):
     """Next-token cross-entropy on caption tokens only (the captioner's autoregressive objective), fp32."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore)
-
 def flow_pair(images, noise, t):
-    """Rectified flow / conditional flow matching (Liu et al. 2023; Lipman et al. 2023; SD3 (Esser et al.
-    2024) with t reversed): the straight path x_t = t x_1 + (1 - t) x_0 from noise x_0 (t = 0) to the image
-    x_1 (t = 1), and its velocity dx_t/dt = x_1 - x_0, the regression target. Returns (x_t, target)."""
+    """Rectified flow (Liu et al. 2023; Lipman et al. 2023; SD3 with t reversed): the straight path x_t =
+    t x_1 + (1 - t) x_0 from noise x_0 (t = 0) to image x_1 (t = 1); the target is dx_t/dt = x_1 - x_0."""
     t = t.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     return t * images + (1 - t) * noise, images - noise
-
 def flow_loss(velocity, target):
     """L = E_{t, x_0, x_1, c} || v(x_t, t, c) - (x_1 - x_0) ||^2, averaged over pixels, in fp32."""
     return F.mse_loss(velocity.float(), target.float())
-
 # ----------------------------------------------------------------------------- train
 Run = namedtuple("Run", "device rank world texts saved")  # saved: name -> load_checkpoint(...) (--resume)
-
 def batch_indices(n: int, batch: int, step: int, seed: int, run: Run) -> torch.Tensor:
-    """This rank's share of positions step*batch .. of an endless stream of epochs, each a fresh permutation
-    of range(n): a pure function of (n, batch, step, seed), so a resumed run sees the same batches."""
+    """This rank's share of batch `step` of endless seeded permutations of range(n): the same on a resume."""
     positions = range(step * batch, (step + 1) * batch)
     perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + e))
              for e in {p // n for p in positions}}
     return torch.stack([perms[p // n][p % n] for p in positions])[run.rank::run.world]
-
 def train(model: nn.Module, step_loss, steps: int, lr: float, name: str, cfg: Config, run: Run) -> nn.Module:
-    """Generic loop. step_loss(runner, step) -> (loss, items, tokens per item) for this rank's shard of batch
-    `step`. With --resume, it starts from checkpoint `name` as read up front (weights, AdamW state, step)."""
+    """Generic loop; step_loss(runner, step) -> (loss, items, tokens per item) on this rank's shard."""
     optimizer = make_adamw(model, lr, weight_decay=0.1, betas=(0.9, 0.98))  # CLIP's betas
     weights, optim_state, start, _ = run.saved.get(name, (None, None, 0, None))
     if weights is not None:
@@ -792,7 +736,6 @@ def train(model: nn.Module, step_loss, steps: int, lr: float, name: str, cfg: Co
         if run.rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == steps):
             save_checkpoint(cfg.out_dir, model, optimizer, cfg, step + 1, name=name)
     return model.eval()
-
 def train_captioner(data: ImageSet, cfg: Config, run: Run) -> Captioner:
     """Each sample: one image, one random format, its gold caption; loss on the caption tokens only."""
     texts = run.texts
@@ -812,18 +755,14 @@ def train_captioner(data: ImageSet, cfg: Config, run: Run) -> Captioner:
         loss = caption_loss(logits, targets[:, : ids.shape[1] - 1].to(run.device))
         return loss, len(idx), ids.shape[1] + (cfg.image_size // cfg.patch_size) ** 2
     return train(model, step_loss, cfg.cap_steps, cfg.cap_lr, "captioner", cfg, run)
-
 def run_name(model: str, recipe: str, seed: int, cfg: Config) -> str:  # clip_ssc50, diffusion_alt_seed1, ...
     return f"{model}_{recipe}" + ("" if seed == cfg.seed else f"_seed{seed}")
-
 def recipe_texts(recipe: str, idx: list, coins: list, data: ImageSet, synthetic: dict) -> list[str]:
     """Each image's text under a recipe: its synthetic caption where the coin is below p, else its AltText."""
     fmt, p_synthetic = parse_recipe(recipe)
     return [synthetic[fmt][i] if c < p_synthetic else data.alttexts[i] for i, c in zip(idx, coins)]
-
 def train_clip(recipe: str, seed: int, data: ImageSet, synthetic: dict, cfg: Config, run: Run) -> CLIPModel:
-    """One CLIP per (recipe, seed); the recipes of one seed share the init and the image order: only the
-    text each image is paired with differs."""
+    """One CLIP per (recipe, seed); a seed's recipes share init and image order: only the texts differ."""
     torch.manual_seed(seed)
     model = CLIPModel(cfg, run.texts.enc.n_vocab).to(run.device)
     def step_loss(runner, step):
@@ -838,10 +777,8 @@ def train_clip(recipe: str, seed: int, data: ImageSet, synthetic: dict, cfg: Con
         n_tokens = ids.shape[1] + (cfg.image_size // cfg.patch_size) ** 2
         return clip_loss(image_emb, text_emb, logit_scale), len(idx), n_tokens
     return train(model, step_loss, cfg.clip_steps, cfg.clip_lr, run_name("clip", recipe, seed, cfg), cfg, run)
-
 def train_diffusion(recipe: str, seed: int, data: ImageSet, synthetic: dict, cfg: Config, run: Run):
-    """One text-to-image flow per (recipe, seed): t ~ logit-normal (SD3), and a share diff_drop of the prompts
-    emptied, so that the model also learns v(x_t, t, "") for guidance."""
+    """One flow per (recipe, seed): t ~ logit-normal (SD3); diff_drop of prompts emptied (for guidance)."""
     torch.manual_seed(seed)
     model, mine = FlowUNet(cfg, run.texts.enc.n_vocab).to(run.device), slice(run.rank, None, run.world)
     def step_loss(runner, step):
@@ -857,35 +794,32 @@ def train_diffusion(recipe: str, seed: int, data: ImageSet, synthetic: dict, cfg
         return flow_loss(runner(x_t, t, ids.to(run.device), lengths), target), len(idx), 1
     name = run_name("diffusion", recipe, seed, cfg)
     return train(model, step_loss, cfg.diff_steps, cfg.diff_lr, name, cfg, run)
-
 def drop_prompts(prompts: list[str], coins: torch.Tensor, p: float) -> list[str]:
     """Classifier-free guidance training (Ho & Salimans 2022): the prompt becomes "" where coin < p."""
     return ["" if c < p else text for text, c in zip(prompts, coins.tolist())]
-
 def geneval_targets(scenes) -> dict[str, torch.Tensor]:
-    """What a prompt about the scene requests, as class ids: the largest shape's colour, shape and 3x3
-    position (the subject of its SSC), the number of shapes, and the background colour."""
+    """Class ids a prompt requests: colour, shape, 3x3 position of the largest shape; count; background."""
     mains = [(max(shapes_of(s), key=lambda o: area(o.box)), s) for s in scenes]
     return {"colour": torch.tensor([shapes.COLORS.index(o.color) for o, _ in mains]),
             "shape": torch.tensor([shapes.SHAPES.index(o.shape) for o, _ in mains]),
             "count": torch.tensor([min(len(shapes_of(s)), 8) - 1 for _, s in mains]),
             "position": torch.tensor([POSITIONS.index(shapes.position(o, s)) for o, s in mains]),
             "background": torch.tensor([list(shapes.BACKGROUNDS).index(s.background) for s in scenes])}
-
 def train_probe(data: ImageSet, cfg: Config, run: Run) -> nn.Module:
-    """The probe learns the GenEval attributes from real renders of training scenes (summed cross-entropy)."""
+    """A small CNN (GenEval: a detector) learns geneval_targets from real renders; summed cross-entropy."""
     torch.manual_seed(cfg.seed)
-    model, targets = make_probe(cfg).to(run.device), geneval_targets(data.scenes)
+    cnn = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1),
+                        nn.ReLU(), nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(64 * (cfg.diff_size // 4) ** 2, sum(map(len, GENEVAL.values()))))
+    model, targets = cnn.to(run.device), geneval_targets(data.scenes)
     def step_loss(runner, step):
         idx = batch_indices(len(data.images), 64, step, cfg.seed, run)
         logits = read_probe(runner, to_float(data.images[idx], run.device))
         return sum(F.cross_entropy(logits[k], targets[k][idx].to(run.device)) for k in GENEVAL), len(idx), 1
     return train(model, step_loss, cfg.probe_steps, 2e-3, "probe", cfg, run)
-
 @torch.no_grad()
 def generate(model: Captioner, data: ImageSet, batch: list[int], fmt: str, cfg: Config, run: Run) -> list:
-    """Greedy decoding with a KV cache: one prefill over [image, prompt], then one token per step.
-    All prompts of a call have the same length, so the batch needs no padding."""
+    """Greedy, KV-cached: a prefill over [image, prompt] (one length: no padding), then a token a step."""
     texts, caches = run.texts, [{} for _ in model.layers]
     prompts = torch.tensor([texts.prompt(fmt, data.alttexts[i], cfg.alt_tokens) for i in batch])  # (B, T)
     logits = model(to_float(data.images[batch], run.device), prompts.to(run.device), caches)  # prefill
@@ -901,7 +835,6 @@ def generate(model: Captioner, data: ImageSet, batch: list[int], fmt: str, cfg: 
         logits = model(None, next_id[:, None].to(run.device), caches, start=position + t)  # (B, 1, V)
     return [texts.enc.decode(row[: row.index(texts.eot)] if texts.eot in row else row)
             for row in out.tolist()]
-
 def caption_images(model: Captioner, data: ImageSet, fmts, prefix: Path, cfg: Config, run: Run) -> dict:
     """{fmt: [caption per image]}. Rank r of w captions its images (i % w == r) that no {prefix}.*.json holds
     into {prefix}.{r}of{w}.json (atomic; the one file ranks other than 0 write); reruns read them back."""
@@ -919,22 +852,18 @@ def caption_images(model: Captioner, data: ImageSet, fmts, prefix: Path, cfg: Co
         dist.barrier()  # every shard is on disk
     done = read()
     return {f: [done[f, i] for i in range(len(data.images))] for f in fmts}
-
 def export(folder: Path, data: ImageSet, synthetic: dict) -> None:
     """folder/captions.csv (filepath,alttext,ssc,dsc,afc; filepath relative to the CSV) and one PNG per image:
     what open_clip (--csv-img-key=filepath --csv-caption-key=ssc) and data.shapes.read_image_text read."""
     folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(data.images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:06d}.png")
+    rows = [[f"{i:06d}.png", data.alttexts[i], *(synthetic[k][i] for k in ("ssc", "dsc", "afc"))]
+            for i in range(len(data.images))]
     with open(folder / "captions.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["filepath", "alttext", "ssc", "dsc", "afc"])
-        for i, image in enumerate(data.images):
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:06d}.png")
-            writer.writerow([f"{i:06d}.png", data.alttexts[i], *(synthetic[f][i] for f in ("ssc", "dsc",
-                                                                                           "afc"))])
-
+        csv.writer(f).writerows([["filepath", "alttext", "ssc", "dsc", "afc"], *rows])
 # ----------------------------------------------------------------------------- eval
 CAPTION_COLUMNS = ("CIDEr-D", "obj P", "obj R", "halluc.", "tokens", "names")
-
 def caption_row(generated: list[str], gold: list[str], scenes, texts: Texts) -> dict:
     """CIDEr-D vs gold, CHAIR-style object precision / recall vs the scene graph (micro-averaged over
     mentions; hallucination = 1 - precision), mean tokens, and the share of scene emblems named."""
@@ -948,10 +877,8 @@ def caption_row(generated: list[str], gold: list[str], scenes, texts: Texts) -> 
             "halluc.": None if precision is None else 1 - precision,
             "tokens": float(np.mean([len(texts.encode(c)) for c in generated])),
             "names": float(np.mean([n in c for n, c in emblems])) if emblems else None}
-
 def evaluate_captioner(model: Captioner, data: ImageSet, cfg: Config, run: Run) -> dict:
-    """Rows per format, each followed by its image-blind reference: every scene's gold caption scored
-    against the next scene (right language and length, no look at the image)."""
+    """Rows per format, each with its image-blind row: every gold caption scored against the next scene."""
     rows, n = {}, len(data.images)
     for f in FORMATS:
         generated = [c for s in range(0, n, GEN_BATCH)
@@ -960,7 +887,6 @@ def evaluate_captioner(model: Captioner, data: ImageSet, cfg: Config, run: Run) 
         rows[f] = caption_row(generated, gold, data.scenes, run.texts)
         rows[f"{f} (blind)"] = caption_row(gold[1:] + gold[:1], gold, data.scenes, run.texts)
     return rows
-
 # ----------------------------------------------------------------------------- eval: CLIP
 # Zero-shot prompt templates (averaged per class, as in CLIP's ImageNet eval).
 TEMPLATES = {"emblem": ("{}", "the {} emblem", "a photo of the {} emblem.", "{} logo"),
@@ -968,7 +894,6 @@ TEMPLATES = {"emblem": ("{}", "the {} emblem", "a photo of the {} emblem.", "{} 
              "colour": ("a {} shape.", "a photo of a {} object.", "something {}.")}
 CLASSES = {"emblem": shapes.EMBLEMS, "shape": shapes.SHAPES, "colour": shapes.COLORS}
 COLUMNS = ("emblem top1", "shape top1", "colour top1", "I->T R@1", "T->I R@1")
-
 def scene_labels(scenes) -> dict:
     """emblem / shape / colour -> (N, K) bool: the classes of each scene's shape objects (multi-label)."""
     labels = {k: torch.zeros(len(scenes), len(v), dtype=torch.bool) for k, v in CLASSES.items()}
@@ -979,19 +904,15 @@ def scene_labels(scenes) -> dict:
             if o.emblem is not None:
                 labels["emblem"][n, o.emblem] = True
     return labels
-
 @torch.no_grad()
 def embed(model: CLIPModel, items, cfg: Config, run: Run, batch: int = 500) -> torch.Tensor:
     """(N, E) normalised embeddings of images (a uint8 tensor) or texts (a list of strings)."""
-    out = []
-    for i in range(0, len(items), batch):
-        if isinstance(items, torch.Tensor):
-            out.append(model.encode_image(to_float(items[i: i + batch], run.device)).float().cpu())
-        else:
-            ids, lengths = run.texts.clip_batch(items[i: i + batch], cfg.context_length)
-            out.append(model.encode_text(ids.to(run.device), lengths).float().cpu())
-    return torch.cat(out)
-
+    def encode(chunk):  # (B, E)
+        if isinstance(chunk, torch.Tensor):
+            return model.encode_image(to_float(chunk, run.device))
+        ids, lengths = run.texts.clip_batch(chunk, cfg.context_length)
+        return model.encode_text(ids.to(run.device), lengths)
+    return torch.cat([encode(items[i: i + batch]).float().cpu() for i in range(0, len(items), batch)])
 def retrieval_hits(image_emb, text_emb, gallery: int) -> dict[str, np.ndarray]:
     """Per image (image i's query is text i): I->T and T->I R@1 hits within consecutive galleries of `gallery`
     items (a final partial gallery is dropped: NaN). A tie counts against: a constant model scores 0."""
@@ -1001,7 +922,6 @@ def retrieval_hits(image_emb, text_emb, gallery: int) -> dict[str, np.ndarray]:
         hits["I->T R@1"][s: s + gallery] = ((sim >= sim.diag()[:, None]).sum(1) == 1).numpy()  # own text only
         hits["T->I R@1"][s: s + gallery] = ((sim >= sim.diag()[None, :]).sum(0) == 1).numpy()  # own image
     return hits
-
 def score_clip(model: CLIPModel, held_out: ImageSet, cfg: Config, run: Run) -> dict:
     """Per-item hits for each column (NaN = not applicable). Zero-shot is multi-label top-1: a hit when the
     class nearest to the image (template embeddings averaged, renormalised) is one of the classes present."""
@@ -1018,13 +938,10 @@ def score_clip(model: CLIPModel, held_out: ImageSet, cfg: Config, run: Run) -> d
         pred = (image_emb @ class_emb.t()).argmax(1)  # (N,)
         hits[f"{name} top1"] = np.where(present.any(1), present[torch.arange(len(pred)), pred], np.nan)
     return hits
-
 def row_of(hits: dict) -> dict:
     return {c: None if np.isnan(hits[c]).all() else float(np.nanmean(hits[c])) for c in COLUMNS}
-
 def baseline_rows(held_out: ImageSet, train_scenes, gallery: int) -> dict:
-    """chance: a uniformly random class / ranking; majority: always the commonest class of the training
-    images (retrieval has no majority answer)."""
+    """chance: a random class / ranking; majority: the commonest training class (retrieval has none)."""
     chance = {c: 1 / min(gallery, len(held_out.images)) for c in COLUMNS if "R@" in c}
     majority, train = {}, scene_labels(train_scenes)
     for name, present in scene_labels(held_out.scenes).items():
@@ -1032,7 +949,6 @@ def baseline_rows(held_out: ImageSet, train_scenes, gallery: int) -> dict:
         chance[f"{name} top1"] = (present.sum(1) / present.shape[1]).mean().item()
         majority[f"{name} top1"] = present[:, train[name].sum(0).argmax()].float().mean().item()
     return {"chance": chance, "majority": dict.fromkeys(COLUMNS) | majority}
-
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int, seed: int) -> tuple[float, float, float]:
     """Mean difference a - b over the items scored in both, with a 95% percentile interval from resampling
     the same items for both (the pairing removes the between-image variance the two models share)."""
@@ -1041,7 +957,6 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int, seed: int) -> tuple[f
     idx = np.random.default_rng(seed).integers(0, len(a), (n, len(a)))  # (n, items)
     diffs = (a[idx] - b[idx]).mean(1)
     return float(a.mean() - b.mean()), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
-
 def key_pair_verdicts(hits: dict, pairs: tuple, resamples: int) -> list[dict]:
     """For each (a, b, metric) of `pairs` whose recipes ran: the paired bootstrap per seed, and a verdict that
     holds only when every seed's interval excludes 0 on the same side ("not resolved" otherwise)."""
@@ -1057,11 +972,9 @@ def key_pair_verdicts(hits: dict, pairs: tuple, resamples: int) -> list[dict]:
         out += [{"claim": f"{a} beats {b} on {metric}", "seeds": seeds, "verdict": verdict,
                  "diff": [r[0] for r in runs], "ci95": [r[1:] for r in runs]}] if seeds else []
     return out
-
 # ----------------------------------------------------------------------------- eval: diffusion
 REQUESTED = {"dense": tuple(GENEVAL), "short": ("colour", "shape")}  # what every DSC / SSC prompt states
 GENEVAL_COLUMNS = (*GENEVAL, "attributes", "all requested")
-
 @torch.no_grad()
 def euler_sample(velocity, noise: torch.Tensor, steps: int) -> torch.Tensor:
     """Integrate dx/dt = v(x, t) from t = 0 (noise) to t = 1 (image) in `steps` Euler steps of 1 / steps."""
@@ -1069,7 +982,6 @@ def euler_sample(velocity, noise: torch.Tensor, steps: int) -> torch.Tensor:
     for i in range(steps):
         x = x + velocity(x, torch.full((len(x),), i / steps, device=x.device)) / steps
     return x
-
 def guided_velocity(model: FlowUNet, ids, lengths, scale: float):
     """Classifier-free guidance (Ho & Salimans 2022): v = v(x, t, empty) + w (v(x, t, c) - v(x, t, empty)).
     ids / lengths hold the B prompts, then B empty prompts: both velocities come from one batched call."""
@@ -1078,36 +990,29 @@ def guided_velocity(model: FlowUNet, ids, lengths, scale: float):
         cond, empty = model(torch.cat([x, x]), torch.cat([t, t]), ids, lengths, text).float().chunk(2)
         return empty + scale * (cond - empty)
     return velocity
-
 @torch.no_grad()
 def generate_images(model: FlowUNet, prompts: list[str], cfg: Config, run: Run) -> torch.Tensor:
-    """uint8 samples, in one batch. Every model starts from the same noise (seeded by cfg.seed) for the same
-    prompt, so models are compared image by image."""
+    """uint8 samples, one batch, from the same noise (cfg.seed) for every model: compared image by image."""
     gen = torch.Generator().manual_seed(cfg.seed)
     noise = torch.randn(len(prompts), 3, cfg.diff_size, cfg.diff_size, generator=gen).to(run.device)
     ids, lengths = run.texts.clip_batch(prompts + [""] * len(prompts), cfg.context_length)  # (2N, T), (2N,)
     velocity = guided_velocity(model.eval(), ids.to(run.device), lengths, cfg.guidance)
     pixels = euler_sample(velocity, noise, cfg.sample_steps).cpu() * 0.25 + 0.5  # to_float's inverse
     return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)  # (N, 3, S, S)
-
 @torch.no_grad()
 def geneval_hits(probe: nn.Module, images: torch.Tensor, targets: dict, kind: str, run: Run) -> dict:
-    """Per prompt, 1 / 0 for each attribute requested (REQUESTED[kind]) as the probe reads the image;
-    "attributes": the share of them right; "all requested": 1 if all are (GenEval's per-prompt score)."""
+    """Per prompt, 1 / 0 per requested attribute; "attributes": share right; "all requested": GenEval's."""
     logits = read_probe(probe, to_float(images, run.device))
     hits = np.stack([(logits[k].argmax(1).cpu() == targets[k]).float().numpy() for k in REQUESTED[kind]])
     return dict(zip(REQUESTED[kind], hits)) | {"attributes": hits.mean(0), "all requested": hits.prod(0)}
-
 def save_grid(path: Path, rows: dict, scale: int = 2) -> None:
     """A PNG with one row of images (uint8 (n, 3, S, S) each) per entry of `rows`, in order, upscaled."""
     grid = torch.cat([torch.cat(list(images), 2) for images in rows.values()], 1)  # (3, rows * S, n * S)
     image = Image.fromarray(grid.permute(1, 2, 0).numpy())
     image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
-
 def diffusion_side(synthetic: dict, cfg: Config, run: Run, timings: dict) -> tuple[dict, list]:
-    """The probe, then one flow per recipe (and per seed for dsc100 and ssc100). Each model draws every
-    held-out web scene from its DSC (dense) and its SSC (short) caption; the probe scores what was requested.
-    Baselines: the real renders (the probe's ceiling), another scene's render, and empty-prompt samples."""
+    """The probe, then a flow per recipe (per seed for dsc100, ssc100), drawing every held-out scene from its
+    DSC (dense) and SSC (short) caption; baselines: real renders, another scene's render, the empty prompt."""
     clock, rows, hits, grid, n = time.time(), {}, {}, {}, cfg.n_diff_eval
     web = render_split("web", 0, cfg.n_web, cfg, cfg.diff_size, plain=True)
     held_out = render_split("web", cfg.n_web, n, cfg, cfg.diff_size, plain=True)
@@ -1134,12 +1039,10 @@ def diffusion_side(synthetic: dict, cfg: Config, run: Run, timings: dict) -> tup
         score("empty prompt", generate_images(model, [""] * n, cfg, run))
         save_grid(Path(cfg.out_dir) / "diffusion_samples.png", grid)
     return rows, key_pair_verdicts(hits, DIFF_KEY_PAIRS, cfg.bootstrap)
-
 def markdown_table(first: str, rows: dict, columns) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.{3 if abs(v) < 10 else 1}f}" if type(v) is float else str(v)
     return "\n".join([f"| {first} | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)] + [
         f"| {name} | " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for name, row in rows.items()])
-
 def report(cfg: Config, metrics: dict) -> str:
     pair_columns = ("seeds", "diff", "ci95", "verdict")
     pairs = lambda key: {p["claim"]: {c: p[c] for c in pair_columns} for p in metrics[key]}
@@ -1154,10 +1057,9 @@ def report(cfg: Config, metrics: dict) -> str:
             "short = SSC; probe accuracy; samples: diffusion_samples.png)\n",
             markdown_table("model (prompts)", metrics["diffusion"], GENEVAL_COLUMNS),
             "\n## Diffusion key pairs (share of requested attributes right, per prompt; paired bootstrap)\n",
-            markdown_table("claim (a beats b)", pairs("diffusion_key_pairs"), pair_columns)]
-    timings = ", ".join(f"{k} {v:.0f}" for k, v in metrics["timings_s"].items())
-    return "\n".join(text + ["", f"Timings (s): {timings}"])
-
+            markdown_table("claim (a beats b)", pairs("diffusion_key_pairs"), pair_columns),
+            "\nTimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["timings_s"].items())]
+    return "\n".join(text)
 # ----------------------------------------------------------------------------- main
 def read_resume_state(cfg: Config) -> dict:
     """--resume: every checkpoint of this run that exists, checked against cfg (reads only)."""
@@ -1173,7 +1075,6 @@ def read_resume_state(cfg: Config) -> dict:
     if not saved:
         raise InputError(f"--resume=True: no checkpoint in {cfg.out_dir}")
     return saved
-
 def main(argv: list[str]):
     cfg = parse_config(argv)
     check_config(cfg)
