@@ -311,7 +311,7 @@ def table_and_verdicts(results: dict, rows, seeds, table: list, claims: list) ->
         lines.append(f"| {row} | " + " | ".join(f"{m:.1f}" + ("" if math.isnan(sd) else f" ± {sd:.1f}")
                                               for m, sd in (cells(row, key) for _, key, _ in table)) + " |")
     lower = {key: low for _, key, low in table}
-    lines += ["", "Verdicts (a difference under 2 sd is noise):"] + [
+    lines += ["", "Verdicts (a difference of at most 2 sd is noise):"] + [
         f"- {text or '  and'}: {key}: " + verdict(a, [results[f"{a}/{s}"][key] for s in seeds], b,
                                                   [results[f"{b}/{s}"][key] for s in seeds], lower[key])
         for text, a, b, key in claims if a in rows and b in rows]
