@@ -10,9 +10,8 @@ online (samples ranked by the exact scene-graph judge), mixed (Eq. 4), BDHS (Alg
     python dpo_bdhs.py --seeds=0,1,2                           # the three-seed table (mean +- sd)
     python dpo_bdhs.py --preset=smoke --init=PATH              # tiny (what the tests run)
 
-Table (report.md, metrics.json): POPE acc / F1 / yes-ratio / unparseable (mean of 3 splits), CHAIR-s / -i /
-recall / length, VQA, held-out reward accuracy (offline, on-policy), reward margin of image - blank image;
-verdicts, BDHS similarity histogram and retries; logps.png curves.
+Table (report.md, metrics.json): POPE acc / F1 / yes % / unparseable (3 splits), CHAIR-s / -i, recall, length,
+VQA, held-out reward accuracy, reward margin of image - blank; verdicts, BDHS histogram + retries; logps.png.
 """
 import ast
 import csv
@@ -98,7 +97,6 @@ RESUME_MAY_DIFFER = ("resume", "device", "out_dir", "log_every", "ckpt_every")
 ROWS = ("sft", "povid", "rlhfv", "online", "mixed", "bdhs", "online_bdhs", "bdhs_ext", "bdhs_noise")
 OFFLINE = ("povid", "rlhfv", "bdhs", "bdhs_noise", "bdhs_ext")  # rows trained on pairs made up front
 POPE_SPLITS = ("random", "popular", "adversarial")
-
 def check_config(cfg: Config) -> None:
     """Script-specific checks of the values (the skeleton checks keys and types)."""
     if cfg.loss not in ("sigmoid", "ipo", "hinge") or not cfg.rows or not set(cfg.rows) <= set(ROWS):
@@ -367,7 +365,6 @@ def run_main(main) -> None:
 # ============================================================================= skeleton: end
 
 # ----------------------------------------------------------------------------- data
-# data/shapes/preferences.py: prompts with scene graphs, POVID / RLHF-V pairs, the exact judge, POPE, CHAIR.
 class Data:
     """ShapesWorld prompts or a user's TRL pairs in mm15's SFT format "Question: q <image slots> Answer: a
     <|endoftext|>", one tile per image (mm15's split=False, as mm1's pre-training); held-out eval items."""
@@ -395,8 +392,7 @@ class Data:
         key = "blank_tiles" if blank else "tiles"
         if key not in item:
             pil = Image.new("RGB", item["pil"].size, (128, 128, 128)) if blank else item["pil"]
-            side = self.tiling["tile_size"]
-            tile = ImageOps.pad(pil, (side, side), Image.Resampling.BILINEAR, (0, 0, 0))  # aspect kept
+            tile = ImageOps.pad(pil, (self.tiling["tile_size"],) * 2, Image.Resampling.BILINEAR, (0, 0, 0))
             ids = self.enc.encode_ordinary("Question: " + item["question"])
             ids += [self.image_id] * self.tiling["image_tokens"] + self.enc.encode_ordinary(" Answer:")
             item[key] = ids, torch.from_numpy(np.array(tile)).permute(2, 0, 1)[None].contiguous()
@@ -483,7 +479,18 @@ class CLIPVisionTransformer(nn.Module):
         return x
 
 # ----------------------------------------------------------------------------- model: VL connectors
-AvgPoolConnector = AttnPoolConnector = None  # not copied (presets use the C-Abstractor): main() refuses
+class AvgPoolConnector(nn.Module):
+    """n x n average pooling of the patch grid, then a linear map into the LLM width."""
+
+    def __init__(self, vit_width, llm_width, image_tokens):
+        super().__init__()
+        self.side = math.isqrt(image_tokens)
+        self.proj = nn.Linear(vit_width, llm_width)
+
+    def forward(self, feats):  # (N, P, Cv)
+        grid = feats.transpose(1, 2).unflatten(2, (math.isqrt(feats.shape[1]),) * 2)  # (N, Cv, g, g)
+        return self.proj(F.adaptive_avg_pool2d(grid, self.side).flatten(2).transpose(1, 2))  # (N, K, C)
+AttnPoolConnector = None  # not copied (no preset uses it): main() refuses it
 class LayerNorm2d(nn.LayerNorm):
     def forward(self, x):  # (N, C, H, W): normalise over channels
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -664,9 +671,7 @@ class MM1(nn.Module):
         h, aux = self.model(x, positions, mask, cache)
         return self.lm_head(h), aux
 
-
 # ----------------------------------------------------------------------------- losses
-
 def sequence_logps(model, rows, data: Data, device):
     """THE log-prob function (policy, reference, online and BDHS pairs): rows (prompt ids, response ids,
     tiles) -> summed fp32 log-probs of the response tokens (B,) and their count (B,). The shift by one is
@@ -720,7 +725,6 @@ def pair_losses(policy, ref, data: Data, pairs: list, cfg, device, blank=False):
     return loss, {k: v.detach() for k, v in per_token.items()} | dict(margin=reward_c - reward_r)
 
 # ----------------------------------------------------------------------------- train
-
 def frozen_reference(arch: dict, weights: dict, device):  # own modules (none shared), eval mode, no grads
     ref = MM1(arch)
     ref.load_state_dict(weights)  # copies: load_state_dict never shares the dict's tensors
@@ -810,11 +814,10 @@ def bdhs(model, data: Data, items: list, cfg, example_seeds: list, stats: dict, 
 def online_pairs(policy, data: Data, items: list, cfg, seeds, counts: dict) -> list:
     """Online DPO pairs: n_samples answers per prompt from the policy, the best and the worst by the exact
     scene-graph judge (fewer hallucinated, then more covered objects); ties are dropped and counted."""
-    n = cfg.n_samples
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds[:len(items) * n]]
-    samples = answer(policy, data, [it for it in items for _ in range(n)], cfg.max_new_tokens,
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds[:len(items) * cfg.n_samples]]
+    samples = answer(policy, data, [it for it in items for _ in range(cfg.n_samples)], cfg.max_new_tokens,
                      cfg.temperature, gens)
-    pairs, ties = pref.judged_pairs(items, samples, n)
+    pairs, ties = pref.judged_pairs(items, samples, cfg.n_samples)
     counts["online_ties"] = counts.get("online_ties", 0) + ties
     return pairs
 
@@ -866,8 +869,7 @@ def train_row(row, seed, cfg, data, arch, init_weights, pools, device, log, meta
     counts = dict(pairs=0, skipped_steps=0)
     steps = 0 if row == "sft" else cfg.steps
     for step in range(state[2] if state else 0, steps):
-        lr = lr_at(step, steps, cfg.lr, min(cfg.warmup, steps), 0.0)
-        set_lr(opt, lr)
+        set_lr(opt, lr := lr_at(step, steps, cfg.lr, min(cfg.warmup, steps), 0.0))
         pairs = step_pairs(row, policy, data, pools, cfg, seed, step, counts)
         counts["skipped_steps"] += not pairs  # every online pair a tie
         if not pairs:
@@ -888,7 +890,6 @@ def train_row(row, seed, cfg, data, arch, init_weights, pools, device, log, meta
     return policy, ref, opt, curves, counts
 
 # ----------------------------------------------------------------------------- eval
-
 def reward_margins(policy, ref, data, pairs, cfg, device, blank=False):
     """beta [(log pi - log pi_ref)(y+) - (log pi - log pi_ref)(y-)] per held-out pair (blank: grey image)."""
     return torch.cat([pair_losses(policy, ref, data, pairs[lo:lo + 16], cfg, device, blank)[1]["margin"]
@@ -928,7 +929,6 @@ CLAIMS = [("offline: less hallucination", "povid", "online", "chair_i"), ("", "p
           ("", "bdhs", "povid", "pope_acc")]
 
 # ----------------------------------------------------------------------------- main
-
 def main(argv):
     cfg = parse_config(argv)
     check_config(cfg)
@@ -944,9 +944,9 @@ def main(argv):
     if not {"arch", "tokenizer_sha256", "sft"} <= set(init_meta):
         raise InputError(f"--init={cfg.init}: no `arch`, `tokenizer_sha256` or `sft` metadata (not mm15's)")
     arch = json.loads(init_meta["arch"])
-    if arch["connector"]["type"] != "cabstractor" or arch["text"]["moe_every"]:
+    if arch["connector"]["type"] == "attnpool" or arch["text"]["moe_every"]:
         raise InputError(f"--init={cfg.init}: arch.connector.type={arch['connector']['type']!r}, arch.text."
-                         f"moe_every={arch['text']['moe_every']}: this script holds the cabstractor, no MoE")
+                         f"moe_every={arch['text']['moe_every']}: held here: avgpool, cabstractor, no MoE")
     tiling = json.loads(init_meta["sft"])["tiling"] | {"split": False}
     data = Data(cfg, enc, tiling, pref.user_items(cfg.pairs) if cfg.pairs else None)
     if (init_meta["tokenizer_sha256"], arch["image_token_id"]) != (tokenizer_sha256(), data.image_id):
