@@ -103,25 +103,32 @@ def test_model_rebuilt_from_metadata_reproduces_mm1_logits(smoke_checkpoint, scr
         assert not torch.allclose(model(ids, images)[0], want, atol=1e-3)
 
 
-def test_mm15_continues_from_an_mm1_smoke_checkpoint(smoke_checkpoint, tmp_path):
+@pytest.mark.parametrize("script", sorted(BUILDERS))
+def test_every_script_builds_the_cpu_presets_connector(smoke_checkpoint, script):
+    """The smoke chain uses the C-Abstractor; `python mm1.py` (cpu preset) writes another connector, and every
+    later script must hold its class (dpo_bdhs once refused it)."""
+    arch = json.loads(read_checkpoint(smoke_checkpoint)[1]["arch"])
+    arch["connector"]["type"] = mm1.PRESETS["cpu"].get("connector", mm1.Config.connector)
+    model = getattr(importlib.import_module(script), BUILDERS[script])(arch)
+    assert type(model.connector).__name__ == type(mm1.MM1(arch).connector).__name__
+
+
+@pytest.fixture(scope="module")
+def mm15_checkpoint(smoke_checkpoint, tmp_path_factory):
+    """mm15.py at smoke size from mm1's smoke checkpoint: (its out_dir, its metrics)."""
+    import mm15
+
+    out = tmp_path_factory.mktemp("chain") / "mm15"
+    args = ["--cpt_steps=2", "--sft_steps=3", "--eval_items=1", "--max_new_tokens=3"]
+    init = smoke_checkpoint / "model.safetensors"
+    return out, mm15.main(["--preset=smoke", f"--init={init}", f"--out_dir={out}", *args])
+
+
+def test_mm15_continues_from_an_mm1_smoke_checkpoint(smoke_checkpoint, mm15_checkpoint):
     """mm15.py at smoke size from mm1's checkpoint: its own checkpoint keeps mm1's contract (the same arch,
     tokenizer, <image> id) plus the SFT fields, mm1's class rebuilds it from the metadata alone (strict
     load), its weights moved, and the SFT rows sampled add up to the steps x batch."""
-    import mm15
-
-    out = tmp_path / "mm15"
-    init = smoke_checkpoint / "model.safetensors"
-    metrics = mm15.main(
-        [
-            "--preset=smoke",
-            f"--init={init}",
-            f"--out_dir={out}",
-            "--cpt_steps=2",
-            "--sft_steps=3",
-            "--eval_items=1",
-            "--max_new_tokens=3",
-        ]
-    )
+    out, metrics = mm15_checkpoint
     weights, meta = read_checkpoint(out)
     _, mm1_meta = read_checkpoint(smoke_checkpoint)
     for key in ("arch", "tokenizer_sha256", "image_token_id", "image_size"):
@@ -138,19 +145,15 @@ def test_mm15_continues_from_an_mm1_smoke_checkpoint(smoke_checkpoint, tmp_path)
     assert (out / "grounding.png").is_file() and (out / "report.md").is_file()
 
 
-def test_mia_bench_continues_from_an_mm15_smoke_checkpoint(smoke_checkpoint, tmp_path):
+def test_mia_bench_continues_from_an_mm15_smoke_checkpoint(mm15_checkpoint, tmp_path):
     """mm1 -> mm15 -> mia_bench at smoke size: mia_bench's checkpoint keeps the contract (arch, tokenizer,
     <image> id, image size, mm15's sft block) plus its `mia` block, and mm1's class rebuilds it (strict)."""
     import mia_bench
-    import mm15
 
-    mm15_args = ["--cpt_steps=2", "--sft_steps=3", "--eval_items=1", "--max_new_tokens=3"]
-    init = smoke_checkpoint / "model.safetensors"
-    mm15.main(["--preset=smoke", f"--init={init}", f"--out_dir={tmp_path / 'mm15'}", *mm15_args])
-    init = tmp_path / "mm15" / "model.safetensors"
+    init = mm15_checkpoint[0] / "model.safetensors"
     mia_bench.main(["--preset=smoke", f"--init={init}", f"--out_dir={tmp_path / 'mia'}", "--sft_steps=2"])
     weights, meta = read_checkpoint(tmp_path / "mia")
-    _, mm15_meta = read_checkpoint(tmp_path / "mm15")
+    _, mm15_meta = read_checkpoint(mm15_checkpoint[0])
     for key in ("arch", "tokenizer_sha256", "image_token_id", "image_size", "sft"):
         assert meta[key] == mm15_meta[key], key
     assert json.loads(meta["mia"])["n_sft"] == 8 and int(meta["step"]) == 2
@@ -158,20 +161,16 @@ def test_mia_bench_continues_from_an_mm15_smoke_checkpoint(smoke_checkpoint, tmp
     model.load_state_dict(weights)
 
 
-def test_dpo_bdhs_continues_from_an_mm15_smoke_checkpoint(smoke_checkpoint, tmp_path):
+def test_dpo_bdhs_continues_from_an_mm15_smoke_checkpoint(mm15_checkpoint, tmp_path):
     """mm1 -> mm15 -> dpo_bdhs at smoke size: dpo_bdhs's checkpoint keeps the contract (arch, tokenizer,
     <image> id, image size, mm15's sft block) plus its `dpo` block, mm1's class rebuilds it (strict), and
     the DPO step moved the weights."""
     import dpo_bdhs
-    import mm15
 
-    mm15_args = ["--cpt_steps=2", "--sft_steps=3", "--eval_items=1", "--max_new_tokens=3"]
-    init = smoke_checkpoint / "model.safetensors"
-    mm15.main(["--preset=smoke", f"--init={init}", f"--out_dir={tmp_path / 'mm15'}", *mm15_args])
-    init = tmp_path / "mm15" / "model.safetensors"
+    init = mm15_checkpoint[0] / "model.safetensors"
     dpo_bdhs.main(["--preset=smoke", f"--init={init}", f"--out_dir={tmp_path / 'dpo'}", "--rows=povid"])
     weights, meta = read_checkpoint(tmp_path / "dpo")
-    mm15_weights, mm15_meta = read_checkpoint(tmp_path / "mm15")
+    mm15_weights, mm15_meta = read_checkpoint(mm15_checkpoint[0])
     for key in ("arch", "tokenizer_sha256", "image_token_id", "image_size", "sft"):
         assert meta[key] == mm15_meta[key], key
     assert json.loads(meta["dpo"])["row"] == "povid" and int(meta["step"]) == 2
