@@ -22,7 +22,8 @@ HEADER = "# " + "-" * 77 + " "
 # model code repeated across scripts must be identical copies: top-level classes / functions with these names
 SHARED_PREFIXES = ("CLIP", "Llama", "RMSNorm", "rotate_half", "apply_rope", "AvgPoolConnector",
                    "AttnPoolConnector", "LayerNorm2d", "RegBlock", "CAbstractor", "MoEMLP", "MM1",
-                   "count_params", "plan_tiles", "slot_ids", "tile_pixels", "box_to_canvas", "box_in_tiles")
+                   "count_params", "plan_tiles", "slot_ids", "tile_pixels", "box_to_canvas", "box_in_tiles",
+                   "fit", "place")
 # per script: a flag whose file is read late (after config, device and out_dir checks), for the bad-run test
 LATE_INPUT = {"mm1.py": ("train_data", "llava.json"), "clip_caption.py": ("data", "pairs.csv"),
               "jitter.py": ("data", "jointbert"), "neu.py": ("data", "jointbert"),
