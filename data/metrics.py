@@ -15,6 +15,12 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
+def sentences(text: str) -> list[str]:
+    """Sentences: pieces ending at . ! ? before whitespace (or at a line end; an unfinished tail is one too),
+    each with a letter or digit ("3.5" stays whole)."""
+    return [s for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if re.search(r"[A-Za-z0-9]", s)]
+
+
 def cider_d(candidates: list[str], references: list[list[str]], n: int = 4, sigma: float = 6.0):
     """CIDEr-D (Vedantam et al. 2015) as pycocoevalcap computes it: per n-gram order, the cosine between
     TF-IDF vectors of candidate and each reference (candidate counts clipped at the reference's), times a

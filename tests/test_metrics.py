@@ -83,3 +83,9 @@ def test_cider_d_matches_pycocoevalcap():
     got_mean, got = metrics.cider_d(cands, refs)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
     assert abs(got_mean - want_mean) < 1e-9 and got[0] > 1.0 and got[1] == 0.0
+
+
+def test_sentences_keep_decimals_and_the_unfinished_tail():
+    assert metrics.sentences("It costs 3.5 dollars. A red circle!\nA blue") == [
+        "It costs 3.5 dollars.", "A red circle!", "A blue"]
+    assert metrics.sentences("  ...  ") == [] and metrics.sentences("Yes. . No?") == ["Yes.", "No?"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+from ..metrics import sentences
 from ..mia import score_sentence
 from .text import (
     NUMBER_WORDS,
@@ -65,13 +66,8 @@ COLOR_WORDS = set(COLORS) | {"gray", "grey", "white", "beige", "lavender"}
 START_WORDS, MENTION_WORDS = ("Look", "Here", "Today"), ("picture", "scene", "image")
 
 
-def words(text: str) -> list[str]:
+def words(text: str) -> list[str]:  # apostrophes kept ("it's" is a pronoun), unlike data.metrics.words
     return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
-
-
-def sentences(text: str) -> list[str]:
-    """Sentences: pieces ending at . ! ? (or a line end), each with a letter or digit."""
-    return [s for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if re.search(r"[A-Za-z0-9]", s)]
 
 
 def numbers(text: str) -> set[int]:

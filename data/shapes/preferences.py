@@ -26,7 +26,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from .. import InputError
-from ..metrics import object_scores, parse_yes_no, words
+from ..metrics import object_scores, parse_yes_no, sentences, words
 from .formats import load_image, read_preference_jsonl
 from .text import a, at_position, hallucinations, object_mentions, pope, position, shapes_of, vqa
 from .world import COLORS, SHAPES, make_scene, rng_for
@@ -38,11 +38,6 @@ SYNONYMS = {word: shape for word, shape in dict(
     ball="circle", disc="circle", disk="circle", box="square", block="square", rhombus="diamond",
     lozenge="diamond", plus="cross", pyramid="triangle", hexagram="star", pentagram="star").items()
     if word not in SHAPES}  # never remap a shape the world has
-
-
-def sentences(text: str) -> list[str]:
-    """Sentences ending at '.', '?' or '!' (an unfinished tail is a sentence too), stripped."""
-    return [s.strip() for s in re.findall(r"[^.?!]*[.?!]|[^.?!]+$", text) if s.strip()]
 
 
 def object_sentence(obj, scene) -> str:
