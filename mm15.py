@@ -73,7 +73,7 @@ class Config:
     cpt_split: bool = True          # split its images too (False: one tile each, MM1.5's "low resolution")
     sft_steps: int = 260            # SFT steps
     sft_lr: float = 3e-4            # its peak lr
-    mix_ratios: str = "general=1,text_rich=3.3,refer_ground=2,knowledge=0.1,math=0.5"  # vs general
+    mix_ratios: str = "general=1,describe=0.5,text_rich=3.3,refer_ground=2,knowledge=0.1,math=0.5"  # weights
     mix_groups: str = "single=0.8,multi_image=0.1,text_only=0.1"  # shares of the three groups (the paper's)
     n_train_items: int = 200        # pre-rendered SFT items per category
     sft_data: str = ""              # LLaVA conversation JSON to fine-tune on, not the mixture (boxes in text)
@@ -926,7 +926,8 @@ def finished(cfg: Config):
 def ablate(cfg: Config) -> dict:
     """Each variant x seed as a whole run in out_dir/<variant>_seed<k> (a finished run of the same config is
     reused); accuracy per eval task, mean +- sd (n - 1) over the seeds, and minutes per run."""
-    lines, means = [f"| {cfg.ablate} | {' | '.join(EVAL_TASKS)} | average | minutes |", "|---" * 11 + "|"], {}
+    header = ("", cfg.ablate, *EVAL_TASKS, "average", "minutes", "")
+    lines, means = [" | ".join(header).strip(), "|---" * (len(header) - 2) + "|"], {}
     for name, overrides in variants(cfg).items():
         runs = []
         for seed in cfg.ablation_seeds:

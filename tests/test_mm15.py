@@ -323,3 +323,28 @@ def test_boxes_png_draws_gold_and_valid_predictions_and_skips_inverted_ones(tmp_
     green, red = (sheet == (0, 200, 0)).all(-1), (sheet == (230, 0, 0)).all(-1)
     assert green[:, :40].any() and green[:, 44:84].any() and green[:, 88:].any()
     assert not red[:, :88].any() and red[:, 88:].any()  # only the third item's box is drawn
+
+
+def test_describe_items_answer_dpo_bdhs_chair_prompt_and_are_held_out():
+    from data.shapes import preferences
+    enc = get_tokenizer()
+    train = [tasks.task_item("describe", "train", i, 0, 64) for i in range(30)]
+    test = [tasks.task_item("describe", "test", i, 0, 64) for i in range(30)]
+    for item in train + test:
+        scene, w, h = item["images"][0]
+        assert item["question"] == preferences.PROMPT_DESCRIBE == "Describe the image."
+        assert scene.kind == "natural" and w == h  # square, as dpo_bdhs renders its CHAIR scenes
+        gold = " ".join(preferences.object_sentence(o, scene) for o in preferences.described(scene))
+        assert item["answer"] == gold and tasks.score(gold, item, "describe")
+        absent = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES
+                  if (c, s) not in {(o.color, o.shape) for o in scene.objects}][0]
+        assert not tasks.score(gold + f" A {absent[0]} {absent[1]} is on the left.", item, "describe")
+        assert not tasks.score("I do not know.", item, "describe")  # names nothing: a miss
+    objects = lambda items: {repr(item["images"][0][0].objects) for item in items}
+    assert not objects(train) & objects(test)  # no eval scene is a training scene
+    pools = tasks.ItemPools(seed=0, tile=64, n_cpt=1, n_train=2, n_eval=3)
+    assert [it["question"] for it in pools.test["describe"]] == ["Describe the image."] * 3
+    ids, n_prompt, _ = mm15.Data.sample(bare_data(), pools.test["describe"][0], cfg())
+    assert ids[:len(enc.encode_ordinary("Question: Describe the image."))] == enc.encode_ordinary(
+        "Question: Describe the image.")  # dpo_bdhs.Data.prompt's text before the image slots
+    assert "describe" in mm15.mixture(mm15.Config()) and "describe" in tasks.EVAL_TASKS

@@ -27,16 +27,18 @@ from collections import Counter
 from PIL import Image, ImageDraw
 
 from .. import InputError
-from ..metrics import words
+from ..metrics import object_scores, words
 from .formats import IMAGE_TOKEN, load_image, read_llava_json
+from .preferences import PROMPT_DESCRIBE, described, drop_unfinished, normalize, object_sentence
 from .render import render
 from .tasks import multi_image, text_passage
 from .text import caption, emblem_facts, iou, parse_box, reference, shapes_of, visual_name, vqa
 from .world import EMBLEMS, Scene, make_scene, rng_for
 
-CATEGORIES = ("general", "text_rich", "refer_ground", "knowledge", "math", "multi_image", "text_only")
-EVAL_TASKS = ("general", "text_rich", "grounding", "referring", "knowledge", "math", "multi_image",
-              "text_only")  # refer & ground is scored as two tasks
+CATEGORIES = ("general", "describe", "text_rich", "refer_ground", "knowledge", "math", "multi_image",
+              "text_only")
+EVAL_TASKS = ("general", "describe", "text_rich", "grounding", "referring", "knowledge", "math",
+              "multi_image", "text_only")  # refer & ground is scored as two tasks
 ASPECT = {"natural": 1.0, "document": 3 / 4, "receipt": 9 / 20, "chart": 16 / 9, "ui": 9 / 19.5}  # W / H
 LONG_SIDE = {"natural": (0.75, 2.5), "document": (1.5, 3.5), "receipt": (1.5, 3.5), "chart": (1.5, 3.5),
              "ui": (1.5, 3.5)}  # the long side's range in tiles: text-rich pages are large
@@ -101,6 +103,10 @@ def _try_item(category, split, sub, seed, tile, rng):
         scene = make_scene(split, hash_index(sub), seed, "natural")
         qa = [(q, a) for q, a in vqa(scene, seed) if not _is_number(a) and "label" not in q]
         return qa and dict(images=[_shaped(scene, rng, tile)], question=qa[0][0], answer=qa[0][1])
+    if category == "describe":  # dpo_bdhs.py's CHAIR prompt, answered as its gold descriptions are written
+        scene = make_scene(split, hash_index(sub), seed, "natural")
+        answer = " ".join(object_sentence(o, scene) for o in described(scene))
+        return answer and dict(images=[_shaped(scene, rng, tile)], question=PROMPT_DESCRIBE, answer=answer)
     if category in ("text_rich", "math"):
         kind = rng.choice(TEXT_RICH + (("natural",) if category == "math" else ()))
         scene = make_scene(split, hash_index(sub), seed, kind)
@@ -191,6 +197,9 @@ def score(text: str, item: dict, task: str):
     if task == "grounding":
         box = text_to_box(text, *item["pil"][0].size)
         return None if box is None else iou(box, item["box"]) >= 0.5
+    if task == "describe":  # CHAIR-s's complement: it names an object and none that the scene lacks
+        found = object_scores(normalize(drop_unfinished(text)), item["images"][0][0])  # unfinished: dropped
+        return found["mentions"] > 0 and found["hallucinated"] == 0
     return words(text) == words(item_texts(item)[1])
 
 
