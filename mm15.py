@@ -2,8 +2,8 @@
 arXiv:2409.20566). From an mm1.py checkpoint (rebuilt from its `arch` metadata): continual pre-training on
 text-rich ShapesWorld scenes at their real shapes, dynamic image splitting (plan_tiles: ONE plan for pixels
 and `<image>` slots), SFT on a category mixture whose ratios resolve to the paper's shares. Boxes: pixels of
-the original image, written "[x1, y1, x2, y2]" on 0-999 (one token per digit). Not implemented: video, UI,
-torchrun.
+the original image, written "[x1, y1, x2, y2]" on 0-999 (one token per digit). Video: 4 frames sampled
+uniformly, one tile each, a category of the mixture (share 0 by default). Not implemented: UI, torchrun.
 
     python mm1.py && python mm15.py                  # cpu preset from out/mm1: prints the tables
     python mm15.py --ablate=resolution               # also split | mixture: whole runs x 3 seeds, mean +- sd
@@ -476,8 +476,9 @@ class Data(ItemPools):
         continual pre-training: "<image slots>caption<eot>" (mm1's caption format)."""
         encode = lambda text: mm15_tasks.encode_text(self.enc, text)  # BPE, box digits one token each
         ids, tiles = ([] if "text" in item else encode("Question: " + item_texts(item)[0])), []
+        no_split = dataclasses.replace(cfg, split=False)  # video frames: one tile each
         for pil in item["pil"]:
-            plan = plan_tiles(*pil.size, cfg)
+            plan = plan_tiles(*pil.size, cfg if len(item["pil"]) < 3 else no_split)  # MM1.5: split < 3 images
             slots = slot_ids(plan, cfg, self.image_id, encode)
             assert slots.count(self.image_id) == plan["n_image_tokens"], "slots and plan disagree"
             ids += slots
@@ -910,7 +911,7 @@ def variants(cfg: Config) -> dict:
     tables = dict(mix_ratios=parse_ratios(cfg.mix_ratios, ""), mix_groups=parse_ratios(cfg.mix_groups, ""))
     scaled = lambda name, x: {key: ",".join(f"{k}={v * x if k == name else v:g}" for k, v in table.items())
                               for key, table in tables.items()}
-    return ({"paper shares": {}} | {f"no {c}": scaled(c, 0) for c in mixture(cfg)}
+    return ({"paper shares": {}} | {f"no {c}": scaled(c, 0) for c, share in mixture(cfg).items() if share}
             | {f"{c} x2": scaled(c, 2) for c in ("text_rich", "refer_ground", "multi_image")})
 
 def finished(cfg: Config):

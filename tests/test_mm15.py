@@ -5,6 +5,7 @@ import dataclasses
 import json
 import random
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -205,7 +206,7 @@ def test_task_items_are_deterministic_and_complete():
         a, b = tasks.task_item(category, "train", 3, 0, 64), tasks.task_item(category, "train", 3, 0, 64)
         assert a["question"] == b["question"] and a["answer"] == b["answer"] and a["answer"]
         assert (a["images"] == []) == (category == "text_only")
-        assert len(a["images"]) == (2 if category == "multi_image" else 0 if category == "text_only" else 1)
+        assert len(a["images"]) == dict(multi_image=2, text_only=0, video=tasks.VIDEO_FRAMES).get(category, 1)
     boxes = [tasks.task_item("refer_ground", "test", i, 0, 64) for i in range(20)]
     assert {item["task"] for item in boxes} == {"grounding", "referring"}
     for item in boxes:
@@ -308,7 +309,10 @@ def test_ablation_runs_each_variant_per_seed_and_reuses_finished_runs(tiny_init,
     monkeypatch.setattr(mm15, "run", lambda cfg: pytest.fail(f"finished run {cfg.out_dir} run again"))
     assert mm15.main(argv) == means
     mixture = mm15.variants(cfg(ablate="mixture"))
-    assert len(mixture) == 1 + len(tasks.CATEGORIES) + 3 and mixture["paper shares"] == {}
+    assert len(mixture) == 1 + len(tasks.CATEGORIES) - 1 + 3 and mixture["paper shares"] == {}  # video: 0
+    groups = "single=0.8,multi_image=0.1,text_only=0.1,video=0"
+    video = mm15.variants(cfg(ablate="mixture", mix_groups=groups))
+    assert "no video" not in video and video.keys() == mixture.keys()  # a category already at 0 is no variant
     shares = {name: mm15.mixture(cfg(**over)) for name, over in mixture.items()}
     assert shares["no general"]["general"] == 0 and shares["no text_only"]["text_only"] == 0
     assert shares["multi_image x2"]["multi_image"] == pytest.approx(0.2 / 1.1)
@@ -348,3 +352,44 @@ def test_describe_items_answer_dpo_bdhs_chair_prompt_and_are_held_out():
     assert ids[:len(enc.encode_ordinary("Question: Describe the image."))] == enc.encode_ordinary(
         "Question: Describe the image.")  # dpo_bdhs.Data.prompt's text before the image slots
     assert "describe" in mm15.mixture(mm15.Config()) and "describe" in tasks.EVAL_TASKS
+
+
+def test_video_frames_are_uniform_samples_and_answers_follow_the_clip():
+    assert tasks.uniform_frames(12, 4) == [0, 4, 7, 11] and tasks.uniform_frames(5, 5) == [0, 1, 2, 3, 4]
+    kinds, data = Counter(), bare_data()
+    for i in range(40):
+        item = tasks.task_item("video", "train", i, 0, 64)
+        frames = [scene for scene, _, _ in item["images"]]
+        assert len(frames) == tasks.VIDEO_FRAMES and len({(w, h) for _, w, h in item["images"]}) == 1
+        names = [{shapes.visual_name(o) for o in f.objects} for f in frames]
+        q, answer = item["question"], item["answer"]
+        moving = [(a, b) for a, b in zip(frames[0].objects, frames[-1].objects) if a.box != b.box]
+        if q.startswith("In which direction"):  # the named object's box moves that way, first -> last frame
+            kinds["direction"] += 1
+            (start, end), = moving
+            step = tuple(int(np.sign(v)) for v in np.subtract(end.box, start.box)[:2])
+            assert f"the {shapes.visual_name(start)}" in q and answer == {
+                (-1, 0): "left", (1, 0): "right", (0, -1): "up", (0, 1): "down"}[step], (q, answer, step)
+        elif q.startswith("Which shape moves"):
+            kinds["mover"] += 1
+            assert [shapes.visual_name(start) for start, _ in moving] == [answer]
+        else:  # objects appear one per sampled frame and stay
+            kinds["order"] += 1
+            assert [len(n) for n in names] == sorted(len(n) for n in names) and all(
+                a <= b for a, b in zip(names, names[1:]))
+            first_seen = sorted((min(k for k, n in enumerate(names) if name in n), name)
+                                for name in names[-1])
+            assert len({k for k, _ in first_seen}) == len(first_seen)  # one object per frame
+            if q == "What appears last?":
+                assert answer == first_seen[-1][1]
+            else:
+                options = q.removeprefix("Which appears first, the ").removesuffix("?").split(" or the ")
+                assert answer in options and names[0] & set(options) == {answer}
+        if i == 0:  # frames are never split (MM1.5: splitting only below 3 images): one tile each
+            pil = [tasks.render_shaped(*shaped) for shaped in item["images"]]
+            ids, _, tiles = mm15.Data.sample(data, dict(item, pil=pil), cfg())
+            assert tiles.shape[0] == tasks.VIDEO_FRAMES and ids.count(data.image_id) == K * tasks.VIDEO_FRAMES
+    assert min(kinds.values()) >= 5 and len(kinds) == 3, kinds
+    train = {repr(tasks.task_item("video", "train", i, 0, 64)["images"][0][0].objects) for i in range(30)}
+    test = {repr(tasks.task_item("video", "test", i, 0, 64)["images"][0][0].objects) for i in range(30)}
+    assert not train & test  # no eval clip is a training clip

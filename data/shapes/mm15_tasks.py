@@ -19,6 +19,7 @@ Code, one of MM1.5's SFT categories, has no counterpart in this world.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import re
@@ -31,14 +32,15 @@ from ..metrics import object_scores, words
 from .formats import IMAGE_TOKEN, load_image, read_llava_json
 from .preferences import PROMPT_DESCRIBE, described, drop_unfinished, normalize, object_sentence
 from .render import render
-from .tasks import multi_image, text_passage
+from .tasks import multi_image, text_passage, video
 from .text import caption, emblem_facts, iou, parse_box, reference, shapes_of, visual_name, vqa
 from .world import EMBLEMS, Scene, make_scene, rng_for
 
 CATEGORIES = ("general", "describe", "text_rich", "refer_ground", "knowledge", "math", "multi_image",
-              "text_only")
+              "text_only", "video")
 EVAL_TASKS = ("general", "describe", "text_rich", "grounding", "referring", "knowledge", "math",
-              "multi_image", "text_only")  # refer & ground is scored as two tasks
+              "multi_image", "text_only", "video")  # refer & ground is scored as two tasks
+CLIP_STEPS, VIDEO_FRAMES = 12, 4  # a clip's time steps, and the frames sampled from it uniformly
 ASPECT = {"natural": 1.0, "document": 3 / 4, "receipt": 9 / 20, "chart": 16 / 9, "ui": 9 / 19.5}  # W / H
 LONG_SIDE = {"natural": (0.75, 2.5), "document": (1.5, 3.5), "receipt": (1.5, 3.5), "chart": (1.5, 3.5),
              "ui": (1.5, 3.5)}  # the long side's range in tiles: text-rich pages are large
@@ -137,6 +139,10 @@ def _try_item(category, split, sub, seed, tile, rng):
     if category == "multi_image":
         scenes, question, answer = multi_image(split, hash_index(sub), seed)
         return dict(images=[_shaped(s, rng, tile) for s in scenes], question=question, answer=answer)
+    if category == "video":
+        frames, question, answer = video_clip(split, hash_index(sub), seed)
+        width = native_size("natural", rng, tile)[0]  # every frame the same size
+        return dict(images=[(frame, width, width) for frame in frames], question=question, answer=answer)
     passage = text_passage(split, hash_index(sub), seed)  # text only: arithmetic passages and emblem lore
     if " Answer: " in passage:
         question, answer = passage.rsplit(" Answer: ", 1)
@@ -147,6 +153,44 @@ def _try_item(category, split, sub, seed, tile, rng):
         return dict(images=[], question=f"In which year was the {name} emblem first painted?",
                     answer=str(facts["year"]))
     return None
+
+
+def uniform_frames(n_steps: int, n_frames: int) -> list[int]:
+    """The time steps of n_frames frames sampled uniformly from a clip of n_steps, first and last included."""
+    return [round(i * (n_steps - 1) / max(n_frames - 1, 1)) for i in range(n_frames)]
+
+
+def video_clip(split: str, index: int, seed: int = 0) -> tuple[list[Scene], str, str]:
+    """VIDEO_FRAMES frames sampled uniformly from a CLIP_STEPS-step ShapesWorld clip, and a question about
+    motion or order. Half the clips: one object moves in a straight line (data.shapes.tasks.video): "In
+    which direction does the red star move?" -> left / right / up / down, or "Which shape moves across the
+    frames?" when no reference is unique. The other half: the objects appear one by one, each at the time
+    step of a sampled frame (so the frames show the order): "Which appears first, the X or the Y?" (the two
+    named in a random order) -> "X", or "What appears last?"."""
+    rng, steps = rng_for("mm15-video", split, index, seed), uniform_frames(CLIP_STEPS, VIDEO_FRAMES)
+    if rng.random() < 0.5:
+        clip, question, answer = video(split, index, seed, frames=CLIP_STEPS)
+        return [clip[t] for t in steps], question, answer
+    scene = make_scene(split, 1_000_000 + index, seed, "natural")
+    names = Counter(visual_name(o) for o in scene.objects)
+    shown = [o for o in shapes_of(scene) if names[visual_name(o)] == 1][:VIDEO_FRAMES]
+    rng.shuffle(shown)
+    if len(shown) < 2:
+        return video_clip(split, index + 7_919_000, seed)  # too few distinct objects: another clip
+    scene.texts = []
+    frames = []
+    for step in steps:  # object k appears at the k-th sampled frame's step and stays
+        frame = copy.deepcopy(scene)
+        frame.objects = [o for o in frame.objects if visual_name(o) in
+                         {visual_name(p) for k, p in enumerate(shown) if steps[k] <= step}]
+        frame.uid = f"{scene.uid}/frame{step}"
+        frames.append(frame)
+    if rng.random() < 0.5:
+        return frames, "What appears last?", visual_name(shown[-1])
+    first, other = shown[0], rng.choice(shown[1:])
+    pair = [visual_name(first), visual_name(other)]
+    rng.shuffle(pair)
+    return frames, f"Which appears first, the {pair[0]} or the {pair[1]}?", visual_name(first)
 
 
 def hash_index(sub: str) -> int:
