@@ -3,7 +3,8 @@ arXiv:2409.20566). From an mm1.py checkpoint (rebuilt from its `arch` metadata):
 text-rich ShapesWorld scenes at their real shapes, dynamic image splitting (plan_tiles: ONE plan for pixels
 and `<image>` slots), SFT on a category mixture whose ratios resolve to the paper's shares. Boxes: pixels of
 the original image, written "[x1, y1, x2, y2]" on 0-999 (one token per digit). Video: 4 frames sampled
-uniformly, one tile each, a category of the mixture (share 0 by default). Not implemented: UI, torchrun.
+uniformly, one tile each; UI screens (widget list, tap -> box, box -> widget): mixture categories at share 0
+by default. Not implemented: torchrun.
 
     python mm1.py && python mm15.py                  # cpu preset from out/mm1: prints the tables
     python mm15.py --ablate=resolution               # also split | mixture: whole runs x 3 seeds, mean +- sd
@@ -87,7 +88,7 @@ class Config:
     log_every: int = 10             # steps between log lines
     ckpt_every: int = 100           # steps between checkpoints (and at the end)
     eval_items: int = 100           # held-out items per eval category
-    max_new_tokens: int = 20        # answer length limit at generation (a box: 18 tokens)
+    max_new_tokens: int = 32        # answer length limit at generation (a box: 18 tokens, a widget list 28)
     # ablations: whole runs in out_dir/<variant>_seed<k> (a finished one with the same config is reused)
     ablate: str = ""                # resolution | split | mixture: run its variants, print mean +- sd
     ablation_seeds: tuple = (0, 1, 2)  # seeds of each ablation variant
@@ -872,7 +873,7 @@ def evaluate(model, data: Data, cfg, device: str) -> dict:
         for run, texts in runs.items():
             hits = [mm15_tasks.score(t, item, task) for t, item in zip(texts, items)]
             m[f"{task}_{run}"] = round(100 * np.mean([bool(h) for h in hits]), 1)
-            if task == "grounding":
+            if task in mm15_tasks.BOX_TASKS:
                 m[f"{task}_{run}_parse_fail"] = round(100 * np.mean([h is None for h in hits]), 1)
         m[f"{task}_n"] = len(items)
         m.setdefault("samples", []).append(f"{task}: {item_texts(items[0])[0]!r} -> {runs['model'][0]!r} "

@@ -309,7 +309,7 @@ def test_ablation_runs_each_variant_per_seed_and_reuses_finished_runs(tiny_init,
     monkeypatch.setattr(mm15, "run", lambda cfg: pytest.fail(f"finished run {cfg.out_dir} run again"))
     assert mm15.main(argv) == means
     mixture = mm15.variants(cfg(ablate="mixture"))
-    assert len(mixture) == 1 + len(tasks.CATEGORIES) - 1 + 3 and mixture["paper shares"] == {}  # video: 0
+    assert len(mixture) == 1 + len(tasks.CATEGORIES) - 2 + 3 and mixture["paper shares"] == {}  # video, ui: 0
     groups = "single=0.8,multi_image=0.1,text_only=0.1,video=0"
     video = mm15.variants(cfg(ablate="mixture", mix_groups=groups))
     assert "no video" not in video and video.keys() == mixture.keys()  # a category already at 0 is no variant
@@ -393,3 +393,30 @@ def test_video_frames_are_uniform_samples_and_answers_follow_the_clip():
     train = {repr(tasks.task_item("video", "train", i, 0, 64)["images"][0][0].objects) for i in range(30)}
     test = {repr(tasks.task_item("video", "test", i, 0, 64)["images"][0][0].objects) for i in range(30)}
     assert not train & test  # no eval clip is a training clip
+
+
+def test_ui_items_list_widgets_ground_taps_and_refer_boxes_on_phone_shaped_screens():
+    seen = Counter()
+    for i in range(40):
+        item = tasks.task_item("ui", "train", i, 0, 64)
+        scene, w, h = item["images"][0]
+        assert scene.kind == "ui" and w / h == pytest.approx(9 / 19.5, rel=0.05)  # phone-shaped
+        widgets = [shapes.visual_name(o) for o in scene.objects]
+        seen[item["task"]] += 1
+        if item["task"] == "ui_list":
+            assert item["question"] == "List the widgets." and item["answer"] == ", ".join(widgets)
+            continue
+        obj, = [o for o in scene.objects if tasks.box_px(o.bbox, scene, w, h) == item["box"]]
+        if item["task"] == "ui_ground":  # Grd-i: "tap X" -> the box of X, scored at IoU >= 0.5
+            assert item["question"] == f"Tap the {shapes.visual_name(obj)}. Give its box."
+            pil = dict(item, pil=[Image.new("RGB", (w, h))])
+            gold = tasks.item_texts(pil)[1]
+            assert tasks.score(gold, pil, "ui_ground") and tasks.score("no box", pil, "ui_ground") is None
+        else:  # Ref-i: a box -> the widget's name and its state (a button has none)
+            assert "[" in tasks.item_texts(dict(item, pil=[Image.new("RGB", (w, h))]))[0]
+            assert item["answer"] == shapes.visual_name(obj) + (f", {obj.state}" if obj.state else "")
+    assert min(seen.values()) >= 5 and set(seen) == {"ui_list", "ui_ground", "ui_refer"}
+    pools = tasks.ItemPools(seed=0, tile=32, n_cpt=1, n_train=2, n_eval=2)
+    assert all(len(pools.test[t]) == 2 and {it["task"] for it in pools.test[t]} == {t}
+               for t in tasks.SUBTASKS["ui"])
+    assert list(pools.test) == list(tasks.EVAL_TASKS)

@@ -37,9 +37,11 @@ from .text import caption, emblem_facts, iou, parse_box, reference, shapes_of, v
 from .world import EMBLEMS, Scene, make_scene, rng_for
 
 CATEGORIES = ("general", "describe", "text_rich", "refer_ground", "knowledge", "math", "multi_image",
-              "text_only", "video")
-EVAL_TASKS = ("general", "describe", "text_rich", "grounding", "referring", "knowledge", "math",
-              "multi_image", "text_only", "video")  # refer & ground is scored as two tasks
+              "text_only", "video", "ui")
+SUBTASKS = dict(refer_ground=("grounding", "referring"),  # scored apart
+                ui=("ui_list", "ui_ground", "ui_refer"))  # Ferret-UI's listing, Grd-i (tap X -> box), Ref-i
+EVAL_TASKS = tuple(task for c in CATEGORIES for task in SUBTASKS.get(c, (c,)))
+BOX_TASKS = ("grounding", "ui_ground")  # answers are boxes, scored at IoU >= 0.5
 CLIP_STEPS, VIDEO_FRAMES = 12, 4  # a clip's time steps, and the frames sampled from it uniformly
 ASPECT = {"natural": 1.0, "document": 3 / 4, "receipt": 9 / 20, "chart": 16 / 9, "ui": 9 / 19.5}  # W / H
 LONG_SIDE = {"natural": (0.75, 2.5), "document": (1.5, 3.5), "receipt": (1.5, 3.5), "chart": (1.5, 3.5),
@@ -139,6 +141,19 @@ def _try_item(category, split, sub, seed, tile, rng):
     if category == "multi_image":
         scenes, question, answer = multi_image(split, hash_index(sub), seed)
         return dict(images=[_shaped(s, rng, tile) for s in scenes], question=question, answer=answer)
+    if category == "ui":  # a phone-shaped screen: its widgets (toggles, checkboxes, buttons) top to bottom
+        scene = make_scene(split, hash_index(sub), seed, "ui")
+        shaped, task = _shaped(scene, rng, tile), rng.choice(SUBTASKS["ui"])
+        if task == "ui_list":
+            return dict(images=[shaped], question="List the widgets.", task=task,
+                        answer=", ".join(visual_name(o) for o in scene.objects))
+        obj = rng.choice(scene.objects)
+        box = box_px(obj.bbox, scene, shaped[1], shaped[2])
+        if task == "ui_ground":
+            return dict(images=[shaped], question=f"Tap the {visual_name(obj)}. Give its box.", box=box,
+                        answer="<box>", task=task)
+        return dict(images=[shaped], question="Which widget is at <box>, in which state?", box=box, task=task,
+                    answer=visual_name(obj) + (f", {obj.state}" if obj.state else ""))
     if category == "video":
         frames, question, answer = video_clip(split, hash_index(sub), seed)
         width = native_size("natural", rng, tile)[0]  # every frame the same size
@@ -238,7 +253,7 @@ def item_texts(item: dict) -> tuple[str, str]:
 def score(text: str, item: dict, task: str):
     """Is an answer right? Grounding: IoU >= 0.5 of the parsed box with the gold box, both in pixels of the
     original image (None: no box in the text, which Ferret's eval scores as a miss); else the same words."""
-    if task == "grounding":
+    if task in BOX_TASKS:
         box = text_to_box(text, *item["pil"][0].size)
         return None if box is None else iou(box, item["box"]) >= 0.5
     if task == "describe":  # CHAIR-s's complement: it names an object and none that the scene lacks
@@ -253,8 +268,8 @@ def rendered(item: dict) -> dict:
 
 class ItemPools:
     """Pre-rendered items (PIL images at their real sizes): `cpt` (text-rich scenes, dense captions),
-    `train` {category: items}, `test` {eval task: n_eval items} (refer & ground splits into grounding and
-    referring), and the training answers by question and by task for the majority baseline."""
+    `train` {category: items}, `test` {eval task: n_eval items} (refer & ground and UI split into
+    SUBTASKS), and the training answers by question and by task for the majority baseline."""
 
     def __init__(self, seed: int, tile: int, n_cpt: int, n_train: int, n_eval: int):
         self.cpt = [rendered(text_rich_caption("train", i, seed, tile)) for i in range(n_cpt)]
@@ -262,7 +277,7 @@ class ItemPools:
                       for c in CATEGORIES}
         self.test = {}
         for c in CATEGORIES:
-            tasks, i = {name: [] for name in (("grounding", "referring") if c == "refer_ground" else (c,))}, 0
+            tasks, i = {name: [] for name in SUBTASKS.get(c, (c,))}, 0
             while min(map(len, tasks.values())) < n_eval:
                 item, i = task_item(c, "test", i, seed, tile), i + 1
                 bucket = tasks[item.get("task", c)]
