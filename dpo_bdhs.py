@@ -1,17 +1,15 @@
 """Multimodal preference alignment in miniature: offline, online and mixed DPO, and BDHS.
 
 Amirloo et al., "Understanding Alignment in Multimodal LLMs: A Comprehensive Study", arXiv:2407.02477.
-From an mm15.py checkpoint (model rebuilt from its `arch`), each row trains a fresh policy against a frozen
-reference: DPO on POVID-style pairs (gold vs injected hallucination), RLHF-V-style (answer vs its correction),
-online (samples ranked by the exact scene-graph judge), mixed (Eq. 4), BDHS (Algorithm 1: y- generated with
-~99% of the image keys masked), online BDHS, BDHS + external. Data and metrics: data/shapes/preferences.py.
+From an mm15.py checkpoint (rebuilt from its `arch`, images tiled as its SFT was), each row trains a fresh
+policy against a frozen reference: DPO on POVID-style pairs, RLHF-V-style corrections, online (samples ranked
+by the exact scene-graph judge), mixed (Eq. 4), BDHS (Algorithm 1), online BDHS, BDHS + external.
 
     python mm1.py && python mm15.py && python dpo_bdhs.py      # cpu preset: every row, one seed
     python dpo_bdhs.py --seeds=0,1,2                           # the three-seed table (mean +- sd)
     python dpo_bdhs.py --preset=smoke --init=PATH              # tiny (what the tests run)
 
-Table (report.md, metrics.json): POPE acc / F1 / yes % / unparseable (3 splits), CHAIR-s / -i, recall, length,
-VQA, held-out reward accuracy, reward margin of image - blank; verdicts, BDHS histogram + retries; logps.png.
+report.md / metrics.json: POPE, CHAIR, recall, VQA, reward accuracy, image use per row; verdicts; BDHS filter.
 """
 import ast
 import csv
@@ -34,14 +32,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from data import InputError
 from data.metrics import words
 from data.shapes import preferences as pref
-from data.shapes.mm15_tasks import render_shaped
+from data.shapes.mm15_tasks import native_size, render_shaped
+from data.shapes.world import rng_for
+from data.tile_selectors import grids
 from data.tokenizer import get_tokenizer
 from data.vl_tasks import tokenizer_sha256
 from kernels import attention
@@ -57,6 +57,7 @@ class Config:
     device: str = "auto"            # auto | cpu | cuda | mps
     resume: bool = False            # continue from out_dir/model.safetensors + model.optimizer.safetensors
     init: str = "out/mm15/model.safetensors"  # the mm15.py checkpoint to start from
+    ref: str = "live"               # live: the frozen reference runs every batch | upfront: once, before
     rows: tuple = ("sft", "povid", "rlhfv", "online", "mixed", "bdhs", "online_bdhs", "bdhs_ext")  # table
     seeds: tuple = (0,)             # training seeds of every row (--seeds=0,1,2: mean +- sd over three)
     pairs: str = ""                 # TRL preference JSONL for the offline rows instead of POVID-style pairs
@@ -96,17 +97,16 @@ PRESETS = {
 RESUME_MAY_DIFFER = ("resume", "device", "out_dir", "log_every", "ckpt_every")
 ROWS = ("sft", "povid", "rlhfv", "online", "mixed", "bdhs", "online_bdhs", "bdhs_ext", "bdhs_noise")
 OFFLINE = ("povid", "rlhfv", "bdhs", "bdhs_noise", "bdhs_ext")  # rows trained on pairs made up front
-POPE_SPLITS = ("random", "popular", "adversarial")
 def check_config(cfg: Config) -> None:
     """Script-specific checks of the values (the skeleton checks keys and types)."""
-    if cfg.loss not in ("sigmoid", "ipo", "hinge") or not cfg.rows or not set(cfg.rows) <= set(ROWS):
-        raise InputError(f"--loss={cfg.loss} --rows={','.join(cfg.rows)}: expected sigmoid, ipo or hinge and "
-                         f"rows among {', '.join(ROWS)}")
+    if cfg.loss not in ("sigmoid", "ipo", "hinge") or cfg.ref not in ("live", "upfront") or not cfg.rows \
+            or not set(cfg.rows) <= set(ROWS):
+        raise InputError(f"--loss={cfg.loss} --ref={cfg.ref} --rows={','.join(cfg.rows)}: expected sigmoid, "
+                         f"ipo or hinge, live or upfront, and rows among {', '.join(ROWS)}")
     if cfg.pairs and {"rlhfv", "online", "mixed", "online_bdhs"} & set(cfg.rows):
         raise InputError("--pairs: user pairs have no scene graph for the judge; use --rows=sft,povid,bdhs")
-    sizes = (cfg.steps + 1, cfg.batch_size, cfg.n_train, cfg.eval_scenes, cfg.max_tries, cfg.n_samples - 1)
-    if min(sizes) < 1 or not (0 <= cfg.label_smoothing < 0.5 and 0 <= min(cfg.gamma, cfg.rho_th) and
-                              max(cfg.gamma, cfg.rho_th) <= 1):
+    n = (cfg.steps + 1, cfg.batch_size, cfg.n_train, cfg.eval_scenes, cfg.max_tries, cfg.n_samples - 1)
+    if min(n) < 1 or not (0 <= cfg.label_smoothing < 0.5 and 0 <= cfg.gamma <= 1 and 0 <= cfg.rho_th <= 1):
         raise InputError("expected --steps >= 0, --n_samples > 1, sizes > 0, 0 <= --label_smoothing < 0.5, "
                          "--gamma and --rho_th in [0, 1]")
 
@@ -363,41 +363,85 @@ def run_main(main) -> None:
     print(f"{Path(sys.argv[0]).name}: error: {why}", file=sys.stderr)
     raise SystemExit(2)
 # ============================================================================= skeleton: end
-
 # ----------------------------------------------------------------------------- data
+# Tiling: copies of mm15.py's (tests/test_skeleton.py compares them), one plan for the pixels and the slots.
+def fit(width, height, box_w, box_h):
+    """Aspect-kept resize of width x height into box_w x box_h: scale, (w, h), centred pad (left, top)."""
+    scale = min(box_w / width, box_h / height)
+    w, h = min(box_w, max(1, round(width * scale))), min(box_h, max(1, round(height * scale)))
+    return scale, (w, h), ((box_w - w) // 2, (box_h - h) // 2)
+def plan_tiles(width: int, height: int, cfg) -> dict:
+    """The one tiling plan that both the pixels (tile_pixels) and the `<image>` slots (slot_ids) follow.
+    MM1.5's rule over the grids with n_min <= tiles <= n_max of tile_size tiles: if some grids fit the image
+    without downscaling (the aspect-kept resize has scale >= 1), the least padding; otherwise the least
+    resolution loss; ties go to fewer tiles. The overview (the whole image in one tile) is added when the
+    grid has more than one tile. Returns grid (rows, cols), resized (w, h), pad (left, top), overview
+    ((w, h), pad), order (views in reading order), n_image_tokens."""
+    r = cfg.tile_size
+    n_min, n_max = (cfg.n_min, cfg.n_max) if cfg.split else (1, 1)
+
+    def cost(grid):
+        rows, cols = grid
+        scale, (w, h), _ = fit(width, height, cols * r, rows * r)
+        loss = rows * cols * r * r - w * h if scale >= 1 else width * height - w * h
+        return scale < 1, loss, rows * cols, rows
+    rows, cols = min(grids(n_min, n_max), key=cost)
+    _, resized, pad = fit(width, height, cols * r, rows * r)
+    tiles = [("tile", i, j) for i in range(rows) for j in range(cols)]
+    overview = [] if cfg.overview == "none" or len(tiles) == 1 else [("overview", 0, 0)]
+    order = overview + tiles if cfg.overview == "before" else tiles + overview
+    return dict(size=(width, height), tile=r, grid=(rows, cols), resized=resized, pad=pad,
+                overview=fit(width, height, r, r)[1:], order=order,
+                n_image_tokens=len(order) * cfg.image_tokens)
+def slot_ids(plan: dict, cfg, image_id: int, encode) -> list:
+    """An image's `<image>` slots (image_tokens per view, in plan order) with the position indicators."""
+    ids = []
+    for kind, i, j in plan["order"]:
+        if cfg.indicators == "index":
+            ids += encode(f" r{i + 1}c{j + 1}:" if kind == "tile" else " overview:")
+        ids += [image_id] * cfg.image_tokens
+        if cfg.indicators == "seps" and kind == "tile":
+            ids += encode("," if j + 1 < plan["grid"][1] else "\n")
+    return ids
+def place(image: Image.Image, size, pad, canvas) -> Image.Image:
+    out = Image.new("RGB", canvas)  # black padding
+    out.paste(image.resize(size, Image.Resampling.BILINEAR), pad)
+    return out
+def tile_pixels(image: Image.Image, plan: dict) -> torch.Tensor:
+    """The views of `plan` cut from the image: uint8 (n_views, 3, r, r)."""
+    assert image.size == plan["size"], f"image {image.size} planned as {plan['size']}"
+    r, (rows, cols) = plan["tile"], plan["grid"]
+    canvas = np.asarray(place(image, plan["resized"], plan["pad"], (cols * r, rows * r)))  # (H, W, 3)
+    overview = np.asarray(place(image, *plan["overview"], (r, r)))
+    views = [overview if kind == "overview" else canvas[i * r:(i + 1) * r, j * r:(j + 1) * r]
+             for kind, i, j in plan["order"]]
+    return torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).contiguous()  # (n, 3, r, r)
 class Data:
     """ShapesWorld prompts or a user's TRL pairs in mm15's SFT format "Question: q <image slots> Answer: a
-    <|endoftext|>", one tile per image (mm15's split=False, as mm1's pre-training); held-out eval items."""
+    <|endoftext|>", natural scenes at mm15's sizes tiled as its SFT was (plan_tiles); held-out eval items."""
     def __init__(self, cfg: Config, enc, tiling: dict, user_items=None):
-        self.enc, self.tiling, self.seq_len, self.truncated = enc, tiling, cfg.seq_len, 0
+        self.enc, self.tiling, self.seq_len, self.truncated = enc, SimpleNamespace(**tiling), cfg.seq_len, 0
         self.image_id, self.eot_id, self.pad_id = map(enc.encode_single_token, ("<image>", "<|endoftext|>",
                                                                                  "<|pad|>"))
         assert self.pad_id != self.eot_id, "pad = eos: the model would never learn to stop"
         self.eot = torch.arange(enc.n_vocab) == self.eot_id  # (V,) the stop token of a whole answer
         self.period = self.eot | torch.tensor(["." in enc.decode([i]) for i in range(enc.n_vocab)])  # (V,)
-        n, seed, share = cfg.eval_scenes, cfg.seed, cfg.yes_no_share
-        self.train = user_items or [pref.pref_item("train", i, seed, share) for i in range(cfg.n_train)]
-        self.test = [pref.pref_item("test", i, seed, share) for i in range(n)]  # held-out pairs
-        self.describe = [pref.pref_item("test", 10_000 + i, seed, 0.0) for i in range(n)]  # CHAIR
-        self.vqa = pref.vqa_items(n, seed)
-        self.pope = {negatives: pref.pope_items(negatives, n, seed) for negatives in POPE_SPLITS}
-        rendered, side, rng = {}, tiling["tile_size"], random.Random(seed)
+        vars(self).update(pref.item_sets(cfg))  # self.train, test, describe, vqa, pope
+        self.train, rendered, rng = user_items or self.train, {}, random.Random(cfg.seed)
         for item in [*self.train, *self.test, *self.describe, *self.vqa, *sum(self.pope.values(), [])]:
-            if "pil" not in item:
-                item["pil"] = rendered.setdefault(item["scene"].uid, render_shaped(item["scene"], side, side))
+            if "pil" not in item:  # one image per scene: square, long side 0.75-2.5 tiles, as mm15's natural
+                size = native_size("natural", rng_for("dpo-size", item["scene"].uid), tiling["tile_size"])
+                item["pil"] = rendered.setdefault(item["scene"].uid, render_shaped(item["scene"], *size))
                 item["povid"] = pref.povid(item, rng) if "kind" in item else None
-
     def prompt(self, item: dict, blank=False):
-        """(ids, tiles uint8 (1, 3, r, r)) of an item's prompt; blank: a grey image of the same shape."""
+        """(ids, tiles uint8 (n_views, 3, r, r)) of an item's prompt; blank: a grey image of the same size."""
         key = "blank_tiles" if blank else "tiles"
         if key not in item:
             pil = Image.new("RGB", item["pil"].size, (128, 128, 128)) if blank else item["pil"]
-            tile = ImageOps.pad(pil, (self.tiling["tile_size"],) * 2, Image.Resampling.BILINEAR, (0, 0, 0))
-            ids = self.enc.encode_ordinary("Question: " + item["question"])
-            ids += [self.image_id] * self.tiling["image_tokens"] + self.enc.encode_ordinary(" Answer:")
-            item[key] = ids, torch.from_numpy(np.array(tile)).permute(2, 0, 1)[None].contiguous()
+            plan, encode = plan_tiles(*pil.size, self.tiling), self.enc.encode_ordinary
+            ids = encode("Question: " + item["question"]) + slot_ids(plan, self.tiling, self.image_id, encode)
+            item[key] = ids + encode(" Answer:"), tile_pixels(pil, plan)
         return item[key]
-
     def pair_row(self, item: dict, text: str, blank=False):
         """(prompt ids, response ids + EOS, tiles). A too long response is cut at its end and counted; the
         prompt (whose image slots must match the tiles) is never cut, nor a response to nothing."""
@@ -407,12 +451,8 @@ class Data:
             raise InputError(f"--seq_len={self.seq_len}: the prompt of {item['id']} has {len(ids)} tokens")
         self.truncated += len(ids) + len(response) > self.seq_len
         return ids, response[:self.seq_len - len(ids)], tiles
-
-    def text(self, ids) -> str:  # generated ids -> text, without EOS / padding
-        return self.enc.decode([i for i in ids if i not in (self.eot_id, self.pad_id)]).strip()
-
 # ----------------------------------------------------------------------------- model
-# The CLIP ViT (HF CLIPVisionModel names), identical in clip_caption.py (tests/test_skeleton.py checks).
+# Copies of mm1.py / mm15.py (CLIP ViT with HF names, connectors, Llama decoder), checked by test_skeleton.py.
 class CLIPAttention(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -424,7 +464,6 @@ class CLIPAttention(nn.Module):
         q, k, v = (p(x).view(B, N, self.heads, C // self.heads).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, N, D)
         return self.out_proj(attention(q, k, v, causal=False).transpose(1, 2).reshape(B, N, C))
-
 class CLIPMLP(nn.Module):
     def __init__(self, width):
         super().__init__()
@@ -433,7 +472,6 @@ class CLIPMLP(nn.Module):
     def forward(self, x):
         h = self.fc1(x)
         return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu, CLIP's activation
-
 class CLIPEncoderLayer(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -443,7 +481,6 @@ class CLIPEncoderLayer(nn.Module):
     def forward(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
-
 class CLIPEmbeddings(nn.Module):
     def __init__(self, width, patch, image_size):
         super().__init__()
@@ -455,12 +492,10 @@ class CLIPEmbeddings(nn.Module):
         patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, P, C)
         cls = self.class_embedding.expand(len(patches), 1, -1)  # (B, 1, C)
         return torch.cat([cls, patches], 1) + self.position_embedding.weight  # (B, 1 + P, C)
-
 class CLIPEncoder(nn.Module):
     def __init__(self, width, layers, heads):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(width, heads) for _ in range(layers))
-
 class CLIPVisionTransformer(nn.Module):
     """CLIP's vision tower; its state_dict keys are CLIPVisionModel's minus the `vision_model.` prefix."""
 
@@ -477,8 +512,6 @@ class CLIPVisionTransformer(nn.Module):
         for layer in self.encoder.layers:
             x = layer(x)
         return x
-
-# ----------------------------------------------------------------------------- model: VL connectors
 class AvgPoolConnector(nn.Module):
     """n x n average pooling of the patch grid, then a linear map into the LLM width."""
 
@@ -494,7 +527,6 @@ AttnPoolConnector = None  # not copied (no preset uses it): main() refuses it
 class LayerNorm2d(nn.LayerNorm):
     def forward(self, x):  # (N, C, H, W): normalise over channels
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
 class RegBlock(nn.Module):
     """RegNet bottleneck (timm defaults, as in Honeybee's C-Abstractor): 1x1 -> LN -> SiLU -> 3x3 depthwise
     -> LN -> SiLU -> squeeze-excite(0.25) -> 1x1 -> LN, plus the residual, then SiLU."""
@@ -512,7 +544,6 @@ class RegBlock(nn.Module):
         h = F.silu(self.norm2(self.conv2(h)))
         h = h * torch.sigmoid(self.se_expand(F.relu(self.se_reduce(h.mean((2, 3), keepdim=True)))))
         return F.silu(x + self.norm3(self.conv3(h)))
-
 class CAbstractor(nn.Module):
     """Honeybee's C-Abstractor: conv blocks keep locality, adaptive pooling sets the token count."""
 
@@ -528,9 +559,6 @@ class CAbstractor(nn.Module):
         grid = feats.transpose(1, 2).unflatten(2, (math.isqrt(feats.shape[1]),) * 2)  # (N, Cv, g, g)
         grid = self.stage2(F.adaptive_avg_pool2d(self.stage1(grid), self.side))  # (N, Cv, k, k)
         return self.readout(grid.flatten(2).transpose(1, 2))  # (N, K, C)
-
-# ----------------------------------------------------------------------------- model: Llama decoder
-
 class RMSNorm(nn.Module):
     def __init__(self, width, eps):
         super().__init__()
@@ -539,11 +567,9 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
-
 class LlamaAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -570,7 +596,6 @@ class LlamaAttention(nn.Module):
         else:  # mask (B, 1, T, S) bool, True = visible: documents of packed rows, left padding
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, Hq, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
 class LlamaMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -580,9 +605,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None
-
 MoEMLP = None  # mm15.py's MoE layer is not copied: main() refuses arch.text.moe_every > 0
-
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, moe: bool):
         super().__init__()
@@ -595,7 +618,6 @@ class LlamaDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         h, aux = self.mlp(self.post_attention_layernorm(x))
         return x + h, aux
-
 class LlamaModel(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -619,7 +641,6 @@ class LlamaModel(nn.Module):
             for key in ("balance_loss", "z_loss") if aux else ():
                 aux_total[key] = aux_total.get(key, 0.0) + aux[key]
         return self.norm(x), aux_total
-
 class MM1(nn.Module):
     """ViT -> connector -> decoder, built from an arch dict (arch_of); state_dict keys: `vision_model.*`
     (CLIPVisionModel), `connector.*`, `model.*` and `lm_head.*` (LlamaForCausalLM)."""
@@ -670,7 +691,6 @@ class MM1(nn.Module):
             positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
         h, aux = self.model(x, positions, mask, cache)
         return self.lm_head(h), aux
-
 # ----------------------------------------------------------------------------- losses
 def sequence_logps(model, rows, data: Data, device):
     """THE log-prob function (policy, reference, online and BDHS pairs): rows (prompt ids, response ids,
@@ -685,7 +705,6 @@ def sequence_logps(model, rows, data: Data, device):
     logits = model(ids, torch.cat([t for _, _, t in rows]).to(device))[0][:, :-1].float()  # (B, T - 1, V)
     logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T - 1)
     return (logps * mask).sum(-1), mask.sum(-1)
-
 def preference_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, cfg):
     """Per-pair loss and the implicit rewards beta (log pi(y|x) - log pi_ref(y|x)) of chosen and rejected.
     With h = (log pi(y+) - log pi_ref(y+)) - (log pi(y-) - log pi_ref(y-)):
@@ -702,19 +721,19 @@ def preference_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, cfg):
         eps = cfg.label_smoothing
         losses = -(1 - eps) * F.logsigmoid(cfg.beta * h) - eps * F.logsigmoid(-cfg.beta * h)
     return losses, cfg.beta * (pi_c - ref_c).detach(), cfg.beta * (pi_r - ref_r).detach()
-
 def combined_loss(loss_ext, loss_bdhs, gamma):  # the paper's gamma DPO(y+, y-ext) + (1-gamma) DPO(y+, y-BDHS)
     return gamma * loss_ext + (1 - gamma) * loss_bdhs
-
+def pair_rows(data: Data, pairs: list, blank=False):  # rows (chosen..., rejected..., ext...), table keys
+    texts = [(p["item"], p[k]) for k in ("chosen", "rejected", "ext") if k in pairs[0] for p in pairs]
+    return [data.pair_row(it, t, blank) for it, t in texts], [(it["id"], t, blank) for it, t in texts]
 def pair_losses(policy, ref, data: Data, pairs: list, cfg, device, blank=False):
-    """Loss and statistics of pairs {item, chosen, rejected[, ext]}: every response through the policy and,
-    without gradients, the frozen reference; `ext` (bdhs_ext) gets combined_loss; blank: grey images."""
-    B, k = len(pairs), 3 if "ext" in pairs[0] else 2
-    rows = [data.pair_row(p["item"], p[key], blank) for key in ("chosen", "rejected", "ext")[:k]
-            for p in pairs]
+    """Loss and statistics of pairs: every response through the policy and, without gradients, the
+    Reference; `ext` (bdhs_ext) gets combined_loss; blank: grey images."""
+    rows, keys = pair_rows(data, pairs, blank)
+    B, k = len(pairs), len(rows) // len(pairs)
     pi, n = (x.view(k, B) for x in sequence_logps(policy, rows, data, device))  # (k, B)
     with torch.no_grad():
-        ref_lp = sequence_logps(ref, rows, data, device)[0].view(k, B)  # (k, B)
+        ref_lp = ref(rows, keys, data).view(k, B)  # (k, B)
     losses, reward_c, reward_r = preference_loss(pi[0], pi[1], ref_lp[0], ref_lp[1], n[0], n[1], cfg)
     if k == 3:
         ext = preference_loss(pi[0], pi[2], ref_lp[0], ref_lp[2], n[0], n[2], cfg)[0]
@@ -723,65 +742,75 @@ def pair_losses(policy, ref, data: Data, pairs: list, cfg, device, blank=False):
                      ref_rejected=ref_lp[1] / n[1], reward_chosen=reward_c, reward_rejected=reward_r)
     loss = losses.mean() - cfg.rpo_alpha * (pi[0] / n[0]).mean()  # + RPO's NLL of y+ per token (Pang 2024)
     return loss, {k: v.detach() for k, v in per_token.items()} | dict(margin=reward_c - reward_r)
-
 # ----------------------------------------------------------------------------- train
-def frozen_reference(arch: dict, weights: dict, device):  # own modules (none shared), eval mode, no grads
-    ref = MM1(arch)
-    ref.load_state_dict(weights)  # copies: load_state_dict never shares the dict's tensors
-    return ref.to(device).eval().requires_grad_(False)
-
+class Reference:
+    """log pi_ref(y|x) summed over the response. --ref=live: a frozen copy (eval mode, sharing nothing with
+    the policy) runs on every batch. upfront (TRL's precompute_ref_log_probs): fill() runs it once before
+    training over every fixed response (offline and held-out pairs), batches of those are read from the
+    table, and responses made in training (online, online BDHS) go live. The first batch read is also run
+    live and must agree (TRL PR 1961: a precomputed table silently left unused)."""
+    def __init__(self, arch: dict, weights: dict, device, upfront: bool):
+        self.model, self.table, self.checked, self.device = MM1(arch), {} if upfront else None, None, device
+        self.model.load_state_dict(weights)  # copies: load_state_dict never shares the dict's tensors
+        self.model.to(device).eval().requires_grad_(False)
+    @torch.no_grad()
+    def fill(self, data: Data, pairs: list, blank=False):
+        for lo in range(0, len(pairs), 8):
+            rows, keys = pair_rows(data, pairs[lo:lo + 8], blank)
+            self.table |= dict(zip(keys, sequence_logps(self.model, rows, data, self.device)[0].cpu()))
+    def __call__(self, rows, keys, data: Data):  # keys: (item id, response text, blank) per row
+        if self.table is None or not all(key in self.table for key in keys):
+            return sequence_logps(self.model, rows, data, self.device)[0]  # (B,)
+        upfront = torch.stack([self.table[key] for key in keys]).to(self.device)  # (B,)
+        if self.checked is None:  # once: the table must equal the live frozen reference on this batch
+            live = sequence_logps(self.model, rows, data, self.device)[0]  # (B,)
+            torch.testing.assert_close(upfront, live, rtol=1e-5, atol=1e-3, msg=lambda m: f"upfront: {m}")
+            self.checked = (upfront - live).abs().max().item()
+        return upfront
 @torch.no_grad()
-def generate(model, prompts, tiles, max_new: int, stop, pad_id: int, hide=None, gens=None, temperature=0.0):
-    """New ids continuing prompts (lists of ids; left-padded, KV cache): greedy, or sampled (Gumbel-max) with
-    a generator per row (each example's own RNG), up to a `stop` token ((V,) bool, kept). hide: per prompt,
-    keys no query may see (BDHS's masked image tokens: kernels' per-sample key_mask, via visibility_mask)."""
-    B, T, dev = len(prompts), max(map(len, prompts)), model.lm_head.weight.device
-    n_pad = torch.tensor([T - len(p) for p in prompts], device=dev)  # (B,)
-    ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], device=dev)  # (B, T)
-    positions = (torch.arange(T, device=dev) - n_pad[:, None]).clamp(min=0)  # (B, T)
-    keys = torch.arange(T, device=dev) >= n_pad[:, None]  # (B, T): real tokens
-    if hide is not None:
-        keys &= torch.stack([F.pad(~h, (T - len(h), 0), value=True) for h in hide]).to(dev)
-    mask = visibility_mask(T, T, causal=True, key_mask=keys) | torch.eye(T, dtype=torch.bool, device=dev)
-    cache, out, done = [[] for _ in model.model.layers], [[] for _ in prompts], torch.zeros(B).bool()
-    logits = model(ids, tiles.to(dev), positions, mask, cache)[0][:, -1].float().cpu()  # (B, V)
-    for step in range(max_new):
-        if temperature > 0:
-            uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in gens])  # (B, V)
-            logits = logits / temperature - torch.log(-torch.log(uniform.clamp(1e-20, 1 - 1e-7)))
-        nxt = logits.argmax(-1)  # (B,)
-        for b in (~done).nonzero()[:, 0].tolist():
-            out[b].append(int(nxt[b]))
-        done |= stop[nxt]
-        if done.all():
-            break
-        keys = torch.cat([keys, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)  # (B, T + step + 1)
-        step_ids, step_pos = nxt[:, None].to(dev), positions[:, -1:] + step + 1
-        logits = model(step_ids, None, step_pos, keys[:, None, None, :], cache)[0][:, -1].float().cpu()
-    return out
-
 def answer(model, data: Data, items, max_new: int, temperature=0.0, gens=None, prefixes=None, rho=None,
            noise=False, stop=None) -> list[str]:
-    """Decoded continuations of the items' prompts (+ text prefixes), 32 at a time. rho (BDHS): each image
-    slot's key is hidden iff U(0,1) < rho (the row's generator); noise=True: (1 - rho) x + rho U(0, 255)."""
-    texts = []
+    """Decoded continuations of the items' prompts (+ text prefixes), 32 left-padded rows at a time, KV cache:
+    greedy, or sampled (Gumbel-max) with a generator per row (each example's own RNG), up to a `stop` token
+    ((V,) bool, kept; default EOS). rho (BDHS): each image slot's key is hidden iff U(0,1) < rho (the row's
+    generator; kernels' per-sample key_mask via visibility_mask); noise=True: (1 - rho) x + rho U(0, 255)."""
+    texts, stop, dev = [], data.eot if stop is None else stop, model.lm_head.weight.device
     for lo in range(0, len(items), 32):
-        prompts, tiles, hide = [], [], []
+        prompts, tiles, hidden = [], [], []
         for i in range(lo, min(lo + 32, len(items))):
             ids, t = data.prompt(items[i])
-            prefix = data.enc.encode_ordinary(prefixes[i]) if prefixes and prefixes[i] else []
+            ids = ids + (data.enc.encode_ordinary(prefixes[i]) if prefixes and prefixes[i] else [])
             if rho is not None and noise:
                 t = ((1 - rho) * t + rho * 255 * torch.rand(t.shape, generator=gens[i])).to(torch.uint8)
-            elif rho is not None:
-                drawn = torch.rand(len(ids) + len(prefix), generator=gens[i]) < rho
-                hide.append(drawn & (torch.tensor(ids + prefix) == data.image_id))
-            prompts.append(ids + prefix)
+            drawn = torch.rand(len(ids), generator=gens[i]) < rho if rho is not None and not noise else False
+            hidden.append(drawn & (torch.tensor(ids) == data.image_id))  # (T_i,) keys no query may see
+            prompts.append(ids)
             tiles.append(t)
-        new = generate(model, prompts, torch.cat(tiles), max_new, data.eot if stop is None else stop,
-                       data.pad_id, hide or None, gens[lo:lo + 32] if gens else None, temperature)
-        texts += [data.text(ids) for ids in new]
+        B, T = len(prompts), max(map(len, prompts))
+        n_pad = torch.tensor([T - len(p) for p in prompts], device=dev)  # (B,)
+        ids = torch.tensor([[data.pad_id] * (T - len(p)) + p for p in prompts], device=dev)  # (B, T)
+        positions = (torch.arange(T, device=dev) - n_pad[:, None]).clamp(min=0)  # (B, T)
+        keys = torch.arange(T, device=dev) >= n_pad[:, None]  # (B, T): real tokens
+        keys &= torch.stack([F.pad(~h, (T - len(h), 0), value=True) for h in hidden]).to(dev)
+        mask = visibility_mask(T, T, causal=True, key_mask=keys) | torch.eye(T, dtype=torch.bool, device=dev)
+        cache, out, done = [[] for _ in model.model.layers], [[] for _ in prompts], torch.zeros(B).bool()
+        logits = model(ids, torch.cat(tiles).to(dev), positions, mask, cache)[0][:, -1].float().cpu()  # B, V
+        for step in range(max_new):
+            if temperature > 0:
+                uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in gens[lo:lo + B]])
+                logits = logits / temperature - torch.log(-torch.log(uniform.clamp(1e-20, 1 - 1e-7)))
+            nxt = logits.argmax(-1)  # (B,)
+            for b in (~done).nonzero()[:, 0].tolist():
+                out[b].append(int(nxt[b]))
+            done |= stop[nxt]
+            if done.all():
+                break
+            keys = torch.cat([keys, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)  # (B, T + step + 1)
+            step_ids, step_pos = nxt[:, None].to(dev), positions[:, -1:] + step + 1
+            logits = model(step_ids, None, step_pos, keys[:, None, None, :], cache)[0][:, -1].float().cpu()
+        texts += [data.enc.decode([i for i in ids if i not in (data.eot_id, data.pad_id)]).strip()
+                  for ids in out]  # without EOS / padding
     return texts
-
 def bdhs(model, data: Data, items: list, cfg, example_seeds: list, stats: dict, noise=False) -> list[str]:
     """BDHS, Algorithm 1: y- from the model with ~rho_th of the image keys masked (noise: pixels noised). Each
     gold sentence, cut at a random word (pref.bdhs_prefixes: yes/no flips), follows the gold ones before it
@@ -810,7 +839,6 @@ def bdhs(model, data: Data, items: list, cfg, example_seeds: list, stats: dict, 
                 pending.append(e)
     stats["examples"] += [(it["answer"], text) for it, text in zip(items[:2], out[:2])]
     return out
-
 def online_pairs(policy, data: Data, items: list, cfg, seeds, counts: dict) -> list:
     """Online DPO pairs: n_samples answers per prompt from the policy, the best and the worst by the exact
     scene-graph judge (fewer hallucinated, then more covered objects); ties are dropped and counted."""
@@ -820,11 +848,10 @@ def online_pairs(policy, data: Data, items: list, cfg, seeds, counts: dict) -> l
     pairs, ties = pref.judged_pairs(items, samples, cfg.n_samples)
     counts["online_ties"] = counts.get("online_ties", 0) + ties
     return pairs
-
-def make_pools(sft, data: Data, cfg, seed: int, stats: dict) -> dict:
+def make_pools(ref: Reference, data: Data, cfg, seed: int, stats: dict) -> dict:
     """Per seed, from the SFT model: offline pairs of the requested rows (POVID; RLHF-V, None where the SFT
     answer needed no correction; BDHS; BDHS + external) and held-out pairs (POVID; SFT samples, judged)."""
-    pools, base = {"ties": {}, "bdhs_stats": stats}, seed * 1_000_003
+    pools, base, sft = {"ties": {}, "bdhs_stats": stats, "ref": ref}, seed * 1_000_003, ref.model
     pools["povid"] = [dict(item=it, chosen=it["answer"], rejected=it["povid"]) for it in data.train]
     if "rlhfv" in cfg.rows:
         answers = answer(sft, data, data.train, cfg.max_new_tokens)
@@ -837,8 +864,11 @@ def make_pools(sft, data: Data, cfg, seed: int, stats: dict) -> dict:
         pools[row + "_ext"] = [dict(p, ext=it["povid"]) for p, it in zip(pools[row], data.train)]
     on_policy = online_pairs(sft, data, data.test, cfg, range(base, base + 99_999), pools["ties"])  # held out
     offline = [dict(item=it, chosen=it["answer"], rejected=it["povid"]) for it in data.test]
+    if ref.table is not None:  # --ref=upfront: every fixed response once, before any training
+        for pairs in [v for v in pools.values() if isinstance(v, list)] + [offline, on_policy]:
+            ref.fill(data, [p for p in pairs if p is not None])
+        ref.fill(data, offline, blank=True)
     return pools | {"heldout": dict(offline=offline, on_policy=on_policy)}
-
 def step_pairs(row, policy, data: Data, pools: dict, cfg, seed: int, step: int, counts: dict) -> list:
     """A step's pairs, a pure function of (seed, row, step): offline ones from the pools; online ones sampled
     from the current policy and judged; mixed: Bernoulli(0.5) per example (Eq. 4); online BDHS: live y-."""
@@ -854,12 +884,10 @@ def step_pairs(row, policy, data: Data, pools: dict, cfg, seed: int, step: int, 
     offline = rng.random(len(items)) < (0.5 if row == "mixed" else 0.0)
     return [pools["povid"][i] for i, off in zip(index, offline) if off] + online_pairs(
         policy, data, [it for it, off in zip(items, offline) if not off], cfg, seeds, counts)
-
 def train_row(row, seed, cfg, data, arch, init_weights, pools, device, log, meta, state=None):
     """One table row: a fresh policy from the SFT weights (or a resumed (weights, optimizer, step)), cfg.steps
     of DPO against the frozen reference. Returns policy, reference, optimizer, log-prob curves, counts."""
-    torch.manual_seed(seed)
-    policy, ref = MM1(arch), frozen_reference(arch, init_weights, device)
+    policy, ref = MM1(arch), pools["ref"]  # the seed's Reference (frozen SFT copy, its table if upfront)
     policy.load_state_dict(state[0] if state else init_weights)
     for module in (policy.vision_model, policy.connector):  # the LLM only is trained, as LLaVA's DPO recipes
         module.requires_grad_(False)
@@ -888,24 +916,16 @@ def train_row(row, seed, cfg, data, arch, init_weights, pools, device, log, meta
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
             save_checkpoint(cfg.out_dir, policy, opt, cfg, step + 1, meta=meta(row, seed))
     return policy, ref, opt, curves, counts
-
 # ----------------------------------------------------------------------------- eval
 def reward_margins(policy, ref, data, pairs, cfg, device, blank=False):
     """beta [(log pi - log pi_ref)(y+) - (log pi - log pi_ref)(y-)] per held-out pair (blank: grey image)."""
     return torch.cat([pair_losses(policy, ref, data, pairs[lo:lo + 16], cfg, device, blank)[1]["margin"]
                       for lo in range(0, len(pairs), 16)]) if pairs else torch.zeros(1)
-
 @torch.no_grad()
 def evaluate(policy, ref, data: Data, cfg, device, heldout: dict) -> dict:
     """POPE per split (answers matched by id), CHAIR of descriptions, VQA exact match, held-out reward
     accuracy, the reward margin with the real image minus with a blank one."""
-    m = {}
-    for negatives, items in data.pope.items():
-        texts = answer(policy, data, items, 4)
-        scores = pref.pope_scores(items, {it["id"]: t for it, t in zip(items, texts)})
-        m |= {f"pope_{negatives}_{k}": v for k, v in scores.items()}
-    m |= {f"pope_{k}": float(np.mean([m[f"pope_{s}_{k}"] for s in POPE_SPLITS]))
-          for k in ("acc", "f1", "yes_ratio", "unparseable")}
+    m = pref.pope_splits(data.pope, {s: answer(policy, data, items, 4) for s, items in data.pope.items()})
     texts = answer(policy, data, data.describe, cfg.max_new_tokens)
     m |= pref.chair(texts, [it["scene"] for it in data.describe], cfg.drop_unfinished)
     answers = answer(policy, data, data.vqa, 8)
@@ -917,17 +937,6 @@ def evaluate(policy, ref, data: Data, cfg, device, heldout: dict) -> dict:
     m["image_use"] = (margins["offline"].mean() - blank.mean()).item()
     samples = [f"{it['question']} -> {t!r} (gold {it['answer']!r})" for it, t in zip(data.describe, texts)]
     return {k: round(v, 4) for k, v in m.items()} | {"samples": samples[:2]}
-
-TABLE = [("POPE acc", "pope_acc", False), ("F1", "pope_f1", False), ("yes %", "pope_yes_ratio", None),
-         ("unparsed %", "pope_unparseable", True), ("CHAIR-s", "chair_s", True), ("CHAIR-i", "chair_i", True),
-         ("recall", "recall", False), ("length", "length", None), ("VQA", "vqa", False),
-         ("RM acc off", "reward_acc_offline", False), ("on", "reward_acc_on_policy", False),
-         ("margin img - blank", "image_use", None)]
-CLAIMS = [("offline: less hallucination", "povid", "online", "chair_i"), ("", "povid", "online", "pope_acc"),
-          ("online best for helpfulness", "online", "povid", "recall"), ("", "mixed", "povid", "recall"),
-          ("mixed combines", "mixed", "online", "chair_i"), ("BDHS >= offline", "bdhs", "povid", "chair_i"),
-          ("", "bdhs", "povid", "pope_acc")]
-
 # ----------------------------------------------------------------------------- main
 def main(argv):
     cfg = parse_config(argv)
@@ -947,7 +956,7 @@ def main(argv):
     if arch["connector"]["type"] == "attnpool" or arch["text"]["moe_every"]:
         raise InputError(f"--init={cfg.init}: arch.connector.type={arch['connector']['type']!r}, arch.text."
                          f"moe_every={arch['text']['moe_every']}: held here: avgpool, cabstractor, no MoE")
-    tiling = json.loads(init_meta["sft"])["tiling"] | {"split": False}
+    tiling = json.loads(init_meta["sft"])["tiling"]  # images are tiled as the checkpoint's SFT tiled them
     data = Data(cfg, enc, tiling, pref.user_items(cfg.pairs) if cfg.pairs else None)
     if (init_meta["tokenizer_sha256"], arch["image_token_id"]) != (tokenizer_sha256(), data.image_id):
         raise InputError(f"--init={cfg.init}: made with another tokenizer (sha256 or <image> id differs)")
@@ -957,19 +966,18 @@ def main(argv):
         resumed = json.loads(saved["dpo"]) | {"state": (weights, optim_state, step)}
         results = resumed["done"]
     keep = {k: init_meta[k] for k in ("arch", "tokenizer_sha256", "image_token_id", "image_size", "sft")}
-    meta = lambda row, seed: keep | {"dpo": dict(  # noqa: E731  (the checkpoint contract + this run's row)
-        row=row, seed=seed, init=cfg.init, loss=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-        rpo_alpha=cfg.rpo_alpha, gamma=cfg.gamma, rho_th=cfg.rho_th, tiling=tiling, done=results)}
+    meta = lambda row, seed: keep | {"dpo": dict(row=row, seed=seed, done=results)}  # noqa: E731
     write_outputs(cfg.out_dir, {"config.json": cfg})  # every input is read and checked: only now
     if cfg.export:
         pref.write_preference_jsonl(cfg.export, [dict(it, chosen=it["answer"], rejected=it["povid"])
                                                  for it in data.train], cfg.export + ".images")
     print(f"config: {json.dumps(asdict(cfg))}\ndata: {time.time() - t0:.1f} s")
-    log, ties, curves = RunLog(cfg.out_dir, "items", 0.0, device), {}, {}
+    log, ties, curves, ref_checks = RunLog(cfg.out_dir, "items", 0.0, device), {}, {}, {}
     bdhs_stats = dict(similarity=[], tries=[], examples=[])  # BDHS's filter over every row and seed
     for seed in cfg.seeds:
         seed_everything(seed)
-        pools = make_pools(frozen_reference(arch, init_weights, device), data, cfg, seed, bdhs_stats)
+        reference = Reference(arch, init_weights, device, cfg.ref == "upfront")  # frozen SFT copy, per seed
+        pools = make_pools(reference, data, cfg, seed, bdhs_stats)
         ties |= {f"{k}/{seed}": v for k, v in pools["ties"].items()}
         for row in (r for r in cfg.rows if f"{r}/{seed}" not in results):
             t1, now = time.time(), resumed and (resumed["row"], resumed["seed"]) == (row, seed)
@@ -979,22 +987,14 @@ def main(argv):
             save_checkpoint(cfg.out_dir, policy, opt, cfg, cfg.steps * (row != "sft"), meta=meta(row, seed))
             m = evaluate(policy, ref, data, cfg, device, pools["heldout"]) | counts
             results[f"{row}/{seed}"] = m | {"time_s": round(time.time() - t1, 1)}
+        ref_checks[seed] = pools["ref"].checked  # upfront: max |table - live| on the batch checked
     for row in [r for r in cfg.rows if curves.get(r, {}).get("chosen")][-1:]:  # the last trained row
         pref.curves_png(Path(cfg.out_dir) / "logps.png", curves[row], f"{row}: per-token log-probs")
-    step0 = {r: results[f"{r}/{cfg.seeds[0]}"].get("step0_loss") for r in cfg.rows}
-    samples = "\n".join(f"- {r}: {results[f'{r}/{cfg.seeds[0]}']['samples'][0]}" for r in cfg.rows)
-    report = (f"# Multimodal DPO and BDHS miniature ({cfg.preset} preset)\n\n{len(cfg.seeds)} seed(s) "
-              f"{list(cfg.seeds)}: mean ± sd over seeds\n\n"
-              f"{pref.table_and_verdicts(results, cfg.rows, cfg.seeds, TABLE, CLAIMS)}\n\n## BDHS\n"
-              f"{pref.bdhs_report(bdhs_stats, cfg.sim_threshold, cfg.max_tries)}\n\nties and "
-              f"corrections not needed: {json.dumps(ties)}\nstep-0 loss per row (ln 2 = {math.log(2):.6f}): "
-              f"{json.dumps(step0)}\nresponses truncated: {data.truncated}\n\n{samples}\n\n"
-              f"wall time {time.time() - t0:.0f} s\n")
+    report = pref.report_md(cfg, results, bdhs_stats, ties, data.truncated, ref_checks, time.time() - t0)
     print(report)
-    metrics = dict(results=results, bdhs=bdhs_stats, ties=ties, truncated=data.truncated,
-                   wall_time_s=round(time.time() - t0, 1))
+    metrics = dict(results=results, bdhs=bdhs_stats, ties=ties, truncated=data.truncated, wall_time_s=round(
+        time.time() - t0, 1), ref_upfront_max_diff=ref_checks)
     write_outputs(cfg.out_dir, {"metrics.json": metrics, "report.md": report})
     return metrics
-
 if __name__ == "__main__":
     run_main(main)

@@ -73,8 +73,9 @@ def parts(chain):
     data = dpo.Data(cfg, get_tokenizer(), tiling)
     policy = dpo.MM1(arch)
     policy.load_state_dict(weights)
-    return SimpleNamespace(cfg=cfg, weights=weights, arch=arch, data=data, policy=policy.train(),
-                           ref=dpo.frozen_reference(arch, weights, "cpu"))
+    live = dpo.Reference(arch, weights, "cpu", upfront=False)
+    return SimpleNamespace(cfg=cfg, weights=weights, arch=arch, tiling=tiling, data=data,
+                           policy=policy.train(), ref=live.model, live=live)
 
 
 def test_step0_invariants_loss_ln2_rewards_zero_gradient_nonzero(parts):
@@ -82,7 +83,7 @@ def test_step0_invariants_loss_ln2_rewards_zero_gradient_nonzero(parts):
     gradient (of -log sigmoid at 0: -beta / 2 * grad h) is not zero."""
     pairs = [dict(item=it, chosen=it["answer"], rejected=it["povid"]) for it in parts.data.train[:3]]
     parts.policy.zero_grad()
-    loss, stats = dpo.pair_losses(parts.policy, parts.ref, parts.data, pairs, parts.cfg, "cpu")
+    loss, stats = dpo.pair_losses(parts.policy, parts.live, parts.data, pairs, parts.cfg, "cpu")
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert stats["reward_chosen"].abs().max() < 1e-6 and stats["reward_rejected"].abs().max() < 1e-6
     loss.backward()
@@ -91,11 +92,65 @@ def test_step0_invariants_loss_ln2_rewards_zero_gradient_nonzero(parts):
     assert all(p.grad is None for p in parts.ref.parameters())
 
 
+def test_upfront_reference_equals_live_is_read_not_run_and_checked(parts, monkeypatch):
+    """--ref=upfront: the table filled before training gives the live frozen reference's loss and rewards on a
+    batch (the run-time check passes and records the difference); later batches read the table without
+    running the reference; a wrong table entry fails the run-time check on the first batch."""
+    data, pairs = parts.data, [dict(item=it, chosen=it["answer"], rejected=it["povid"])
+                               for it in parts.data.train[:3]]
+    upfront = dpo.Reference(parts.arch, parts.weights, "cpu", upfront=True)
+    upfront.model = parts.ref  # the same frozen copy as parts.live, so the forward calls can be counted
+    upfront.fill(data, pairs)
+    upfront.fill(data, pairs, blank=True)
+    assert len(upfront.table) == 12  # 3 pairs x 2 responses x (real, blank image)
+    with torch.no_grad():
+        for blank in (False, True):
+            want = dpo.pair_losses(parts.policy, parts.live, data, pairs, parts.cfg, "cpu", blank)
+            got = dpo.pair_losses(parts.policy, upfront, data, pairs, parts.cfg, "cpu", blank)
+            torch.testing.assert_close(got[0], want[0])
+            for key in ("reward_chosen", "reward_rejected", "ref_chosen", "ref_rejected"):
+                torch.testing.assert_close(got[1][key], want[1][key])
+    assert upfront.checked is not None and upfront.checked < 1e-4
+    calls = []
+    forward = parts.ref.forward
+    monkeypatch.setattr(parts.ref, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    with torch.no_grad():
+        dpo.pair_losses(parts.policy, upfront, data, pairs, parts.cfg, "cpu")
+        assert not calls  # read from the table, the reference not run
+        online = [dict(pairs[0], rejected="A made up answer.")]  # a response made in training: live
+        dpo.pair_losses(parts.policy, upfront, data, online, parts.cfg, "cpu")
+        assert calls
+        wrong = dpo.Reference(parts.arch, parts.weights, "cpu", upfront=True)
+        wrong.fill(data, pairs)
+        key = (pairs[0]["item"]["id"], pairs[0]["chosen"], False)
+        wrong.table[key] = wrong.table[key] + 0.5
+        with pytest.raises(AssertionError, match="upfront"):
+            dpo.pair_losses(parts.policy, wrong, data, pairs, parts.cfg, "cpu")
+
+
+def test_prompt_is_mm15s_sft_sample_with_the_checkpoints_tiling(parts):
+    """The prompt ids and tiles equal mm15.py's own SFT sample of the same image and question under the
+    checkpoint's tiling (split: several views + overview); --one_tile gives one view."""
+    import mm15
+
+    data, item = parts.data, parts.data.describe[0]
+    assert item["question"] == "Describe the image." == pref.PROMPT_DESCRIBE  # mm15's describe category
+    ids, tiles = data.prompt(item)
+    mm15_data = SimpleNamespace(enc=data.enc, image_id=data.image_id, eot_id=data.eot_id)
+    want_ids, n_prompt, want_tiles = mm15.Data.sample(mm15_data, dict(item, pil=[item["pil"]]),
+                                                      mm15.Config(**parts.tiling), with_answer=False)
+    assert parts.tiling["split"] and len(tiles) > 1
+    assert ids == want_ids == want_ids[:n_prompt] and torch.equal(tiles, want_tiles)
+    one = dpo.Data(parts.cfg, data.enc, parts.tiling | {"split": False})
+    ids, tiles = one.prompt(one.describe[0])
+    assert len(tiles) == 1 and ids.count(data.image_id) == parts.tiling["image_tokens"]
+
+
 def test_rpo_adds_the_per_token_nll_of_chosen(parts):
     pairs = [dict(item=it, chosen=it["answer"], rejected=it["povid"]) for it in parts.data.train[:2]]
     with torch.no_grad():
-        plain = dpo.pair_losses(parts.policy, parts.ref, parts.data, pairs, parts.cfg, "cpu")[0]
-        rpo = dpo.pair_losses(parts.policy, parts.ref, parts.data, pairs, cfg_with(
+        plain = dpo.pair_losses(parts.policy, parts.live, parts.data, pairs, parts.cfg, "cpu")[0]
+        rpo = dpo.pair_losses(parts.policy, parts.live, parts.data, pairs, cfg_with(
             **{**vars(parts.cfg), "rpo_alpha": 2.0}), "cpu")[0]
         rows = [parts.data.pair_row(p["item"], p["chosen"]) for p in pairs]
         logps, n = dpo.sequence_logps(parts.policy, rows, parts.data, "cpu")

@@ -150,6 +150,19 @@ def judge(texts: list[str], item: dict):
     return None if keys[best] == keys[worst] else (best, worst)
 
 
+POPE_SPLITS = ("random", "popular", "adversarial")
+
+
+def item_sets(cfg) -> dict:
+    """dpo_bdhs.py's items (cfg: n_train, eval_scenes, seed, yes_no_share), each set on scenes of its own:
+    train prompts, held-out pairs (test), descriptions for CHAIR (describe), general VQA, POPE per split."""
+    n_eval, seed, yes_no_share = cfg.eval_scenes, cfg.seed, cfg.yes_no_share
+    return dict(train=[pref_item("train", i, seed, yes_no_share) for i in range(cfg.n_train)],
+                test=[pref_item("test", i, seed, yes_no_share) for i in range(n_eval)],
+                describe=[pref_item("test", 10_000 + i, seed, 0.0) for i in range(n_eval)],
+                vqa=vqa_items(n_eval, seed), pope={s: pope_items(s, n_eval, seed) for s in POPE_SPLITS})
+
+
 def pope_items(negatives: str, n_scenes: int, seed: int = 0) -> list[dict]:
     """POPE questions on test scenes, each with an id (negatives-scene-question) to match answers by."""
     out = []
@@ -173,6 +186,15 @@ def pope_scores(items: list[dict], answers: dict) -> dict:
     return dict(acc=100 * sum(pred[it["id"]] == it["answer"] for it in items) / n, precision=100 * precision,
                 recall=100 * recall, f1=200 * precision * recall / max(precision + recall, 1e-9),
                 yes_ratio=100 * n_yes / n, unparseable=100 * sum(p is None for p in pred.values()) / n)
+
+
+def pope_splits(items: dict, texts: dict) -> dict:
+    """pope_scores per split ({split: items}, {split: answer texts in item order}) as pope_<split>_<metric>,
+    and pope_<metric>: the mean over the splits of accuracy, F1, yes-ratio and the unparseable share."""
+    m = {f"pope_{s}_{k}": v for s in items
+         for k, v in pope_scores(items[s], {it["id"]: t for it, t in zip(items[s], texts[s])}).items()}
+    return m | {f"pope_{k}": sum(m[f"pope_{s}_{k}"] for s in items) / len(items)
+                for k in ("acc", "f1", "yes_ratio", "unparseable")}
 
 
 def drop_unfinished(text: str) -> str:
@@ -332,3 +354,36 @@ def bdhs_report(stats: dict, threshold: float, max_tries: int) -> str:
             f"{histogram(stats['similarity'])}\ntries per example (1..{max_tries}, the last unguided): "
             f"{tries}\n"
             f"{examples}")
+
+
+# dpo_bdhs.py's table: (header, metrics key, lower is better / None: no direction), and the paper's claims as
+# (text, row a, row b, key) comparisons
+TABLE = [("POPE acc", "pope_acc", False), ("F1", "pope_f1", False), ("yes %", "pope_yes_ratio", None),
+         ("unparsed %", "pope_unparseable", True), ("CHAIR-s", "chair_s", True), ("CHAIR-i", "chair_i", True),
+         ("recall", "recall", False), ("length", "length", None), ("VQA", "vqa", False),
+         ("RM acc off", "reward_acc_offline", False), ("on", "reward_acc_on_policy", False),
+         ("margin img - blank", "image_use", None)]
+CLAIMS = [("offline: less hallucination", "povid", "online", "chair_i"), ("", "povid", "online", "pope_acc"),
+          ("online best for helpfulness", "online", "povid", "recall"), ("", "mixed", "povid", "recall"),
+          ("mixed combines", "mixed", "online", "chair_i"), ("BDHS >= offline", "bdhs", "povid", "chair_i"),
+          ("", "bdhs", "povid", "pope_acc")]
+
+
+def report_md(cfg, results: dict, bdhs_stats: dict, ties: dict, truncated: int, ref_checks: dict,
+              seconds: float) -> str:
+    """dpo_bdhs.py's report.md: the table with verdicts, BDHS's filter, ties, the step-0 loss per row, the
+    reference mode (upfront: its check against live), and a description sample per row (first seed)."""
+    first = cfg.seeds[0]
+    step0 = {r: results[f"{r}/{first}"].get("step0_loss") for r in cfg.rows}
+    samples = "\n".join(f"- {r}: {results[f'{r}/{first}']['samples'][0]}" for r in cfg.rows)
+    checked = {s: d for s, d in ref_checks.items() if d is not None}
+    reference = "live (frozen copy)" if cfg.ref == "live" else (
+        f"upfront (the table checked against the live reference on one batch per seed, max |diff| of summed "
+        f"log-probs: {json.dumps(checked)})")
+    return (f"# Multimodal DPO and BDHS miniature ({cfg.preset} preset)\n\n{len(cfg.seeds)} seed(s) "
+            f"{list(cfg.seeds)}: mean ± sd over seeds\n\n"
+            f"{table_and_verdicts(results, cfg.rows, cfg.seeds, TABLE, CLAIMS)}\n\n## BDHS\n"
+            f"{bdhs_report(bdhs_stats, cfg.sim_threshold, cfg.max_tries)}\n\n"
+            f"ties and corrections not needed: {json.dumps(ties)}\n"
+            f"step-0 loss per row (ln 2 = {math.log(2):.6f}): {json.dumps(step0)}\nreference: {reference}\n"
+            f"responses truncated: {truncated}\n\n{samples}\n\nwall time {seconds:.0f} s\n")
