@@ -14,7 +14,6 @@ text-to-image families (the multimodal LLMs are in mm1.py).
    real renders, another scene's render, the empty prompt. Samples: out_dir/diffusion_samples.png.
   python clip_caption.py                          # cpu preset (default without CUDA)
   python clip_caption.py --preset=smoke           # tiny end-to-end run (what the tests run)
-  python clip_caption.py --parts=diffusion        # the diffusion side alone (gold captions)
   python clip_caption.py --synthetic=captioner    # CLIP and diffusion on the captioner's captions
   torchrun --standalone --nproc_per_node=8 clip_caption.py --preset=gpu   # DDP; captioning sharded too
   python clip_caption.py --data=pairs.csv         # your images: CSV/JSONL with filepath, caption[, alttext]
@@ -72,7 +71,8 @@ class Config:
     data: str = ""  # your image-text CSV/JSONL (filepath, caption[, alttext]): replaces the web split
     synthetic: str = "gold"  # CLIP's synthetic captions: gold (scene graph / user's captions) | captioner
     gold_error: float = 0.0  # --synthetic=gold: share of captions swapped for another image's caption
-    image_size: int = 48  # pixels per side of rendered images
+    image_size: int = 48  # pixels per side of CLIP's images
+    cap_image_size: int = 64  # pixels per side of the captioner's images (at 48, small shapes are 5-px blobs)
     patch_size: int = 8  # ViT patch side in pixels
     vit_width: int = 96  # image towers (captioner and CLIP): width
     vit_layers: int = 3  # image towers: transformer layers
@@ -106,23 +106,23 @@ class Config:
     ckpt_every: int = 200  # steps between checkpoints (and always at the end)
     export: bool = False  # write out_dir/export: captions.csv (filepath,alttext,ssc,dsc,afc), web image PNGs
     parts: tuple = ("captioner", "clip", "diffusion")  # what runs (with gold captions, each part alone)
-    diff_recipes: tuple = ("alt", "ssc100", "dsc100", "dsc50")  # text recipes, one text-to-image flow each
+    diff_recipes: tuple = ("ssc100", "dsc100")  # text recipes, one text-to-image flow each
     diff_seeds: int = 2  # seeds for the first DIFF_KEY_PAIRS claim's recipes; the other recipes get one
     diff_size: int = 32  # pixels per side of the images the diffusion models learn and generate
     diff_width: int = 32  # UNet channels at its top level (twice as many one level down)
-    diff_steps: int = 800  # flow-matching optimizer steps per model
+    diff_steps: int = 450  # flow-matching optimizer steps per model
     diff_batch: int = 32  # flow-matching batch size
     diff_lr: float = 2e-3  # flow-matching peak learning rate
     diff_drop: float = 0.1  # share of training prompts replaced by the empty prompt (for guidance)
-    sample_steps: int = 20  # Euler steps from noise to image
+    sample_steps: int = 10  # Euler steps from noise to image
     guidance: float = 3.0  # classifier-free guidance scale w (1 = the conditional model alone)
-    n_diff_eval: int = 200  # held-out web prompts per model for the GenEval-style probe
-    probe_steps: int = 400  # steps of the probe (reads colour, shape, count, position off real renders)
+    n_diff_eval: int = 100  # held-out web prompts per model for the GenEval-style probe
+    probe_steps: int = 300  # steps of the probe (reads colour, shape, count, position off real renders)
 PRESETS = {
-    "smoke": dict(image_size=16, patch_size=4, vit_width=32, vit_layers=1, vit_heads=2, text_width=32,
-                  text_layers=1, text_heads=2, embed_dim=16, dec_width=48, dec_layers=1, dec_heads=2,
-                  n_human=16, cap_steps=100, cap_lr=1e-2, cap_max_tokens=32, alt_tokens=12, n_cap_eval=8,
-                  n_web=32, n_eval=24, gallery=12, recipes=("alt", "ssc50", "afc"), seeds=1,
+    "smoke": dict(image_size=16, cap_image_size=20, patch_size=4, vit_width=32, vit_layers=1, vit_heads=2,
+                  text_width=32, text_layers=1, text_heads=2, embed_dim=16, dec_width=48, dec_layers=1,
+                  dec_heads=2, n_human=16, cap_steps=100, cap_lr=1e-2, cap_max_tokens=32, alt_tokens=12,
+                  n_cap_eval=8, n_web=32, n_eval=24, gallery=12, recipes=("alt", "ssc50", "afc"), seeds=1,
                   clip_steps=4, clip_batch=16, bootstrap=50, log_every=20, ckpt_every=3,
                   diff_recipes=("alt", "dsc100"), diff_seeds=1, diff_size=16, diff_width=16, diff_steps=4,
                   diff_batch=8, sample_steps=3, n_diff_eval=8, probe_steps=4),
@@ -131,7 +131,8 @@ PRESETS = {
                 text_heads=6, embed_dim=256, dec_width=512, dec_layers=6, dec_heads=8, n_human=20000,
                 cap_steps=4000, cap_batch=128, cap_max_tokens=200, n_cap_eval=1000, n_web=60000, n_eval=5000,
                 seeds=3, clip_steps=3000, clip_batch=1024, ckpt_every=1000, diff_seeds=3, diff_width=96,
-                diff_steps=5000, diff_batch=256, n_diff_eval=2000, probe_steps=3000)}
+                diff_recipes=("alt", "ssc100", "dsc100", "dsc50"), diff_steps=5000, diff_batch=256,
+                sample_steps=20, n_diff_eval=2000, probe_steps=3000)}
 FORMATS = ("ssc", "dsc", "dsc+", "afc")  # captioner formats; CLIP recipes use ssc / dsc / afc
 GEN_BATCH = 256  # images per batched generation call
 # fields that change no model: a resume may set them anew (every other one, schedules included, must match)
@@ -152,8 +153,8 @@ def parse_recipe(name: str) -> tuple[str, float]:
         raise InputError(f"--recipes: {name!r}: expected alt, ssc<P>, dsc<P> or afc<P> with P in 0..100")
     return match.group(1), 0.0 if match.group(1) == "alt" else int(match.group(2) or 100) / 100
 def check_config(cfg: Config) -> None:
-    if cfg.image_size % cfg.patch_size:
-        raise InputError(f"--image_size={cfg.image_size}: expected a multiple of --patch_size")
+    for key in [k for k in ("image_size", "cap_image_size") if getattr(cfg, k) % cfg.patch_size]:
+        raise InputError(f"--{key}={getattr(cfg, key)}: expected a multiple of --patch_size={cfg.patch_size}")
     if cfg.synthetic not in ("gold", "captioner") or not 0.0 <= cfg.gold_error <= 1.0 or (
             cfg.synthetic == "captioner" and "captioner" not in cfg.parts):
         raise InputError(f"--synthetic={cfg.synthetic} --gold_error={cfg.gold_error}: expected gold or "
@@ -435,12 +436,12 @@ def render_split(split: str, start: int, n: int, cfg: Config, size: int = 0, pla
     captions = {f: [shapes.caption(s, f, seed=start + i) for i, s in enumerate(scenes)] for f in FORMATS}
     alttexts = [shapes.caption(s, "alttext", seed=start + i) for i, s in enumerate(scenes)]
     return ImageSet(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), alttexts, captions, scenes)
-def read_user_pairs(path: str, cfg: Config) -> ImageSet:
+def read_user_pairs(path: str, cfg: Config, size: int = 0) -> ImageSet:
     """A user's CSV/JSONL: AltText = `alttext` or else `caption`; `caption` is every format's gold caption."""
     rows = shapes.read_image_text(path)  # InputError naming file:line on bad rows or bytes
     if len(rows) < 10:
         raise InputError(f"{path}: {len(rows)} rows; expected at least 10 image-text pairs")
-    pixels = [np.asarray(shapes.load_image(row["filepath"]).resize((cfg.image_size, cfg.image_size)))
+    pixels = [np.asarray(shapes.load_image(row["filepath"]).resize((size or cfg.image_size,) * 2))
               for row in rows]  # filepath comes back resolved against the file's folder
     images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
     alttexts = [row.get("alttext") or row["caption"] for row in rows]
@@ -603,8 +604,8 @@ class Captioner(nn.Module):
     image token is also added to every text embedding: a tiny decoder then uses the image sooner."""
     def __init__(self, cfg: Config, vocab_size: int):
         super().__init__()
-        n_positions = (cfg.image_size // cfg.patch_size) ** 2 + 1 + cfg.alt_tokens + 3 + cfg.cap_max_tokens
-        self.vision_model = CLIPVisionTransformer(cfg)
+        n_positions = (cfg.cap_image_size // cfg.patch_size) ** 2 + cfg.alt_tokens + cfg.cap_max_tokens + 4
+        self.vision_model = CLIPVisionTransformer(dataclasses.replace(cfg, image_size=cfg.cap_image_size))
         self.connector = nn.Linear(cfg.vit_width, cfg.dec_width)
         self.embed_tokens = nn.Embedding(vocab_size, cfg.dec_width)
         self.position_embedding = nn.Embedding(n_positions, cfg.dec_width)
@@ -673,8 +674,7 @@ class FlowUNet(nn.Module):
         h = self.mid_block2(h + attended.transpose(1, 2).view_as(h), cond)
         h = self.up_block(torch.cat([F.interpolate(h, scale_factor=2.0), top], 1), cond)  # (B, c, S/2, S/2)
         return F.pixel_shuffle(self.out_conv(F.silu(self.out_norm(h))), 2)  # (B, 3, S, S)
-POSITIONS = tuple(f"{r} {c}".strip() or "center"
-                  for r in ("top", "", "bottom") for c in ("left", "", "right"))
+POSITIONS = tuple("top left|top|top right|left|center|right|bottom left|bottom|bottom right".split("|"))
 GENEVAL = {"colour": shapes.COLORS, "shape": shapes.SHAPES, "count": range(1, 9), "position": POSITIONS,
            "background": list(shapes.BACKGROUNDS)}  # GenEval's four, and the background every DSC names
 def read_probe(probe: nn.Module, images: torch.Tensor) -> dict:  # (B, 3, S, S) -> {attribute: (B, K) logits}
@@ -753,7 +753,7 @@ def train_captioner(data: ImageSet, cfg: Config, run: Run) -> Captioner:
         targets = texts.pad_right([[-100] * (len(p) - 1) + s[len(p):] for p, s in zip(prompts, seqs)], -100)
         logits = runner(to_float(data.images[idx], run.device), ids[:, :-1].to(run.device))  # (B, T-1, V)
         loss = caption_loss(logits, targets[:, : ids.shape[1] - 1].to(run.device))
-        return loss, len(idx), ids.shape[1] + (cfg.image_size // cfg.patch_size) ** 2
+        return loss, len(idx), ids.shape[1] + (cfg.cap_image_size // cfg.patch_size) ** 2
     return train(model, step_loss, cfg.cap_steps, cfg.cap_lr, "captioner", cfg, run)
 def run_name(model: str, recipe: str, seed: int, cfg: Config) -> str:  # clip_ssc50, diffusion_alt_seed1, ...
     return f"{model}_{recipe}" + ("" if seed == cfg.seed else f"_seed{seed}")
@@ -925,7 +925,6 @@ def retrieval_hits(image_emb, text_emb, gallery: int) -> dict[str, np.ndarray]:
 def score_clip(model: CLIPModel, held_out: ImageSet, cfg: Config, run: Run) -> dict:
     """Per-item hits for each column (NaN = not applicable). Zero-shot is multi-label top-1: a hit when the
     class nearest to the image (template embeddings averaged, renormalised) is one of the classes present."""
-    model.eval()
     image_emb, gallery = embed(model, held_out.images, cfg, run), min(cfg.gallery, len(held_out.images))
     hits = dict.fromkeys(COLUMNS, np.full(len(image_emb), np.nan))
     hits |= retrieval_hits(image_emb, embed(model, held_out.captions["ssc"], cfg, run), gallery)
@@ -976,9 +975,8 @@ def key_pair_verdicts(hits: dict, pairs: tuple, resamples: int) -> list[dict]:
 REQUESTED = {"dense": tuple(GENEVAL), "short": ("colour", "shape")}  # what every DSC / SSC prompt states
 GENEVAL_COLUMNS = (*GENEVAL, "attributes", "all requested")
 @torch.no_grad()
-def euler_sample(velocity, noise: torch.Tensor, steps: int) -> torch.Tensor:
-    """Integrate dx/dt = v(x, t) from t = 0 (noise) to t = 1 (image) in `steps` Euler steps of 1 / steps."""
-    x = noise
+def euler_sample(velocity, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """Integrate dx/dt = v(x, t) from t = 0 (x: noise) to t = 1 (image) in `steps` steps of 1 / steps."""
     for i in range(steps):
         x = x + velocity(x, torch.full((len(x),), i / steps, device=x.device)) / steps
     return x
@@ -1095,9 +1093,9 @@ def main(argv: list[str]):
     # 1. the controllable captioner, trained on the "human" split's gold captions, scored on "test"
     cap_rows = None
     if "captioner" in cfg.parts:
-        captioner = train_captioner(render_split("human", 0, cfg.n_human, cfg), cfg, run)
-        cap_rows = rank == 0 and evaluate_captioner(captioner, render_split("test", 0, cfg.n_cap_eval, cfg),
-                                                    cfg, run)
+        captioner = train_captioner(render_split("human", 0, cfg.n_human, cfg, cfg.cap_image_size), cfg, run)
+        test = render_split("test", 0, cfg.n_cap_eval, cfg, cfg.cap_image_size)
+        cap_rows = rank == 0 and evaluate_captioner(captioner, test, cfg, run)
         timings["captioner"], clock = time.time() - clock, time.time()
 
     # 2. synthetic captions for the web images: gold, or the captioner's (cached, sharded over ranks)
@@ -1107,11 +1105,13 @@ def main(argv: list[str]):
         synthetic = gold_synthetic(web, fmts, cfg.gold_error, cfg.seed)
     else:
         data_id = hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest() if cfg.data else \
-            f"shapesworld/{cfg.seed}/{cfg.n_web}/{cfg.image_size}"
+            f"shapesworld/{cfg.seed}/{cfg.n_web}/{cfg.cap_image_size}"
         state = captioner.state_dict()
         weights = b"".join(k.encode() + v.float().cpu().numpy().tobytes() for k, v in state.items())
         key = hashlib.sha256(weights + f"/{data_id}/{cfg.alt_tokens}/{fmts}".encode())
-        synthetic = caption_images(captioner, web, fmts, out / f"captions_{key.hexdigest()[:12]}", cfg, run)
+        seen = read_user_pairs(cfg.data, cfg, cfg.cap_image_size)[:cut] if pairs else \
+            render_split("web", 0, cfg.n_web, cfg, cfg.cap_image_size)  # the web images, captioner's size
+        synthetic = caption_images(captioner, seen, fmts, out / f"captions_{key.hexdigest()[:12]}", cfg, run)
         timings["web captioning"], clock = time.time() - clock, time.time()
 
     # 3 + 4. baselines, then one CLIP per recipe (and per seed for the key pairs' recipes), on held-out images
@@ -1120,7 +1120,7 @@ def main(argv: list[str]):
     hits, clip_rows, keyed = {}, {}, {r for pair in KEY_PAIRS for r in pair[:2]}
     if rank == 0 and "clip" in cfg.parts:
         torch.manual_seed(cfg.seed)
-        untrained = CLIPModel(cfg, run.texts.enc.n_vocab).to(device)
+        untrained = CLIPModel(cfg, run.texts.enc.n_vocab).to(device).eval()
         clip_rows["untrained CLIP"] = row_of(score_clip(untrained, held_out, cfg, run))
         clip_rows |= baseline_rows(held_out, web.scenes, cfg.gallery) if web.scenes is not None else {}
     for seed in range(cfg.seed, cfg.seed + cfg.seeds * ("clip" in cfg.parts)):

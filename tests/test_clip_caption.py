@@ -165,7 +165,7 @@ def test_flow_unet_ignores_padding_and_caches_the_prompt():
 def test_kv_cache_decoding_matches_full_recompute():
     cfg = cc.parse_config(["--preset=smoke"])
     model = cc.Captioner(cfg, 60).eval()
-    images, ids = torch.randn(2, 3, 16, 16), torch.randint(0, 60, (2, 7))
+    images, ids = torch.randn(2, 3, 20, 20), torch.randint(0, 60, (2, 7))  # the smoke captioner's 20 px
     with torch.no_grad():
         full = model(images, ids)  # (2, 7, V)
         caches = [{} for _ in model.layers]
@@ -277,7 +277,7 @@ def test_config_overrides_and_errors():
                          (["--recipes=alt,ssc300"], "ssc300"), (["--preset=huge"], "huge"),
                          (["clip_steps=3"], "clip_steps=3"), (["--image_size=30"], "patch_size"),
                          (["--synthetic=magic"], "magic"), (["--gold_error=1.5"], "gold_error"),
-                         (["--n_eval=0"], "n_eval")]:
+                         (["--n_eval=0"], "n_eval"), (["--cap_image_size=30"], "cap_image_size=30")]:
         with pytest.raises(InputError, match=needle):
             cc.check_config(cc.parse_config(argv))
 
@@ -364,7 +364,7 @@ def test_control_token_changes_the_format(smoke_run):
     texts = cc.Texts()
     run = cc.Run("cpu", 0, 1, texts, {})
     model = load(smoke_run, "captioner", cc.Captioner(cfg, texts.enc.n_vocab), cfg)
-    images = cc.render_split("human", 0, 16, cfg)  # training images: the smoke captioner is tiny
+    images = cc.render_split("human", 0, 16, cfg, cfg.cap_image_size)  # training images: a tiny captioner
     out = {f: cc.generate(model, images, list(range(16)), f, cfg, run) for f in cc.FORMATS}
     length = {f: np.mean([len(texts.encode(c)) for c in caps]) for f, caps in out.items()}
     print("mean generated tokens per format:", length)
@@ -378,7 +378,7 @@ def test_caption_cache_shards_over_ranks_and_is_reused(smoke_run, tmp_path, monk
     cfg = cc.parse_config(["--preset=smoke", f"--out_dir={tmp_path}"])
     texts = cc.Texts()
     model = load(smoke_run, "captioner", cc.Captioner(cfg, texts.enc.n_vocab), cfg)
-    data = cc.render_split("web", 0, 24, cfg)
+    data = cc.render_split("web", 0, 24, cfg, cfg.cap_image_size)
     one = cc.Run("cpu", 0, 1, texts, {})
     single = cc.caption_images(model, data, ["ssc", "afc"], tmp_path / "one", cfg, one)
     assert all(len(c) == 24 and all(c) for c in single.values())
