@@ -110,7 +110,7 @@ class Config:
     diff_seeds: int = 2  # seeds for the first DIFF_KEY_PAIRS claim's recipes; the other recipes get one
     diff_size: int = 32  # pixels per side of the images the diffusion models learn and generate
     diff_width: int = 32  # UNet channels at its top level (twice as many one level down)
-    diff_steps: int = 450  # flow-matching optimizer steps per model
+    diff_steps: int = 400  # flow-matching optimizer steps per model
     diff_batch: int = 32  # flow-matching batch size
     diff_lr: float = 2e-3  # flow-matching peak learning rate
     diff_drop: float = 0.1  # share of training prompts replaced by the empty prompt (for guidance)
