@@ -1,15 +1,14 @@
 """MM1.5 in miniature (Zhang et al., "MM1.5: Methods, Analysis & Insights from Multimodal LLM Fine-tuning",
 arXiv:2409.20566). From an mm1.py checkpoint (rebuilt from its `arch` metadata): continual pre-training on
-text-rich ShapesWorld scenes at their real shapes, dynamic image splitting (plan_tiles: ONE plan for pixels
-and `<image>` slots), SFT on a category mixture whose ratios resolve to the paper's shares. Boxes: pixels of
-the original image, written "[x1, y1, x2, y2]" on 0-999 (one token per digit). Video: 4 frames sampled
-uniformly, one tile each; UI screens (widget list, tap -> box, box -> widget): mixture categories at share 0
-by default. Not implemented: torchrun.
+text-rich scenes, dynamic image splitting (plan_tiles: ONE plan for pixels and `<image>` slots), SFT on a
+category mixture (ratios -> the paper's shares), video (4 frames) and UI screens (share 0 by default). Boxes:
+"[x1, y1, x2, y2]" on 0-999 of the original image, one token per digit. torchrun: DDP, eval shared by task.
 
     python mm1.py && python mm15.py                  # cpu preset from out/mm1: prints the tables
     python mm15.py --ablate=resolution               # also split | mixture: whole runs x 3 seeds, mean +- sd
     python mm15.py --sft_data=conv.json              # SFT on LLaVA conversation JSON (boxes in the text)
     python mm15.py --preset=smoke --init=PATH        # tiny (what the tests run)
+    torchrun --standalone --nproc_per_node=8 mm15.py --preset=gpu --init=out/mm1/model.safetensors
 
 Tables (report.md, metrics.json): tile selectors (MM1.5, LLaVA-NeXT, InternVL); SFT shares, counts; accuracy
 per task beside a blank image and the majority answer; grounding (IoU >= 0.5, parse failures, n_min = 1).
@@ -97,7 +96,7 @@ PRESETS = {
     "smoke": dict(n_min=2, n_max=4, cpt_steps=4, n_cpt_items=6, sft_steps=6, n_train_items=6, batch_size=4,
                   warmup=2, log_every=2, ckpt_every=5, eval_items=2, max_new_tokens=6),
     "cpu": dict(),
-    "gpu": dict(n_max=9, cpt_steps=3000, n_cpt_items=30000, sft_steps=5000, n_train_items=20000,
+    "gpu": dict(n_max=9, cpt_steps=3000, n_cpt_items=8000, sft_steps=5000, n_train_items=4000,  # ~27 GB/rank
                 batch_size=64, seq_len=2048, cpt_lr=1e-4, sft_lr=1e-4, warmup=100, log_every=20,
                 ckpt_every=500, eval_items=500),
 }
@@ -445,7 +444,6 @@ def tile_pixels(image: Image.Image, plan: dict) -> torch.Tensor:
              for kind, i, j in plan["order"]]
     return torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).contiguous()  # (n, 3, r, r)
 
-# ----------------------------------------------------------------------------- data: boxes
 def box_to_canvas(box, plan: dict, overview: bool = False, inverse: bool = False) -> list:
     """Original-image pixels -> pixels of the padded grid canvas (or of the overview tile); or back."""
     (w, h), (left, top) = plan["overview"] if overview else (plan["resized"], plan["pad"])
@@ -462,7 +460,6 @@ def box_in_tiles(canvas_box, plan: dict) -> dict:
             out[n] = [x1, y1, x2, y2]
     return out
 
-# ----------------------------------------------------------------------------- data: items
 class Data(ItemPools):
     """The pre-rendered items (data/shapes/mm15_tasks.py) and their samples, tiled by plan_tiles."""
 
@@ -477,9 +474,8 @@ class Data(ItemPools):
         continual pre-training: "<image slots>caption<eot>" (mm1's caption format)."""
         encode = lambda text: mm15_tasks.encode_text(self.enc, text)  # BPE, box digits one token each
         ids, tiles = ([] if "text" in item else encode("Question: " + item_texts(item)[0])), []
-        no_split = dataclasses.replace(cfg, split=False)  # video frames: one tile each
-        for pil in item["pil"]:
-            plan = plan_tiles(*pil.size, cfg if len(item["pil"]) < 3 else no_split)  # MM1.5: split < 3 images
+        for pil in item["pil"]:  # MM1.5 splits only samples of < 3 images (video frames: one tile each)
+            plan = plan_tiles(*pil.size, dataclasses.replace(cfg, split=cfg.split and len(item["pil"]) < 3))
             slots = slot_ids(plan, cfg, self.image_id, encode)
             assert slots.count(self.image_id) == plan["n_image_tokens"], "slots and plan disagree"
             ids += slots
@@ -785,9 +781,9 @@ class MM1(nn.Module):
         return self.lm_head(h), aux
 
 # ----------------------------------------------------------------------------- losses
-def loss_of(model, rows, pad_id: int, device: str):
-    """Mean next-token cross-entropy over the targets of a batch of samples (ids, n_prompt, tiles): only
-    the answer (SFT) or the caption (continual pre-training) is a target; image slots and padding never."""
+def loss_of(model, rows, pad_id: int, device: str, scale: float = 1.0):
+    """Mean next-token cross-entropy over the targets of a batch of samples (ids, n_prompt, tiles), x scale:
+    only the answer (SFT) or the caption (continual pre-training) is a target; image slots, padding never."""
     T = max(len(ids) for ids, _, _ in rows) - 1
     x = torch.full((len(rows), T), pad_id)  # (B, T) right-padded: causal attention never sees the padding
     y = torch.full((len(rows), T), -100)  # (B, T)
@@ -795,18 +791,22 @@ def loss_of(model, rows, pad_id: int, device: str):
         x[b, :len(ids) - 1] = torch.tensor(ids[:-1])
         y[b, n_prompt - 1:len(ids) - 1] = torch.tensor(ids[n_prompt:])
     tiles = [t for _, _, t in rows if t is not None]
-    logits, aux = model(x.to(device), torch.cat(tiles).to(device) if tiles else None)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten())
+    with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
+        logits, aux = model(x.to(device), torch.cat(tiles).to(device) if tiles else None)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()) * scale
     return loss + (0.01 * aux["balance_loss"] + 0.001 * aux["z_loss"] if aux else 0.0)  # MM1's MoE recipe
 
 # ----------------------------------------------------------------------------- train
-def train(cfg: Config, data: Data, model, opt, device: str, log, start: int, meta: dict) -> dict:
+def train(cfg: Config, data: Data, model, opt, device: str, log, start: int, meta: dict, rank=0, world=1):
     """Continual pre-training (steps 0..cpt_steps-1), then SFT on the mixture, one optimizer; each stage
-    warms up and decays on its own. A step's samples are a pure function of (seed, step)."""
-    shares = mixture(cfg)
-    names, p = list(shares), np.array(list(shares.values()))
+    warms up and decays on its own. A step's samples are a pure function of (seed, step): under torchrun
+    every rank draws the same global batch and trains on its slice of the rows; rank 0 logs and saves."""
+    names, p = zip(*(shares := mixture(cfg)).items())
     sampled, skipped, t0, seen = Counter(), 0, time.time(), 0
     cpt_cfg = dataclasses.replace(cfg, split=cfg.cpt_split)
+    gpu = [torch.cuda.current_device()] if device.startswith("cuda") else None  # text-only rows: no ViT
+    net = model if world == 1 else nn.parallel.DistributedDataParallel(model, gpu, find_unused_parameters=1)
+    mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)  # this rank's rows
     model.train()
     for step in tqdm(range(start, cfg.cpt_steps + cfg.sft_steps), desc="cpt + sft", disable=None):
         stage, first, steps, peak = (("cpt", 0, cfg.cpt_steps, cfg.cpt_lr) if step < cfg.cpt_steps else
@@ -825,17 +825,19 @@ def train(cfg: Config, data: Data, model, opt, device: str, log, start: int, met
                 continue
             sampled[name] += 1
             rows.append(row)
-        loss = loss_of(model, rows, data.pad_id, device)
+        n = [len(ids) - n_prompt for ids, n_prompt, _ in rows]  # x world / ranks' mean = global token mean
+        loss = loss_of(net, rows[mine], data.pad_id, device, sum(n[mine]) / sum(n) * world)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        seen += len(rows)
-        last = step + 1 == cfg.cpt_steps + cfg.sft_steps
+        seen, last, loss = seen + len(rows), step + 1 == cfg.cpt_steps + cfg.sft_steps, loss.detach()
+        dist.all_reduce(loss) if world > 1 else None  # sum over ranks / world: the batch's token mean
         if (step + 1) % cfg.log_every == 0 or last:
-            print(json.dumps(log(step + 1, loss.item(), lr, seen, stage=stage, skipped_too_long=skipped)))
+            line = log(step + 1, loss.item() / world, lr, seen, stage=stage, skipped_too_long=skipped)
+            print(json.dumps(line)) if rank == 0 else None
             seen = 0
-        if (step + 1) % cfg.ckpt_every == 0 or last:
+        if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or last):
             save_checkpoint(cfg.out_dir, model, opt, cfg, step + 1, meta=meta)
     total = sum(v for k, v in sampled.items() if k != "cpt")
     return dict(train_time_s=round(time.time() - t0, 1), skipped=skipped, sampled_counts=dict(sampled),
@@ -856,12 +858,12 @@ def answers(model, data: Data, cfg, items: list, device: str, blank=False) -> li
     model.train()
     return out
 
-def evaluate(model, data: Data, cfg, device: str) -> dict:
+def evaluate(model, data: Data, cfg, device: str, rank=0, world=1) -> dict:
     """Accuracy per eval task: the model, the same model with blank (grey) images of the same shapes (so
     the same tiles and tokens), and the majority training answer; grounding also with n_min = 1 at
-    inference only (MM1.5: 74.0 -> 24.5) and its parse failures."""
+    inference only (MM1.5: 74.0 -> 24.5) and its parse failures. torchrun: task k on rank k % world."""
     m = {}
-    for task, items in data.test.items():
+    for task, items in list(data.test.items())[rank::world]:
         runs = {"model": answers(model, data, cfg, items, device),
                 "majority": [data.majority(item, task) for item in items]}
         if any(item["pil"] for item in items):
@@ -878,8 +880,10 @@ def evaluate(model, data: Data, cfg, device: str) -> dict:
         m[f"{task}_n"] = len(items)
         m.setdefault("samples", []).append(f"{task}: {item_texts(items[0])[0]!r} -> {runs['model'][0]!r} "
                                            f"(gold {item_texts(items[0])[1]!r})")
-    m["average_model"] = round(np.mean([m[f"{t}_model"] for t in data.test]), 1)
-    return m
+    parts = [m] * world
+    dist.all_gather_object(parts, m) if world > 1 else None  # torchrun: every rank gets every task's numbers
+    m = {k: v for p in parts for k, v in p.items()} | {"samples": [s for p in parts for s in p["samples"]]}
+    return m | {"average_model": round(np.mean([m[f"{t}_model"] for t in data.test]), 1)}
 
 def results_table(m: dict, data: Data) -> str:
     lines = ["| eval task | n | model | blank image | majority answer |", "|---" * 5 + "|"] + [
@@ -896,11 +900,9 @@ def load_init(cfg: Config, enc):
         raise InputError(f"--init={cfg.init}: no such checkpoint; run `python mm1.py` first (about 6 min on "
                          "2 cores) or pass --init=PATH")
     weights, meta = read_safetensors(cfg.init)
-    arch = json.loads(meta.get("arch", "{}"))
-    image_id = enc.encode_single_token("<image>")
+    arch, image_id = json.loads(meta.get("arch", "{}")), enc.encode_single_token("<image>")
     if (meta.get("tokenizer_sha256"), arch.get("image_token_id")) != (tokenizer_sha256(), image_id):
-        raise InputError(f"--init={cfg.init}: no mm1.py metadata, or made with another tokenizer (sha256 or "
-                         "<image> id differ)")
+        raise InputError(f"--init={cfg.init}: no mm1.py metadata, or another tokenizer (sha256, <image> id)")
     return weights, meta, arch
 
 def variants(cfg: Config) -> dict:
@@ -917,13 +919,13 @@ def variants(cfg: Config) -> dict:
 
 def finished(cfg: Config):
     """The metrics of a finished run in cfg.out_dir made with this config, else None."""
-    folder = Path(cfg.out_dir)
+    folder, now = Path(cfg.out_dir), json.loads(json.dumps(asdict(cfg)))
     if not (folder / "metrics.json").is_file():
         return None
-    saved, now = json.loads((folder / "config.json").read_text()), json.loads(json.dumps(asdict(cfg)))
+    saved = json.loads((folder / "config.json").read_text())
     free = RESUME_MAY_DIFFER + ("tile_size", "image_tokens", "ablation_seeds")  # sizes: filled in from --init
-    same = all(saved.get(k) == v for k, v in now.items() if k not in free)
-    return json.loads((folder / "metrics.json").read_text()) if same else None
+    return json.loads((folder / "metrics.json").read_text()) if all(
+        saved.get(k) == v for k, v in now.items() if k not in free) else None
 
 def ablate(cfg: Config) -> dict:
     """Each variant x seed as a whole run in out_dir/<variant>_seed<k> (a finished run of the same config is
@@ -931,43 +933,41 @@ def ablate(cfg: Config) -> dict:
     header = ("", cfg.ablate, *EVAL_TASKS, "average", "minutes", "")
     lines, means = [" | ".join(header).strip(), "|---" * (len(header) - 2) + "|"], {}
     for name, overrides in variants(cfg).items():
-        runs = []
-        for seed in cfg.ablation_seeds:
-            folder = re.sub(r"\W+", "_", name) if overrides else "base"
-            sub = dataclasses.replace(cfg, ablate="", seed=seed, out_dir=f"{cfg.out_dir}/{folder}_seed{seed}",
-                                      **overrides)
-            runs.append(finished(sub) or run(sub))
+        folder = Path(cfg.out_dir) / (re.sub(r"\W+", "_", name) if overrides else "base")
+        subs = [dataclasses.replace(cfg, ablate="", seed=seed, out_dir=f"{folder}_seed{seed}", **overrides)
+                for seed in cfg.ablation_seeds]
+        runs = [finished(sub) or run(sub) for sub in subs]
         cells = [[m[f"{t}_model"] for m in runs] for t in (*EVAL_TASKS, "average")] + [
             [(m["train_time_s"] + m["eval_time_s"] + m["data_time_s"]) / 60 for m in runs]]
         means[name] = [round(float(np.mean(c)), 2) for c in cells]
         lines.append(f"| {name} | " + " | ".join(f"{np.mean(c):.1f}" + (
             f" ± {np.std(c, ddof=1):.1f}" if len(c) > 1 else "") for c in cells) + " |")
-    print("\n".join(lines))
-    write_outputs(cfg.out_dir, {f"ablation_{cfg.ablate}.md": "\n".join(lines) + "\n",
-                                f"ablation_{cfg.ablate}.json": means})
+    if not dist.is_initialized() or dist.get_rank() == 0:  # torchrun: rank 0 prints and writes the table
+        print("\n".join(lines)) or write_outputs(cfg.out_dir, {f"ablation_{cfg.ablate}.md": "\n".join(lines)
+                                                               + "\n", f"ablation_{cfg.ablate}.json": means})
     return means
 
 def main(argv):
-    cfg = parse_config(argv)
-    check_config(cfg)
-    return ablate(cfg) if cfg.ablate else run(cfg)
+    check_config(cfg := parse_config(argv))
+    try:
+        return ablate(cfg) if cfg.ablate else run(cfg)
+    finally:
+        dist.destroy_process_group() if dist.is_initialized() else None
 
 def run(cfg: Config) -> dict:
     device, rank, world = setup_device(cfg.device)
-    if world > 1:
-        raise InputError("torchrun: mm15.py runs in one process (not implemented yet)")
+    if cfg.batch_size % world:
+        raise InputError(f"--batch_size={cfg.batch_size}: expected a multiple of the {world} torchrun ranks")
     check_out_dir(cfg.out_dir)
     t0, enc = time.time(), get_tokenizer()
     weights, meta, arch = load_init(cfg, enc)
-    for key, value in dict(tile_size=arch["image_size"],
-                           image_tokens=arch["connector"]["image_tokens"]).items():
-        if getattr(cfg, key) not in (0, value):
-            raise InputError(f"--{key}={getattr(cfg, key)}: the checkpoint {cfg.init} has {value}")
-        cfg = dataclasses.replace(cfg, **{key: value})
+    for key, v in (("tile_size", arch["image_size"]), ("image_tokens", arch["connector"]["image_tokens"])):
+        if getattr(cfg, key) not in (0, v):
+            raise InputError(f"--{key}={getattr(cfg, key)}: the checkpoint {cfg.init} has {v}")
+        cfg = dataclasses.replace(cfg, **{key: v})
     seed_everything(cfg.seed)
     data, model, start = Data(cfg, enc), MM1(arch), 0
-    model.load_state_dict(weights)
-    model.to(device)
+    model.to(device).load_state_dict(weights)
     opt = make_adamw(model, cfg.sft_lr, cfg.weight_decay, lr_mult={"vision_model.": cfg.vit_lr_mult})
     if cfg.resume:  # reads only
         weights, optim_state, start, _ = load_checkpoint(cfg.out_dir, cfg, RESUME_MAY_DIFFER)
@@ -979,21 +979,21 @@ def run(cfg: Config) -> dict:
                "one token per digit (data.shapes.mm15_tasks.encode_text)",
                prompt="Question: {q} <image slots> Answer: {a}<|endoftext|>", shares=mixture(cfg))
     meta = {k: meta[k] for k in ("arch", "tokenizer_sha256", "image_token_id", "image_size")} | {"sft": sft}
-    write_outputs(cfg.out_dir, {"config.json": cfg})  # every input is read and checked: only now
+    write_outputs(cfg.out_dir, {"config.json": cfg}) if rank == 0 else None  # inputs all checked: only now
     selectors, data_time = selector_table(cfg, plan_tiles, fit), round(time.time() - t0, 1)
-    print(f"config: {json.dumps(asdict(cfg))}\ndata: {data_time} s\n{selectors}")
-    summary = train(cfg, data, model, opt, device, RunLog(cfg.out_dir, "items", 0.0, device), start, meta)
-    t1 = time.time()
-    metrics = {**evaluate(model, data, cfg, device), **summary, "eval_time_s": round(time.time() - t1, 1),
-               "data_time_s": data_time}
+    print(f"config: {json.dumps(asdict(cfg))}\ndata: {data_time} s\n{selectors}") if rank == 0 else None
+    log = RunLog(cfg.out_dir, "items", 0.0, device, rank, world)
+    summary, t1 = train(cfg, data, model, opt, device, log, start, meta, rank, world), time.time()
+    metrics = {**evaluate(model, data, cfg, device, rank, world), **summary}
+    metrics |= {"eval_time_s": round(time.time() - t1, 1), "data_time_s": data_time}
     shares = "\n".join(f"| {k} | {100 * v:.1f} | {summary['sampled_counts'].get(k, 0)} |"
                        for k, v in summary["shares"].items())
     table = results_table(metrics, data)
     report = (f"# MM1.5 miniature ({cfg.preset} preset)\n\n## Tile selectors\n{selectors}\n\n## SFT mixture\n"
               f"| category | share (%) | sampled |\n|---|---|---|\n{shares}\n\n## Eval\n{table}\n\n"
               + "\n".join(f"- {s}" for s in metrics["samples"]) + "\n")
-    print(report)
-    write_outputs(cfg.out_dir, {"metrics.json": metrics, "report.md": report})
+    if rank == 0:  # torchrun: the others return the same metrics
+        print(report) or write_outputs(cfg.out_dir, {"metrics.json": metrics, "report.md": report})
     return metrics
 
 if __name__ == "__main__":

@@ -3,16 +3,20 @@ other selectors, boxes through every resize / pad / tile and the 0-999 text, the
 missing --init message. The smoke run from an mm1 checkpoint is in tests/test_chain.py."""
 import dataclasses
 import json
+import os
 import random
+import socket
 import sys
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from PIL import Image, ImageDraw
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+import mm1
 import mm15
 from data import InputError, shapes
 from data import tile_selectors as selectors
@@ -420,3 +424,65 @@ def test_ui_items_list_widgets_ground_taps_and_refer_boxes_on_phone_shaped_scree
     assert all(len(pools.test[t]) == 2 and {it["task"] for it in pools.test[t]} == {t}
                for t in tasks.SUBTASKS["ui"])
     assert list(pools.test) == list(tasks.EVAL_TASKS)
+
+
+def rank_main(rank: int, port: int, argv: list) -> None:
+    """One torchrun rank, forked from this process (no second torch import): the env torchrun sets."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # as DataLoader workers do: no OpenMP pool inherited across the fork
+    mm15.main(argv)
+
+
+def test_torchrun_two_ranks_train_and_score_as_one_process(tiny_init, tmp_path):
+    """Two gloo ranks (as torchrun --nproc_per_node=2 starts them): each trains on half of the same global
+    batch, so the logged losses, the final weights and the eval match one process's run with that batch
+    (seen failing with each rank's loss not scaled by its share of the targets x world)."""
+    args = ["--preset=smoke", f"--init={tiny_init}", "--cpt_steps=2", "--sft_steps=3", "--log_every=1",
+            "--eval_items=2", "--max_new_tokens=2"]
+    one = mm15.main([*args, f"--out_dir={tmp_path}/one"])
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [*args, f"--out_dir={tmp_path}/two"]
+    ranks = [mp.get_context("fork").Process(target=rank_main, args=(r, port, argv)) for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(120)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    logs = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]
+    assert len(logs[0]) == 5 and logs[1] == pytest.approx(logs[0], rel=1e-5)
+    weights = [load_file(str(tmp_path / run / "model.safetensors")) for run in ("one", "two")]
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-5) for k in weights[0])
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    same = lambda m: {k: v for k, v in m.items() if not k.endswith("time_s") and k != "samples"}
+    assert same(one) == same(two)
+    assert sorted(one["samples"]) == sorted(two["samples"])
+
+
+def test_gpu_preset_resolves_builds_and_fits_its_samples():
+    """The gpu preset (never run: no GPU in these sessions) passes check_config; from mm1's gpu preset's arch
+    the model builds (on the meta device: no memory); at its tile size, samples of every category and of the
+    continual pre-training fit seq_len (none would be skipped), and one rank's pre-rendered pools hold under
+    32 GB of pixels (20000 items per category held 114 GB)."""
+    c = mm15.parse_config(["--preset=gpu"])
+    mm15.check_config(c)
+    data, before = bare_data(), mm1.parse_config(["--preset=gpu"])
+    mm1.check_config(before)
+    arch = mm1.arch_of(before, data.enc.n_vocab, data.image_id)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in mm15.MM1(arch).parameters())
+    assert 250e6 < n_params < 300e6, n_params  # 275 M
+    c = dataclasses.replace(c, tile_size=arch["image_size"], image_tokens=arch["connector"]["image_tokens"])
+    pools = {"cpt": [tasks.rendered(tasks.text_rich_caption("train", i, 0, c.tile_size)) for i in range(4)]}
+    pools |= {k: [tasks.rendered(tasks.task_item(k, "train", i, 0, c.tile_size)) for i in range(4)]
+              for k in tasks.CATEGORIES}
+    longest, pixels = 0, 0
+    for name, items in pools.items():
+        for item in items:
+            longest = max(longest, len(data.sample(item, dataclasses.replace(c, split=c.cpt_split))[0]))
+            pixels += sum(3 * p.size[0] * p.size[1] for p in item["pil"]) * (
+                c.n_cpt_items if name == "cpt" else c.n_train_items) / len(items)
+    assert 10 * c.image_tokens < longest <= c.seq_len and pixels < 32e9, (longest, pixels)
