@@ -1,25 +1,17 @@
-"""clip_caption.py: AltText, synthetic captions or both? A miniature of arXiv:2410.02740 (Apple): Lai et al.,
-"Revisit Large-Scale Image-Caption Data in Pre-training Multimodal Foundation Models": its CLIP and
-text-to-image families (the multimodal LLMs are in mm1.py).
-1. A controllable captioner (CLIP ViT + causal decoder) learns the "human" split's gold captions; a control
-   token picks the format (<|ssc|> short, <|dsc|> descriptive, <|dsc+|> dense, <|afc|> AltText fusion).
-   Scored on "test" scenes (CIDEr-D, object hallucination) next to an image-blind row.
+"""clip_caption.py: AltText, synthetic captions or both? arXiv:2410.02740 (Apple) in miniature: Lai et al.,
+"Revisit Large-Scale Image-Caption Data in Pre-training Multimodal Foundation Models", CLIP and text-to-image
+(its multimodal LLMs are in mm1.py). 1. A controllable captioner (ViT + causal decoder; a control token picks
+<|ssc|> short, <|dsc|> descriptive, <|dsc+|> dense or <|afc|> AltText fusion), scored beside a blind row.
 2. Synthetic captions for the "web" images (noisy AltTexts only): --synthetic=gold (scene graph, --gold_error
    swapped) or --synthetic=captioner (sharded over ranks, cached by weights and data).
-3. One CLIP per recipe (alt; ssc50 = SSC with p = 0.5, else AltText; dsc100; afc), scored on held-out web
-   images: zero-shot emblem (a long tail only AltTexts name) / shape / colour, gallery retrieval; baselines
-   (untrained, chance, majority); a paired bootstrap over seeds on KEY_PAIRS, fixed in advance.
-4. One text-to-image flow per recipe (32 px UNet, own text tower, Euler + classifier-free guidance), scored
-   GenEval-style by a probe trained on real renders (colour, shape, count, position, background); baselines:
-   real renders, another scene's render, the empty prompt. Samples: out_dir/diffusion_samples.png.
+3. One CLIP per recipe (alt; ssc50 = SSC with p = 0.5, else AltText; dsc100; afc): zero-shot emblem / shape /
+   colour, gallery retrieval; baselines; a paired bootstrap over seeds on KEY_PAIRS, fixed in advance.
+4. One text-to-image flow per recipe (32 px UNet, own text tower), scored GenEval-style by a probe trained on
+   real renders; samples in out_dir/diffusion_samples.png. Report: out_dir/report.md.
   python clip_caption.py                          # cpu preset (default without CUDA)
-  python clip_caption.py --preset=smoke           # tiny end-to-end run (what the tests run)
   python clip_caption.py --synthetic=captioner    # CLIP and diffusion on the captioner's captions
   torchrun --standalone --nproc_per_node=8 clip_caption.py --preset=gpu   # DDP; captioning sharded too
   python clip_caption.py --data=pairs.csv         # your images: CSV/JSONL with filepath, caption[, alttext]
-Prints and writes to out_dir/report.md the captioner table with blind rows, the key pairs' verdicts,
-  | recipe | emblem top1 | shape top1 | colour top1 | I->T R@1 | T->I R@1 |   (R@1 in galleries)
-  | model (prompts) | colour | shape | count | position | background | attributes | all requested |
 """
 from __future__ import annotations
 
@@ -30,6 +22,7 @@ import hashlib
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -39,6 +32,7 @@ import time
 from collections import namedtuple
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -118,27 +112,28 @@ class Config:
     guidance: float = 3.0  # classifier-free guidance scale w (1 = the conditional model alone)
     n_diff_eval: int = 100  # held-out web prompts per model for the GenEval-style probe
     probe_steps: int = 300  # steps of the probe (reads colour, shape, count, position off real renders)
+    workers: int = 2  # CPU processes that train the independent models side by side (1: all in this one)
 PRESETS = {
     "smoke": dict(image_size=16, cap_image_size=20, patch_size=4, vit_width=32, vit_layers=1, vit_heads=2,
                   text_width=32, text_layers=1, text_heads=2, embed_dim=16, dec_width=48, dec_layers=1,
-                  dec_heads=2, n_human=16, cap_steps=100, cap_lr=1e-2, cap_max_tokens=32, alt_tokens=12,
+                  dec_heads=2, n_human=16, cap_steps=200, cap_lr=1e-2, cap_max_tokens=32, alt_tokens=12,
                   n_cap_eval=8, n_web=32, n_eval=24, gallery=12, recipes=("alt", "ssc50", "afc"), seeds=1,
                   clip_steps=4, clip_batch=16, bootstrap=50, log_every=20, ckpt_every=3,
                   diff_recipes=("alt", "dsc100"), diff_seeds=1, diff_size=16, diff_width=16, diff_steps=4,
-                  diff_batch=8, sample_steps=3, n_diff_eval=8, probe_steps=4),
+                  diff_batch=8, sample_steps=3, n_diff_eval=8, probe_steps=4, workers=1),
     "cpu": dict(),
     "gpu": dict(image_size=64, vit_width=384, vit_layers=6, vit_heads=6, text_width=384, text_layers=6,
                 text_heads=6, embed_dim=256, dec_width=512, dec_layers=6, dec_heads=8, n_human=20000,
                 cap_steps=4000, cap_batch=128, cap_max_tokens=200, n_cap_eval=1000, n_web=60000, n_eval=5000,
                 seeds=3, clip_steps=3000, clip_batch=1024, ckpt_every=1000, diff_seeds=3, diff_width=96,
                 diff_recipes=("alt", "ssc100", "dsc100", "dsc50"), diff_steps=5000, diff_batch=256,
-                sample_steps=20, n_diff_eval=2000, probe_steps=3000)}
+                sample_steps=20, n_diff_eval=2000, probe_steps=3000, workers=1)}
 FORMATS = ("ssc", "dsc", "dsc+", "afc")  # captioner formats; CLIP recipes use ssc / dsc / afc
 GEN_BATCH = 256  # images per batched generation call
 # fields that change no model: a resume may set them anew (every other one, schedules included, must match)
 RESUME_MAY_DIFFER = ("preset", "out_dir", "device", "resume", "recipes", "n_cap_eval", "n_eval",
                      "gallery", "bootstrap", "log_every", "ckpt_every", "export", "parts", "diff_recipes",
-                     "diff_seeds", "sample_steps", "guidance", "n_diff_eval")
+                     "diff_seeds", "sample_steps", "guidance", "n_diff_eval", "workers")
 # the comparisons the verdict tests, fixed before any run: (a, b, metric), read "a beats b on metric"
 KEY_PAIRS = (("ssc50", "ssc100", "retrieval"), ("ssc50", "ssc100", "emblem top1"),
              ("ssc50", "alt", "retrieval"), ("ssc100", "dsc100", "retrieval"),
@@ -159,7 +154,7 @@ def check_config(cfg: Config) -> None:
             cfg.synthetic == "captioner" and "captioner" not in cfg.parts):
         raise InputError(f"--synthetic={cfg.synthetic} --gold_error={cfg.gold_error}: expected gold or "
                          "captioner (with captioner in --parts), and an error share in 0..1")
-    for key in [k for k in ("n_web", "n_eval", "gallery", "clip_steps", "seeds") if getattr(cfg, k) < 1]:
+    for key in [k for k in "n_web n_eval gallery clip_steps seeds workers".split() if getattr(cfg, k) < 1]:
         raise InputError(f"--{key}={getattr(cfg, key)}: expected a positive number")
     list(map(parse_recipe, cfg.recipes + cfg.diff_recipes))  # InputError on a bad name
     if not set(cfg.parts) <= {"captioner", "clip", "diffusion"} or cfg.diff_size % 4 or cfg.diff_width % 8:
@@ -613,8 +608,8 @@ class Captioner(nn.Module):
         self.norm = nn.LayerNorm(cfg.dec_width)
         self.lm_head = nn.Linear(cfg.dec_width, vocab_size, bias=False)
         init_weights(self)
-    def forward(self, images, ids, caches: list | None = None, start: int = 0):
-        """(B, T, V) logits of the text positions; images=None continues `caches` at `start` (decoding)."""
+    def forward(self, images, ids, caches: list | None = None, start: int = 0, keep=None):
+        """(B, T, V) text logits, or (N, V) at `keep` (training); images=None: decoding on from `caches`."""
         if images is not None:
             prefix = self.connector(self.vision_model.post_layernorm(self.vision_model(images)))  # (B,P+1,C)
             summary = prefix.mean(1, keepdim=True)  # (B, 1, C)
@@ -626,7 +621,8 @@ class Captioner(nn.Module):
         x = x + self.position_embedding.weight[start: start + x.shape[1]]
         for i, layer in enumerate(self.layers):
             x = layer(x, caches[i] if caches is not None else None)
-        return self.lm_head(self.norm(x[:, x.shape[1] - ids.shape[1]:]))  # (B, T, V)
+        x = self.norm(x[:, x.shape[1] - ids.shape[1]:])  # (B, T, C)
+        return self.lm_head(x if keep is None else x[keep])  # (B, T, V) or (N, V)
 # ----------------------------------------------------------------------------- model: text-to-image, probe
 class ResBlock(nn.Module):
     """GroupNorm, SiLU, 3x3 conv, twice, with the conditioning vector added in between (DDPM / SD UNet)."""
@@ -681,23 +677,19 @@ def read_probe(probe: nn.Module, images: torch.Tensor) -> dict:  # (B, 3, S, S) 
     return dict(zip(GENEVAL, probe(images).split([len(v) for v in GENEVAL.values()], 1)))
 # ----------------------------------------------------------------------------- losses
 def clip_loss(image_emb, text_emb, logit_scale):
-    """Symmetric InfoNCE (CLIP, Radford et al. 2021, Fig. 3): L = (CE(s I T^T, diag) + CE(s T I^T, diag)) / 2,
-    s = exp(logit_scale) clamped at 100 (open_clip); rows of I, T are L2-normalised; fp32."""
+    """Symmetric InfoNCE (CLIP): (CE(s I T^T, diag) + CE(s T I^T, diag)) / 2, s = e^logit_scale <= 100."""
     scale = logit_scale.float().exp().clamp(max=100.0)
     logits = scale * image_emb.float() @ text_emb.float().t()  # (B, B)
     target = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 def caption_loss(logits, targets, ignore: int = -100):
     """Next-token cross-entropy on caption tokens only (the captioner's autoregressive objective), fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore)
+    logits = logits.float().reshape(-1, logits.shape[-1])  # (B * T, V) or (N, V)
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=ignore)
 def flow_pair(images, noise, t):
-    """Rectified flow (Liu et al. 2023; Lipman et al. 2023; SD3 with t reversed): the straight path x_t =
-    t x_1 + (1 - t) x_0 from noise x_0 (t = 0) to image x_1 (t = 1); the target is dx_t/dt = x_1 - x_0."""
+    """Rectified flow (Liu et al. 2023; SD3): x_t = t x_1 + (1 - t) x_0, x_0 noise, target x_1 - x_0."""
     t = t.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     return t * images + (1 - t) * noise, images - noise
-def flow_loss(velocity, target):
-    """L = E_{t, x_0, x_1, c} || v(x_t, t, c) - (x_1 - x_0) ||^2, averaged over pixels, in fp32."""
-    return F.mse_loss(velocity.float(), target.float())
 # ----------------------------------------------------------------------------- train
 Run = namedtuple("Run", "device rank world texts saved")  # saved: name -> load_checkpoint(...) (--resume)
 def batch_indices(n: int, batch: int, step: int, seed: int, run: Run) -> torch.Tensor:
@@ -737,22 +729,22 @@ def train(model: nn.Module, step_loss, steps: int, lr: float, name: str, cfg: Co
             save_checkpoint(cfg.out_dir, model, optimizer, cfg, step + 1, name=name)
     return model.eval()
 def train_captioner(data: ImageSet, cfg: Config, run: Run) -> Captioner:
-    """Each sample: one image, one random format, its gold caption; loss on the caption tokens only."""
+    """Step s: format s % 4 on a batch of images and their gold captions; loss on the caption tokens. One
+    format a step pads to its own length (mixed: to DSC+'s) and weighs formats alike (not 10 DSC+ : 1 SSC)."""
     texts = run.texts
     torch.manual_seed(cfg.seed)
     model = Captioner(cfg, texts.enc.n_vocab).to(run.device)
     gold = {f: [texts.encode(c)[: cfg.cap_max_tokens] + [texts.eot] for c in cs]
             for f, cs in data.captions.items()}
     def step_loss(runner, step):
-        idx = batch_indices(len(data.images), cfg.cap_batch, step, cfg.seed, run)
-        fmts = torch.randint(4, (cfg.cap_batch,), generator=torch.Generator().manual_seed(cfg.seed + step))
-        pairs = list(zip(idx.tolist(), [FORMATS[f] for f in fmts[run.rank::run.world].tolist()]))
-        prompts = [texts.prompt(f, data.alttexts[i], cfg.alt_tokens) for i, f in pairs]
-        seqs = [p + gold[f][i] for p, (i, f) in zip(prompts, pairs)]
-        ids = texts.pad_right(seqs)  # (B, T)
-        targets = texts.pad_right([[-100] * (len(p) - 1) + s[len(p):] for p, s in zip(prompts, seqs)], -100)
-        logits = runner(to_float(data.images[idx], run.device), ids[:, :-1].to(run.device))  # (B, T-1, V)
-        loss = caption_loss(logits, targets[:, : ids.shape[1] - 1].to(run.device))
+        idx, fmt = batch_indices(len(data.images), cfg.cap_batch, step, cfg.seed, run), FORMATS[step % 4]
+        prompts = [texts.prompt(fmt, data.alttexts[i], cfg.alt_tokens) for i in idx.tolist()]  # one length
+        captions = [gold[fmt][i] for i in idx.tolist()]
+        ids = texts.pad_right([p + c for p, c in zip(prompts, captions)])  # (B, T)
+        targets = texts.pad_right([[-100] * (len(prompts[0]) - 1) + c for c in captions], -100)  # (B, T - 1)
+        keep = (targets != -100).to(run.device)  # caption tokens and their <|endoftext|>
+        logits = runner(to_float(data.images[idx], run.device), ids[:, :-1].to(run.device), keep=keep)
+        loss = caption_loss(logits, targets.to(run.device)[keep])  # (N, V), (N,)
         return loss, len(idx), ids.shape[1] + (cfg.cap_image_size // cfg.patch_size) ** 2
     return train(model, step_loss, cfg.cap_steps, cfg.cap_lr, "captioner", cfg, run)
 def run_name(model: str, recipe: str, seed: int, cfg: Config) -> str:  # clip_ssc50, diffusion_alt_seed1, ...
@@ -791,9 +783,10 @@ def train_diffusion(recipe: str, seed: int, data: ImageSet, synthetic: dict, cfg
                              cfg.diff_drop)
         ids, lengths = run.texts.clip_batch(texts, cfg.context_length)  # (B, T), (B,)
         x_t, target = flow_pair(to_float(data.images[idx], run.device), noise.to(run.device), t)
-        return flow_loss(runner(x_t, t, ids.to(run.device), lengths), target), len(idx), 1
-    name = run_name("diffusion", recipe, seed, cfg)
-    return train(model, step_loss, cfg.diff_steps, cfg.diff_lr, name, cfg, run)
+        velocity = runner(x_t, t, ids.to(run.device), lengths)  # L = E || v(x_t, t, c) - (x_1 - x_0) ||^2:
+        return F.mse_loss(velocity.float(), target.float()), len(idx), 1
+    return train(model, step_loss, cfg.diff_steps, cfg.diff_lr, run_name("diffusion", recipe, seed, cfg), cfg,
+                 run)
 def drop_prompts(prompts: list[str], coins: torch.Tensor, p: float) -> list[str]:
     """Classifier-free guidance training (Ho & Salimans 2022): the prompt becomes "" where coin < p."""
     return ["" if c < p else text for text, c in zip(prompts, coins.tolist())]
@@ -824,17 +817,15 @@ def generate(model: Captioner, data: ImageSet, batch: list[int], fmt: str, cfg: 
     prompts = torch.tensor([texts.prompt(fmt, data.alttexts[i], cfg.alt_tokens) for i in batch])  # (B, T)
     logits = model(to_float(data.images[batch], run.device), prompts.to(run.device), caches)  # prefill
     position = caches[0]["k"].shape[2]
-    out = torch.full((len(prompts), cfg.cap_max_tokens), texts.eot, dtype=torch.long)
-    done = torch.zeros(len(prompts), dtype=torch.bool)
+    out, done = [], torch.zeros(len(prompts), dtype=torch.bool)
     for t in range(cfg.cap_max_tokens):
-        next_id = logits[:, -1].float().argmax(-1).cpu()  # (B,)
-        out[:, t] = torch.where(done, texts.eot, next_id)
-        done |= next_id == texts.eot
+        out.append(torch.where(done, texts.eot, logits[:, -1].float().argmax(-1).cpu()))  # (B,)
+        done |= out[-1] == texts.eot
         if done.all() or t + 1 == cfg.cap_max_tokens:
             break
-        logits = model(None, next_id[:, None].to(run.device), caches, start=position + t)  # (B, 1, V)
-    return [texts.enc.decode(row[: row.index(texts.eot)] if texts.eot in row else row)
-            for row in out.tolist()]
+        logits = model(None, out[-1][:, None].to(run.device), caches, start=position + t)  # (B, 1, V)
+    rows = torch.stack(out, 1).tolist()  # (B, T) ids
+    return [texts.enc.decode(row[: row.index(texts.eot)] if texts.eot in row else row) for row in rows]
 def caption_images(model: Captioner, data: ImageSet, fmts, prefix: Path, cfg: Config, run: Run) -> dict:
     """{fmt: [caption per image]}. Rank r of w captions its images (i % w == r) that no {prefix}.*.json holds
     into {prefix}.{r}of{w}.json (atomic; the one file ranks other than 0 write); reruns read them back."""
@@ -852,9 +843,23 @@ def caption_images(model: Captioner, data: ImageSet, fmts, prefix: Path, cfg: Co
         dist.barrier()  # every shard is on disk
     done = read()
     return {f: [done[f, i] for i in range(len(data.images))] for f in fmts}
+def run_jobs(jobs: dict, cfg: Config, run: Run, timings: dict) -> dict:
+    """{name: result} of independent jobs (functions of no argument). With --workers > 1 in one CPU process,
+    in that many forked processes of one thread each; every job seeds itself: the results are the same."""
+    global JOBS
+    JOBS = list(jobs.values())  # a forked worker inherits them: only an index goes to it, a result comes back
+    if cfg.workers < 2 or run.world > 1 or run.device != "cpu" or len(jobs) < 2:
+        results = [run_job(i) for i in range(len(jobs))]
+    else:  # (on a shared machine, two threads of one process spin-wait for each other: two processes don't)
+        with multiprocessing.get_context("fork").Pool(cfg.workers, torch.set_num_threads, (1,)) as pool:
+            results = pool.map(run_job, range(len(jobs)), chunksize=1)  # handed out in order: longest first
+    timings |= {name: seconds for name, (_, seconds) in zip(jobs, results)}
+    return {name: result for name, (result, _) in zip(jobs, results)}
+def run_job(index: int) -> tuple:
+    clock = time.time()
+    return JOBS[index](), time.time() - clock
 def export(folder: Path, data: ImageSet, synthetic: dict) -> None:
-    """folder/captions.csv (filepath,alttext,ssc,dsc,afc; filepath relative to the CSV) and one PNG per image:
-    what open_clip (--csv-img-key=filepath --csv-caption-key=ssc) and data.shapes.read_image_text read."""
+    """folder/captions.csv (filepath,alttext,ssc,dsc,afc) + PNGs: for open_clip, shapes.read_image_text."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(data.images):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:06d}.png")
@@ -865,8 +870,7 @@ def export(folder: Path, data: ImageSet, synthetic: dict) -> None:
 # ----------------------------------------------------------------------------- eval
 CAPTION_COLUMNS = ("CIDEr-D", "obj P", "obj R", "halluc.", "tokens", "names")
 def caption_row(generated: list[str], gold: list[str], scenes, texts: Texts) -> dict:
-    """CIDEr-D vs gold, CHAIR-style object precision / recall vs the scene graph (micro-averaged over
-    mentions; hallucination = 1 - precision), mean tokens, and the share of scene emblems named."""
+    """CIDEr-D; CHAIR-style object P / R vs the scene graph (halluc. = 1 - P); mean tokens; emblems named."""
     scores = [object_scores(c, s) for c, s in zip(generated, scenes)]
     mentions = sum(s["mentions"] for s in scores)
     precision = 1 - sum(s["hallucinated"] for s in scores) / mentions if mentions else None
@@ -949,16 +953,14 @@ def baseline_rows(held_out: ImageSet, train_scenes, gallery: int) -> dict:
         majority[f"{name} top1"] = present[:, train[name].sum(0).argmax()].float().mean().item()
     return {"chance": chance, "majority": dict.fromkeys(COLUMNS) | majority}
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int, seed: int) -> tuple[float, float, float]:
-    """Mean difference a - b over the items scored in both, with a 95% percentile interval from resampling
-    the same items for both (the pairing removes the between-image variance the two models share)."""
+    """Mean a - b over the items scored in both; 95% interval from resampling the same items for both."""
     keep = ~(np.isnan(a) | np.isnan(b))
     a, b = a[keep], b[keep]
     idx = np.random.default_rng(seed).integers(0, len(a), (n, len(a)))  # (n, items)
     diffs = (a[idx] - b[idx]).mean(1)
     return float(a.mean() - b.mean()), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
 def key_pair_verdicts(hits: dict, pairs: tuple, resamples: int) -> list[dict]:
-    """For each (a, b, metric) of `pairs` whose recipes ran: the paired bootstrap per seed, and a verdict that
-    holds only when every seed's interval excludes 0 on the same side ("not resolved" otherwise)."""
+    """Paired bootstrap per seed for each (a, b, metric) that ran; a verdict only if every interval agrees."""
     out = []  # retrieval: per image, the mean of its I->T and T->I R@1 hits
     per_item = lambda h, metric: (h["I->T R@1"] + h["T->I R@1"]) / 2 if metric == "retrieval" else h[metric]
     for a, b, metric in pairs:
@@ -981,8 +983,7 @@ def euler_sample(velocity, x: torch.Tensor, steps: int) -> torch.Tensor:
         x = x + velocity(x, torch.full((len(x),), i / steps, device=x.device)) / steps
     return x
 def guided_velocity(model: FlowUNet, ids, lengths, scale: float):
-    """Classifier-free guidance (Ho & Salimans 2022): v = v(x, t, empty) + w (v(x, t, c) - v(x, t, empty)).
-    ids / lengths hold the B prompts, then B empty prompts: both velocities come from one batched call."""
+    """Classifier-free guidance: v = v(x, t, "") + w (v(x, t, c) - v(x, t, "")); ids: B prompts, then B ""."""
     text = model.encode_text(ids, lengths)  # the prompts' token states, the same at every step
     def velocity(x, t):  # (B, 3, S, S), (B,)
         cond, empty = model(torch.cat([x, x]), torch.cat([t, t]), ids, lengths, text).float().chunk(2)
@@ -1003,39 +1004,24 @@ def geneval_hits(probe: nn.Module, images: torch.Tensor, targets: dict, kind: st
     logits = read_probe(probe, to_float(images, run.device))
     hits = np.stack([(logits[k].argmax(1).cpu() == targets[k]).float().numpy() for k in REQUESTED[kind]])
     return dict(zip(REQUESTED[kind], hits)) | {"attributes": hits.mean(0), "all requested": hits.prod(0)}
-def save_grid(path: Path, rows: dict, scale: int = 2) -> None:
-    """A PNG with one row of images (uint8 (n, 3, S, S) each) per entry of `rows`, in order, upscaled."""
-    grid = torch.cat([torch.cat(list(images), 2) for images in rows.values()], 1)  # (3, rows * S, n * S)
-    image = Image.fromarray(grid.permute(1, 2, 0).numpy())
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
-def diffusion_side(synthetic: dict, cfg: Config, run: Run, timings: dict) -> tuple[dict, list]:
-    """The probe, then a flow per recipe (per seed for dsc100, ssc100), drawing every held-out scene from its
-    DSC (dense) and SSC (short) caption; baselines: real renders, another scene's render, the empty prompt."""
-    clock, rows, hits, grid, n = time.time(), {}, {}, {}, cfg.n_diff_eval
-    web = render_split("web", 0, cfg.n_web, cfg, cfg.diff_size, plain=True)
-    held_out = render_split("web", cfg.n_web, n, cfg, cfg.diff_size, plain=True)
-    probe, targets = train_probe(web, cfg, run), geneval_targets(held_out.scenes)
+def score_diffusion(probe: nn.Module, held_out: ImageSet, samples: dict, cfg: Config, run: Run):
+    """(rows, DIFF_KEY_PAIRS verdicts): the probe reads samples[recipe, seed][kind]; baselines; PNG grid."""
+    rows, hits, grid, targets, out = {}, {}, {}, geneval_targets(held_out.scenes), Path(cfg.out_dir)
     def score(name: str, images: torch.Tensor, kinds=tuple(REQUESTED)) -> dict:  # a row per prompt kind
         found = {kind: geneval_hits(probe, images, targets, kind, run) for kind in kinds}
         rows.update({f"{name} ({k})": {c: float(np.mean(h[c])) if c in h else None for c in GENEVAL_COLUMNS}
                      for k, h in found.items()})
         grid.setdefault(name, images[:8])
         return found
-    if run.rank == 0:
-        score("real render", held_out.images), score("another scene's render", held_out.images.roll(1, 0))
-    timings["probe"], clock = time.time() - clock, time.time()
-    keyed = set(DIFF_KEY_PAIRS[0][:2])  # the paper's claim, DSC over SSC, gets every seed (a budget call)
-    for seed in range(cfg.seed, cfg.seed + cfg.diff_seeds):
-        for recipe in [r for r in cfg.diff_recipes if seed == cfg.seed or r in keyed]:
-            model = train_diffusion(recipe, seed, web, synthetic, cfg, run)
-            for kind, fmt in (("dense", "dsc"), ("short", "ssc")) if run.rank == 0 else ():
-                images = generate_images(model, held_out.captions[fmt], cfg, run)
-                found = score(recipe + ("" if seed == cfg.seed else f" seed {seed}"), images, [kind])[kind]
-                hits.setdefault((recipe, seed), {})[f"attributes ({kind})"] = found["attributes"]
-            timings[run_name("diffusion", recipe, seed, cfg)], clock = time.time() - clock, time.time()
-    if run.rank == 0:
-        score("empty prompt", generate_images(model, [""] * n, cfg, run))
-        save_grid(Path(cfg.out_dir) / "diffusion_samples.png", grid)
+    score("real render", held_out.images), score("another scene's render", held_out.images.roll(1, 0))
+    for (recipe, seed), images in samples.items():
+        for kind in ("dense", "short"):
+            found = score(recipe + ("" if seed == cfg.seed else f" seed {seed}"), images[kind], [kind])[kind]
+            hits.setdefault((recipe, seed), {})[f"attributes ({kind})"] = found["attributes"]
+    score("empty prompt", images["empty"])
+    grid = torch.cat([torch.cat(list(images), 2) for images in grid.values()], 1)  # (3, rows * S, 8 * S)
+    image = Image.fromarray(grid.permute(1, 2, 0).numpy())  # one row of samples per model / baseline, 2x
+    image.resize((2 * image.width, 2 * image.height), Image.NEAREST).save(out / "diffusion_samples.png")
     return rows, key_pair_verdicts(hits, DIFF_KEY_PAIRS, cfg.bootstrap)
 def markdown_table(first: str, rows: dict, columns) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.{3 if abs(v) < 10 else 1}f}" if type(v) is float else str(v)
@@ -1067,9 +1053,8 @@ def read_resume_state(cfg: Config) -> dict:
         steps |= {run_name(model, r, s, cfg): n for r in recipes for s in range(cfg.seed, cfg.seed + seeds)}
     saved = {name: load_checkpoint(cfg.out_dir, cfg, RESUME_MAY_DIFFER, name) for name in steps
              if (Path(cfg.out_dir) / f"{name}.optimizer.safetensors").is_file()}
-    for name, (*_, step, _) in saved.items():
-        if step > steps[name]:
-            raise InputError(f"--resume=True: {name} was saved at step {step}, past its {steps[name]} steps")
+    for name, step in [(name, s[2]) for name, s in saved.items() if s[2] > steps[name]]:
+        raise InputError(f"--resume=True: {name} was saved at step {step}, past its {steps[name]} steps")
     if not saved:
         raise InputError(f"--resume=True: no checkpoint in {cfg.out_dir}")
     return saved
@@ -1085,25 +1070,27 @@ def main(argv: list[str]):
     if world > 1:
         dist.barrier()
     seed_everything(cfg.seed)
-    timings, clock = {}, time.time()
+    timings = {}
     cut = len(pairs.images) - min(cfg.n_eval, len(pairs.images) // 5) if pairs else 0  # user data: the tail
     web, held_out = (pairs[:cut], pairs[cut:]) if pairs else (
         render_split("web", 0, cfg.n_web, cfg), render_split("web", cfg.n_web, cfg.n_eval, cfg))
 
     # 1. the controllable captioner, trained on the "human" split's gold captions, scored on "test"
-    cap_rows = None
-    if "captioner" in cfg.parts:
-        captioner = train_captioner(render_split("human", 0, cfg.n_human, cfg, cfg.cap_image_size), cfg, run)
+    def captioner_job():  # (model, rank 0: its table)
+        model = train_captioner(render_split("human", 0, cfg.n_human, cfg, cfg.cap_image_size), cfg, run)
         test = render_split("test", 0, cfg.n_cap_eval, cfg, cfg.cap_image_size)
-        cap_rows = rank == 0 and evaluate_captioner(captioner, test, cfg, run)
-        timings["captioner"], clock = time.time() - clock, time.time()
+        return model, rank == 0 and evaluate_captioner(model, test, cfg, run)
+    jobs = {"captioner": captioner_job} if "captioner" in cfg.parts else {}
 
-    # 2. synthetic captions for the web images: gold, or the captioner's (cached, sharded over ranks)
+    # 2. synthetic captions for the web images: gold (the captioner then trains beside the models below), or
+    # the captioner's (trained first; its captions cached, sharded over ranks)
     fmts = {parse_recipe(r)[0] for r in cfg.recipes * ("clip" in cfg.parts) + cfg.diff_recipes} - {"alt"}
-    fmts = sorted(fmts | {"ssc", "dsc", "afc"} if cfg.export else fmts)  # the export has all three
+    fmts, done = sorted(fmts | {"ssc", "dsc", "afc"} if cfg.export else fmts), {}  # the export has all three
     if cfg.synthetic == "gold":
         synthetic = gold_synthetic(web, fmts, cfg.gold_error, cfg.seed)
     else:
+        done, jobs, clock = run_jobs(jobs, cfg, run, timings), {}, time.time()
+        captioner = done["captioner"][0]
         data_id = hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest() if cfg.data else \
             f"shapesworld/{cfg.seed}/{cfg.n_web}/{cfg.cap_image_size}"
         state = captioner.state_dict()
@@ -1112,35 +1099,48 @@ def main(argv: list[str]):
         seen = read_user_pairs(cfg.data, cfg, cfg.cap_image_size)[:cut] if pairs else \
             render_split("web", 0, cfg.n_web, cfg, cfg.cap_image_size)  # the web images, captioner's size
         synthetic = caption_images(captioner, seen, fmts, out / f"captions_{key.hexdigest()[:12]}", cfg, run)
-        timings["web captioning"], clock = time.time() - clock, time.time()
-
-    # 3 + 4. baselines, then one CLIP per recipe (and per seed for the key pairs' recipes), on held-out images
+        timings["web captioning"] = time.time() - clock
     if cfg.export and rank == 0:
         export(out / "export", web, synthetic)
-    hits, clip_rows, keyed = {}, {}, {r for pair in KEY_PAIRS for r in pair[:2]}
-    if rank == 0 and "clip" in cfg.parts:
-        torch.manual_seed(cfg.seed)
-        untrained = CLIPModel(cfg, run.texts.enc.n_vocab).to(device).eval()
-        clip_rows["untrained CLIP"] = row_of(score_clip(untrained, held_out, cfg, run))
-        clip_rows |= baseline_rows(held_out, web.scenes, cfg.gallery) if web.scenes is not None else {}
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds * ("clip" in cfg.parts)):
-        for recipe in [r for r in cfg.recipes if seed == cfg.seed or r in keyed]:
-            clip = train_clip(recipe, seed, web, synthetic, cfg, run)
-            if rank == 0:
-                hits[recipe, seed] = score_clip(clip, held_out, cfg, run)
-                name = recipe if seed == cfg.seed else f"{recipe} (seed {seed})"
-                clip_rows[name] = row_of(hits[recipe, seed])
-            timings[run_name("clip", recipe, seed, cfg)], clock = time.time() - clock, time.time()
-            if world > 1:
-                dist.barrier()
 
-    # 5. the diffusion side: one text-to-image flow per recipe, scored by a probe that reads the samples
-    diff_rows, diff_pairs = diffusion_side(synthetic, cfg, run, timings) if (
-        "diffusion" in cfg.parts and web.scenes is not None) else ({}, [])
+    # 3. one CLIP per recipe (and per seed for the key pairs' recipes), scored on held-out images
+    clips = [(recipe, seed) for seed in range(cfg.seed, cfg.seed + cfg.seeds * ("clip" in cfg.parts))
+             for recipe in cfg.recipes if seed == cfg.seed or recipe in {r for p in KEY_PAIRS for r in p[:2]}]
+    def clip_job(recipe: str, seed: int):  # rank 0 returns the CLIP's per-item hits on the held-out images
+        model = train_clip(recipe, seed, web, synthetic, cfg, run)
+        return score_clip(model, held_out, cfg, run) if rank == 0 else None
+    jobs |= {run_name("clip", *r, cfg): partial(clip_job, *r) for r in clips}
+
+    # 4. the diffusion side: one text-to-image flow per recipe (per seed for the first DIFF_KEY_PAIRS claim),
+    # scored by a probe trained on real renders; the last flow also draws from the empty prompt
+    diffusing, flows = "diffusion" in cfg.parts and web.scenes is not None, []
+    if diffusing:
+        plain = render_split("web", 0, cfg.n_web + cfg.n_diff_eval, cfg, cfg.diff_size, plain=True)
+        diff_web, diff_held_out = plain[:cfg.n_web], plain[cfg.n_web:]
+        jobs["probe"] = partial(train_probe, diff_web, cfg, run)
+        flows = [(recipe, seed) for seed in range(cfg.seed, cfg.seed + cfg.diff_seeds) for recipe in
+                 cfg.diff_recipes if seed == cfg.seed or recipe in DIFF_KEY_PAIRS[0][:2]]
+        def flow_job(recipe: str, seed: int):  # rank 0 returns {prompt kind: uint8 (n, 3, S, S) samples}
+            model = train_diffusion(recipe, seed, diff_web, synthetic, cfg, run)
+            prompts = {"dense": diff_held_out.captions["dsc"], "short": diff_held_out.captions["ssc"]} | (
+                {"empty": [""] * cfg.n_diff_eval} if (recipe, seed) == flows[-1] else {})
+            return {k: generate_images(model, p, cfg, run) for k, p in prompts.items()} if rank == 0 else {}
+        jobs |= {run_name("diffusion", *r, cfg): partial(flow_job, *r) for r in flows}
+    done |= run_jobs(jobs, cfg, run, timings)  # with --workers > 1, side by side
     if rank == 0:
+        clip_rows, hits = {}, {r: done[run_name("clip", *r, cfg)] for r in clips}
+        if "clip" in cfg.parts:  # baselines, then the recipes
+            torch.manual_seed(cfg.seed)
+            untrained = CLIPModel(cfg, run.texts.enc.n_vocab).to(device).eval()
+            clip_rows["untrained CLIP"] = row_of(score_clip(untrained, held_out, cfg, run))
+            clip_rows |= baseline_rows(held_out, web.scenes, cfg.gallery) if web.scenes is not None else {}
+        clip_rows |= {r if s == cfg.seed else f"{r} (seed {s})": row_of(h) for (r, s), h in hits.items()}
+        diff_rows, diff_pairs = score_diffusion(done["probe"], diff_held_out, {
+            r: done[run_name("diffusion", *r, cfg)] for r in flows}, cfg, run) if diffusing else ({}, [])
         clip_pairs = key_pair_verdicts(hits, KEY_PAIRS, cfg.bootstrap) if web.scenes is not None else []
-        metrics = {"captioner": cap_rows, "clip": clip_rows, "diffusion": diff_rows, "timings_s": timings,
-                   "key_pairs": clip_pairs, "diffusion_key_pairs": diff_pairs}
+        metrics = {"captioner": done["captioner"][1] if "captioner" in done else None, "clip": clip_rows,
+                   "diffusion": diff_rows, "timings_s": timings, "key_pairs": clip_pairs,
+                   "diffusion_key_pairs": diff_pairs}
         write_outputs(out, {"metrics.json": metrics, "report.md": report(cfg, metrics)})
         print(report(cfg, metrics))
     if world > 1:
