@@ -171,6 +171,9 @@ def test_kv_cache_decoding_matches_full_recompute():
         position = caches[0]["k"].shape[2]
         steps = [model(None, ids[:, t: t + 1], caches, start=position + t - 4) for t in range(4, 7)]
     torch.testing.assert_close(torch.cat([prefill, *steps], 1), full, atol=1e-5, rtol=1e-5)
+    keep = torch.tensor([[False, True, True, True, True, True, False], [False] * 3 + [True] * 4])
+    with torch.no_grad():  # training's head only at the caption tokens: the same logits, in (N, V)
+        torch.testing.assert_close(model(images, ids, keep=keep), full[keep], atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- metrics
