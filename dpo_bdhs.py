@@ -1,15 +1,11 @@
 """Multimodal preference alignment in miniature: offline, online and mixed DPO, and BDHS.
 
-Amirloo et al., "Understanding Alignment in Multimodal LLMs: A Comprehensive Study", arXiv:2407.02477.
-From an mm15.py checkpoint (rebuilt from its `arch`, images tiled as its SFT was), each row trains a fresh
-policy against a frozen reference: DPO on POVID-style pairs, RLHF-V-style corrections, online (samples ranked
-by the exact scene-graph judge), mixed (Eq. 4), BDHS (Algorithm 1), online BDHS, BDHS + external.
+Amirloo et al., "Understanding Alignment in Multimodal LLMs: A Comprehensive Study", arXiv:2407.02477:
+from an mm15.py checkpoint, each row of the table trains a fresh policy against a frozen reference.
 
     python mm1.py && python mm15.py && python dpo_bdhs.py      # cpu preset: every row, one seed
     python dpo_bdhs.py --seeds=0,1,2                           # the three-seed table (mean +- sd)
-    python dpo_bdhs.py --preset=smoke --init=PATH              # tiny (what the tests run)
-
-report.md / metrics.json: POPE, CHAIR, recall, VQA, reward accuracy, image use per row; verdicts; BDHS filter.
+    torchrun --nproc_per_node=2 dpo_bdhs.py                    # each step's pairs split over 2 processes
 """
 import ast
 import csv
@@ -47,8 +43,9 @@ from data.vl_tasks import tokenizer_sha256
 from kernels import attention
 from kernels.attention import visibility_mask
 
-
 # ----------------------------------------------------------------------------- config
+ROWS = ("sft", "povid", "rlhfv", "online", "mixed", "bdhs", "online_bdhs", "bdhs_ext", "bdhs_noise")
+
 @dataclass
 class Config:
     preset: str = "auto"            # smoke | cpu | gpu (auto: gpu with CUDA, else cpu)
@@ -58,20 +55,21 @@ class Config:
     resume: bool = False            # continue from out_dir/model.safetensors + model.optimizer.safetensors
     init: str = "out/mm15/model.safetensors"  # the mm15.py checkpoint to start from
     ref: str = "live"               # live: the frozen reference runs every batch | upfront: once, before
-    rows: tuple = ("sft", "povid", "rlhfv", "online", "mixed", "bdhs", "online_bdhs", "bdhs_ext")  # table
+    rows: tuple = ROWS              # the table's rows (default: all of ROWS)
     seeds: tuple = (0,)             # training seeds of every row (--seeds=0,1,2: mean +- sd over three)
     pairs: str = ""                 # TRL preference JSONL for the offline rows instead of POVID-style pairs
     export: str = ""                # write the POVID-style training pairs here as TRL JSONL (+ PNGs)
     loss: str = "sigmoid"           # sigmoid (DPO) | ipo | hinge
     beta: float = 0.1               # DPO beta
     label_smoothing: float = 0.0    # cDPO: assumed share of flipped labels (sigmoid loss only)
-    rpo_alpha: float = 0.0          # weight of the NLL of chosen (RPO); 0: off
+    rpo_alpha: float = 1.0          # weight of the per-token NLL of chosen (RPO): keeps y+ likely; 0: off
     gamma: float = 0.5              # bdhs_ext: gamma * DPO(y+, y-_ext) + (1 - gamma) * DPO(y+, y-_BDHS)
     steps: int = 10                 # training steps per row
     lr: float = 1e-4                # peak lr (warmup, cosine to 0)
     batch_size: int = 8             # preference pairs per step
     n_train: int = 32               # training prompts (scenes)
     yes_no_share: float = 0.3       # share of yes/no existence questions among the prompts
+    yes_no_long: bool = False       # answer them "Yes, there is a red star." (False: "yes", as the SFT's VQA)
     n_samples: int = 2              # online: samples per prompt for the judge
     temperature: float = 1.0        # sampling temperature (online samples, BDHS completions)
     rho_th: float = 0.99            # BDHS: an image token stays visible iff U(0,1) >= rho_th
@@ -82,11 +80,9 @@ class Config:
     eval_scenes: int = 12           # held-out scenes per POPE split, descriptions, VQA, held-out pairs
     drop_unfinished: bool = True    # CHAIR: drop an unfinished last sentence
     warmup: int = 2                 # linear warmup steps
-    weight_decay: float = 0.0       # AdamW decay
     grad_clip: float = 1.0          # max global grad norm
     log_every: int = 5              # steps between log lines
     ckpt_every: int = 50            # steps between checkpoints (and at the end of each row)
-
 PRESETS = {
     "smoke": dict(rows=("sft", "povid", "online", "mixed", "bdhs", "bdhs_ext"), steps=2, batch_size=2,
                   n_train=6, eval_scenes=2, max_new_tokens=8, max_tries=2, log_every=1, ckpt_every=2),
@@ -95,8 +91,7 @@ PRESETS = {
                 seeds=(0, 1, 2), log_every=20, ckpt_every=100),
 }
 RESUME_MAY_DIFFER = ("resume", "device", "out_dir", "log_every", "ckpt_every")
-ROWS = ("sft", "povid", "rlhfv", "online", "mixed", "bdhs", "online_bdhs", "bdhs_ext", "bdhs_noise")
-OFFLINE = ("povid", "rlhfv", "bdhs", "bdhs_noise", "bdhs_ext")  # rows trained on pairs made up front
+LOGGED = ("loss", "dpo_loss", "chosen", "rejected", "ref_chosen", "ref_rejected", "margin", "reward_chosen")
 def check_config(cfg: Config) -> None:
     """Script-specific checks of the values (the skeleton checks keys and types)."""
     if cfg.loss not in ("sigmoid", "ipo", "hinge") or cfg.ref not in ("live", "upfront") or not cfg.rows \
@@ -109,7 +104,6 @@ def check_config(cfg: Config) -> None:
     if min(n) < 1 or not (0 <= cfg.label_smoothing < 0.5 and 0 <= cfg.gamma <= 1 and 0 <= cfg.rho_th <= 1):
         raise InputError("expected --steps >= 0, --n_samples > 1, sizes > 0, 0 <= --label_smoothing < 0.5, "
                          "--gamma and --rho_th in [0, 1]")
-
 # ============================================================================= skeleton: begin
 # The shared skeleton, byte for byte the same in every script (tests/test_skeleton.py diffs the copies):
 # CLI and --help, device, seeding, lr schedule, AdamW, checkpoints, log.jsonl, outputs, error handler.
@@ -363,6 +357,8 @@ def run_main(main) -> None:
     print(f"{Path(sys.argv[0]).name}: error: {why}", file=sys.stderr)
     raise SystemExit(2)
 # ============================================================================= skeleton: end
+
+
 # ----------------------------------------------------------------------------- data
 # Tiling: copies of mm15.py's (tests/test_skeleton.py compares them), one plan for the pixels and the slots.
 def fit(width, height, box_w, box_h):
@@ -417,12 +413,12 @@ def tile_pixels(image: Image.Image, plan: dict) -> torch.Tensor:
              for kind, i, j in plan["order"]]
     return torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).contiguous()  # (n, 3, r, r)
 class Data:
-    """ShapesWorld prompts or a user's TRL pairs in mm15's SFT format "Question: q <image slots> Answer: a
-    <|endoftext|>", natural scenes at mm15's sizes tiled as its SFT was (plan_tiles); held-out eval items."""
+    """Prompts (ShapesWorld or a user's TRL pairs) and held-out items in mm15's SFT format and tiling."""
+
     def __init__(self, cfg: Config, enc, tiling: dict, user_items=None):
         self.enc, self.tiling, self.seq_len, self.truncated = enc, SimpleNamespace(**tiling), cfg.seq_len, 0
-        self.image_id, self.eot_id, self.pad_id = map(enc.encode_single_token, ("<image>", "<|endoftext|>",
-                                                                                 "<|pad|>"))
+        self.image_id, self.eot_id, self.pad_id = map(enc.encode_single_token, ["<image>", "<|endoftext|>",
+                                                                                 "<|pad|>"])
         assert self.pad_id != self.eot_id, "pad = eos: the model would never learn to stop"
         self.eot = torch.arange(enc.n_vocab) == self.eot_id  # (V,) the stop token of a whole answer
         self.period = self.eot | torch.tensor(["." in enc.decode([i]) for i in range(enc.n_vocab)])  # (V,)
@@ -443,14 +439,16 @@ class Data:
             item[key] = ids + encode(" Answer:"), tile_pixels(pil, plan)
         return item[key]
     def pair_row(self, item: dict, text: str, blank=False):
-        """(prompt ids, response ids + EOS, tiles). A too long response is cut at its end and counted; the
-        prompt (whose image slots must match the tiles) is never cut, nor a response to nothing."""
+        """(prompt ids, response ids + EOS, tiles); a too long response is cut at its end (counted), never the
+        prompt (its image slots must match the tiles) nor the whole response."""
         ids, tiles = self.prompt(item, blank)
         response = self.enc.encode_ordinary(" " + text.strip()) + [self.eot_id]
         if len(ids) >= self.seq_len:
             raise InputError(f"--seq_len={self.seq_len}: the prompt of {item['id']} has {len(ids)} tokens")
         self.truncated += len(ids) + len(response) > self.seq_len
         return ids, response[:self.seq_len - len(ids)], tiles
+
+
 # ----------------------------------------------------------------------------- model
 # Copies of mm1.py / mm15.py (CLIP ViT with HF names, connectors, Llama decoder), checked by test_skeleton.py.
 class CLIPAttention(nn.Module):
@@ -693,9 +691,8 @@ class MM1(nn.Module):
         return self.lm_head(h), aux
 # ----------------------------------------------------------------------------- losses
 def sequence_logps(model, rows, data: Data, device):
-    """THE log-prob function (policy, reference, online and BDHS pairs): rows (prompt ids, response ids,
-    tiles) -> summed fp32 log-probs of the response tokens (B,) and their count (B,). The shift by one is
-    done here, once; the mask holds the response only (EOS included), never prompt, image slot or pad."""
+    """THE log-prob function: rows (prompt ids, response ids, tiles) -> summed log-probs of the response (B,)
+    and its length (B,). The one shift by one; the mask: response and EOS, never prompt, image slot or pad."""
     T = max(len(p) + len(r) for p, r, _ in rows)
     ids = torch.full((len(rows), T), data.pad_id, device=device)  # (B, T) right-padded: causal never sees it
     mask = torch.zeros(len(rows), T - 1, dtype=torch.bool, device=device)  # (B, T - 1): t predicts t + 1
@@ -727,8 +724,7 @@ def pair_rows(data: Data, pairs: list, blank=False):  # rows (chosen..., rejecte
     texts = [(p["item"], p[k]) for k in ("chosen", "rejected", "ext") if k in pairs[0] for p in pairs]
     return [data.pair_row(it, t, blank) for it, t in texts], [(it["id"], t, blank) for it, t in texts]
 def pair_losses(policy, ref, data: Data, pairs: list, cfg, device, blank=False):
-    """Loss and statistics of pairs: every response through the policy and, without gradients, the
-    Reference; `ext` (bdhs_ext) gets combined_loss; blank: grey images."""
+    """Loss and per-pair statistics: policy and Reference log-probs of every response (blank: grey images)."""
     rows, keys = pair_rows(data, pairs, blank)
     B, k = len(pairs), len(rows) // len(pairs)
     pi, n = (x.view(k, B) for x in sequence_logps(policy, rows, data, device))  # (k, B)
@@ -738,17 +734,15 @@ def pair_losses(policy, ref, data: Data, pairs: list, cfg, device, blank=False):
     if k == 3:
         ext = preference_loss(pi[0], pi[2], ref_lp[0], ref_lp[2], n[0], n[2], cfg)[0]
         losses = combined_loss(ext, losses, cfg.gamma)
-    per_token = dict(chosen=pi[0] / n[0], rejected=pi[1] / n[1], ref_chosen=ref_lp[0] / n[0],
+    per_token = dict(chosen=pi[0] / n[0], rejected=pi[1] / n[1], ref_chosen=ref_lp[0] / n[0], dpo_loss=losses,
                      ref_rejected=ref_lp[1] / n[1], reward_chosen=reward_c, reward_rejected=reward_r)
     loss = losses.mean() - cfg.rpo_alpha * (pi[0] / n[0]).mean()  # + RPO's NLL of y+ per token (Pang 2024)
     return loss, {k: v.detach() for k, v in per_token.items()} | dict(margin=reward_c - reward_r)
 # ----------------------------------------------------------------------------- train
 class Reference:
-    """log pi_ref(y|x) summed over the response. --ref=live: a frozen copy (eval mode, sharing nothing with
-    the policy) runs on every batch. upfront (TRL's precompute_ref_log_probs): fill() runs it once before
-    training over every fixed response (offline and held-out pairs), batches of those are read from the
-    table, and responses made in training (online, online BDHS) go live. The first batch read is also run
-    live and must agree (TRL PR 1961: a precomputed table silently left unused)."""
+    """log pi_ref(y|x) summed over the response, from a frozen copy (eval mode, sharing nothing with the
+    policy): live, or upfront (TRL's precompute_ref_log_probs; fill() before training, responses made in
+    training live; the first batch read is also run live and must agree: TRL PR 1961)."""
     def __init__(self, arch: dict, weights: dict, device, upfront: bool):
         self.model, self.table, self.checked, self.device = MM1(arch), {} if upfront else None, None, device
         self.model.load_state_dict(weights)  # copies: load_state_dict never shares the dict's tensors
@@ -770,10 +764,9 @@ class Reference:
 @torch.no_grad()
 def answer(model, data: Data, items, max_new: int, temperature=0.0, gens=None, prefixes=None, rho=None,
            noise=False, stop=None) -> list[str]:
-    """Decoded continuations of the items' prompts (+ text prefixes), 32 left-padded rows at a time, KV cache:
-    greedy, or sampled (Gumbel-max) with a generator per row (each example's own RNG), up to a `stop` token
-    ((V,) bool, kept; default EOS). rho (BDHS): each image slot's key is hidden iff U(0,1) < rho (the row's
-    generator; kernels' per-sample key_mask via visibility_mask); noise=True: (1 - rho) x + rho U(0, 255)."""
+    """Continuations of the items' prompts (+ text prefixes), 32 left-padded rows at a time, KV cache, up to a
+    `stop` token ((V,) bool; default EOS); greedy or Gumbel-max with each row's generator. rho (BDHS): an
+    image slot's key is hidden iff U(0,1) < rho (kernels' key_mask); noise: (1 - rho) x + rho U(0, 255)."""
     texts, stop, dev = [], data.eot if stop is None else stop, model.lm_head.weight.device
     for lo in range(0, len(items), 32):
         prompts, tiles, hidden = [], [], []
@@ -812,10 +805,9 @@ def answer(model, data: Data, items, max_new: int, temperature=0.0, gens=None, p
                   for ids in out]  # without EOS / padding
     return texts
 def bdhs(model, data: Data, items: list, cfg, example_seeds: list, stats: dict, noise=False) -> list[str]:
-    """BDHS, Algorithm 1: y- from the model with ~rho_th of the image keys masked (noise: pixels noised). Each
-    gold sentence, cut at a random word (pref.bdhs_prefixes: yes/no flips), follows the gold ones before it
-    and is completed to its first full stop or EOS. While the bag-of-words cosine with y+ is >= sim_threshold,
-    masks and cuts are drawn again; the last of max_tries is unguided and kept. One RNG per example."""
+    """BDHS, Algorithm 1: y- from the model with ~rho_th of the image keys masked (noise: pixels noised); each
+    gold sentence cut at a random word (yes/no flipped: pref.bdhs_prefixes) after the gold ones before it, and
+    completed to a full stop / EOS; redrawn while cosine(y-, y+) >= sim_threshold, the last try unguided."""
     rngs = [random.Random(s) for s in example_seeds[:len(items)]]
     gens = [torch.Generator().manual_seed(s) for s in example_seeds[:len(items)]]
     out, pending = [None] * len(items), list(range(len(items)))
@@ -840,8 +832,7 @@ def bdhs(model, data: Data, items: list, cfg, example_seeds: list, stats: dict, 
     stats["examples"] += [(it["answer"], text) for it, text in zip(items[:2], out[:2])]
     return out
 def online_pairs(policy, data: Data, items: list, cfg, seeds, counts: dict) -> list:
-    """Online DPO pairs: n_samples answers per prompt from the policy, the best and the worst by the exact
-    scene-graph judge (fewer hallucinated, then more covered objects); ties are dropped and counted."""
+    """Online pairs: the judge's best and worst of n_samples answers per prompt; ties dropped, counted."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds[:len(items) * cfg.n_samples]]
     samples = answer(policy, data, [it for it in items for _ in range(cfg.n_samples)], cfg.max_new_tokens,
                      cfg.temperature, gens)
@@ -849,14 +840,11 @@ def online_pairs(policy, data: Data, items: list, cfg, seeds, counts: dict) -> l
     counts["online_ties"] = counts.get("online_ties", 0) + ties
     return pairs
 def make_pools(ref: Reference, data: Data, cfg, seed: int, stats: dict) -> dict:
-    """Per seed, from the SFT model: offline pairs of the requested rows (POVID; RLHF-V, None where the SFT
-    answer needed no correction; BDHS; BDHS + external) and held-out pairs (POVID; SFT samples, judged)."""
+    """Per seed, from the SFT model: the offline rows' pairs; held-out pairs (POVID, judged SFT samples)."""
     pools, base, sft = {"ties": {}, "bdhs_stats": stats, "ref": ref}, seed * 1_000_003, ref.model
     pools["povid"] = [dict(item=it, chosen=it["answer"], rejected=it["povid"]) for it in data.train]
     if "rlhfv" in cfg.rows:
-        answers = answer(sft, data, data.train, cfg.max_new_tokens)
-        pools["rlhfv"] = [dict(item=it, chosen=fixed, rejected=text) if fixed != text else None
-                          for it, text in zip(data.train, answers) for fixed in [pref.correct(text, it)]]
+        pools["rlhfv"] = pref.rlhfv_pairs(data.train, answer(sft, data, data.train, cfg.max_new_tokens))
         pools["ties"]["rlhfv_already_correct"] = pools["rlhfv"].count(None)
     for row in [r for r in ("bdhs", "bdhs_noise") if r in cfg.rows or r + "_ext" in cfg.rows]:
         y_neg = bdhs(sft, data, data.train, cfg, range(base, base + 99_999), stats, row == "bdhs_noise")
@@ -869,81 +857,92 @@ def make_pools(ref: Reference, data: Data, cfg, seed: int, stats: dict) -> dict:
             ref.fill(data, [p for p in pairs if p is not None])
         ref.fill(data, offline, blank=True)
     return pools | {"heldout": dict(offline=offline, on_policy=on_policy)}
-def step_pairs(row, policy, data: Data, pools: dict, cfg, seed: int, step: int, counts: dict) -> list:
-    """A step's pairs, a pure function of (seed, row, step): offline ones from the pools; online ones sampled
-    from the current policy and judged; mixed: Bernoulli(0.5) per example (Eq. 4); online BDHS: live y-."""
+def step_pairs(row, policy, data: Data, pools: dict, cfg, seed: int, step: int, counts: dict, rank, world):
+    """This rank's share [rank::world] of a step's pairs, a function of (seed, row, step): from the pools, or
+    sampled from the policy and judged (online), Bernoulli(0.5) per example (mixed, Eq. 4), live y- (BDHS)."""
     rng = np.random.default_rng([seed, ROWS.index(row), step])
     index = rng.choice(len(data.train), min(cfg.batch_size, len(data.train)), replace=False)
-    seeds = rng.integers(2**31, size=len(index) * cfg.n_samples).tolist()
+    seeds = rng.integers(2**31, size=(len(index), cfg.n_samples))  # (B, n_samples): one RNG per sample
+    offline = rng.random(len(index)) < (0.5 if row == "mixed" else 0.0)  # (B,)
+    index, seeds, offline = index[rank::world], seeds[rank::world], offline[rank::world]
     items = [data.train[i] for i in index]
-    if row in OFFLINE:
+    if row in pools:  # povid, rlhfv, bdhs, bdhs_ext, bdhs_noise: offline pairs, made up front
         return [pools[row][i] for i in index if pools[row][i] is not None]
     if row == "online_bdhs":
-        rejected = bdhs(policy, data, items, cfg, seeds, pools["bdhs_stats"])
+        rejected = bdhs(policy, data, items, cfg, seeds[:, 0].tolist(), pools["bdhs_stats"])
         return [dict(item=it, chosen=it["answer"], rejected=r) for it, r in zip(items, rejected)]
-    offline = rng.random(len(items)) < (0.5 if row == "mixed" else 0.0)
-    return [pools["povid"][i] for i, off in zip(index, offline) if off] + online_pairs(
-        policy, data, [it for it, off in zip(items, offline) if not off], cfg, seeds, counts)
-def train_row(row, seed, cfg, data, arch, init_weights, pools, device, log, meta, state=None):
-    """One table row: a fresh policy from the SFT weights (or a resumed (weights, optimizer, step)), cfg.steps
-    of DPO against the frozen reference. Returns policy, reference, optimizer, log-prob curves, counts."""
+    judged = online_pairs(policy, data, [data.train[i] for i in index[~offline]], cfg,
+                          seeds[~offline].ravel(), counts)
+    return [pools["povid"][i] for i in index[offline]] + judged
+def train_row(row, seed, cfg, data, arch, init_weights, pools, device, log, meta, state, rank, world):
+    """One table row: a fresh policy from the SFT weights (or resumed: (weights, optimizer, step)), cfg.steps
+    of DPO against the frozen reference; under torchrun the ranks' gradients are summed (DDP by hand)."""
     policy, ref = MM1(arch), pools["ref"]  # the seed's Reference (frozen SFT copy, its table if upfront)
     policy.load_state_dict(state[0] if state else init_weights)
     for module in (policy.vision_model, policy.connector):  # the LLM only is trained, as LLaVA's DPO recipes
         module.requires_grad_(False)
-    opt = make_adamw(policy.to(device).train(), cfg.lr, cfg.weight_decay)
+    opt = make_adamw(policy.to(device).train(), cfg.lr, 0.0)  # no decay: DPO pulls toward the reference
+    trainable = [p for p in policy.parameters() if p.requires_grad]
     opt.load_state_dict(state[1]) if state else None
-    curves = {k: [] for k in ("chosen", "rejected", "ref_chosen", "ref_rejected")}
-    counts = dict(pairs=0, skipped_steps=0)
+    curves, counts = {k: [] for k in ("chosen", "rejected", "ref_chosen", "ref_rejected")}, dict(pairs=0)
     steps = 0 if row == "sft" else cfg.steps
     for step in range(state[2] if state else 0, steps):
         set_lr(opt, lr := lr_at(step, steps, cfg.lr, min(cfg.warmup, steps), 0.0))
-        pairs = step_pairs(row, policy, data, pools, cfg, seed, step, counts)
-        counts["skipped_steps"] += not pairs  # every online pair a tie
-        if not pairs:
+        pairs = step_pairs(row, policy, data, pools, cfg, seed, step, counts, rank, world)
+        sums = torch.zeros(len(LOGGED) + 1)  # pairs, then sums over pairs of LOGGED: this rank's, then all's
+        if pairs:
+            loss, stats = pair_losses(policy, ref, data, pairs, cfg, device)
+            (loss * len(pairs)).backward()  # a sum over pairs, divided by every rank's count below
+            sums = torch.tensor([len(pairs), loss.item() * len(pairs), *(stats[k].sum() for k in LOGGED[1:])])
+        if world > 1:  # DDP by hand: every rank's count, sums and gradients summed
+            dist.all_reduce(sums)
+            for p in trainable:
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad  # a rank whose pairs all tied
+                dist.all_reduce(p.grad)
+        if not sums[0]:  # every online pair a tie (counted as online_ties)
             continue
-        loss, stats = pair_losses(policy, ref, data, pairs, cfg, device)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        for p in trainable:
+            p.grad /= sums[0]  # the gradient of the mean loss over the batch's pairs
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        counts["pairs"] += len(pairs)
-        counts.setdefault("step0_loss", round(loss.item(), 6)) if step == 0 else None
-        curves = {k: v + [stats[k].mean().item()] for k, v in curves.items()}
-        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-            extra = {k: round(stats[k].mean().item(), 4) for k in ("margin", "reward_chosen", "chosen")}
-            print(json.dumps(log(step + 1, loss.item(), lr, len(pairs), row=row, seed=seed, **extra)))
-        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
+        mean = dict(zip(LOGGED, (sums[1:] / sums[0]).tolist()))
+        counts["pairs"] += int(sums[0])
+        counts.setdefault("step0_loss", round(mean["dpo_loss"], 6)) if step == 0 else None  # without RPO
+        curves = {k: v + [mean[k]] for k, v in curves.items()}
+        if ((step + 1) % cfg.log_every == 0 or step + 1 == steps) and rank == 0:
+            extra = {k: round(mean[k], 4) for k in ("dpo_loss", "margin", "reward_chosen", "chosen")}
+            print(json.dumps(log(step + 1, mean["loss"], lr, int(sums[0]), row=row, seed=seed, **extra)))
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps and rank == 0:
             save_checkpoint(cfg.out_dir, policy, opt, cfg, step + 1, meta=meta(row, seed))
+    if world > 1 and "online_ties" in counts:  # each rank counted the ties of its share
+        dist.all_reduce(ties := torch.tensor(float(counts["online_ties"])))
+        counts["online_ties"] = int(ties)
     return policy, ref, opt, curves, counts
 # ----------------------------------------------------------------------------- eval
-def reward_margins(policy, ref, data, pairs, cfg, device, blank=False):
-    """beta [(log pi - log pi_ref)(y+) - (log pi - log pi_ref)(y-)] per held-out pair (blank: grey image)."""
-    return torch.cat([pair_losses(policy, ref, data, pairs[lo:lo + 16], cfg, device, blank)[1]["margin"]
-                      for lo in range(0, len(pairs), 16)]) if pairs else torch.zeros(1)
 @torch.no_grad()
 def evaluate(policy, ref, data: Data, cfg, device, heldout: dict) -> dict:
-    """POPE per split (answers matched by id), CHAIR of descriptions, VQA exact match, held-out reward
-    accuracy, the reward margin with the real image minus with a blank one."""
-    m = pref.pope_splits(data.pope, {s: answer(policy, data, items, 4) for s, items in data.pope.items()})
+    """POPE (by id), CHAIR, VQA, held-out reward accuracy, image use (margin real - blank), samples."""
+    def reward_margins(pairs, blank=False):  # (N,) beta h per held-out pair
+        return torch.cat([pair_losses(policy, ref, data, pairs[lo:lo + 16], cfg, device, blank)[1]["margin"]
+                          for lo in range(0, len(pairs), 16)]) if pairs else torch.zeros(1)
+    pope = {s: answer(policy, data, items, 4) for s, items in data.pope.items()}
+    m = pref.pope_splits(data.pope, pope)
     texts = answer(policy, data, data.describe, cfg.max_new_tokens)
     m |= pref.chair(texts, [it["scene"] for it in data.describe], cfg.drop_unfinished)
     answers = answer(policy, data, data.vqa, 8)
     m["vqa"] = 100 * float(np.mean([words(t) == words(it["answer"]) for t, it in zip(answers, data.vqa)]))
-    margins = {name: reward_margins(policy, ref, data, pairs, cfg, device) for name, pairs in heldout.items()}
+    margins = {name: reward_margins(pairs) for name, pairs in heldout.items()}
     m |= {f"reward_acc_{k}": 100 * ((v > 0) + 0.5 * (v == 0)).float().mean().item() for k, v in
           margins.items()}  # a margin of exactly 0 (as at step 0) counts half
-    blank = reward_margins(policy, ref, data, heldout["offline"], cfg, device, blank=True)
-    m["image_use"] = (margins["offline"].mean() - blank.mean()).item()
-    samples = [f"{it['question']} -> {t!r} (gold {it['answer']!r})" for it, t in zip(data.describe, texts)]
-    return {k: round(v, 4) for k, v in m.items()} | {"samples": samples[:2]}
+    m["image_use"] = (margins["offline"].mean() - reward_margins(heldout["offline"], True).mean()).item()
+    samples = pref.samples(data.describe, texts, data.pope["adversarial"], pope["adversarial"])
+    return {k: round(v, 4) for k, v in m.items()} | {"samples": samples}
 # ----------------------------------------------------------------------------- main
 def main(argv):
     cfg = parse_config(argv)
     check_config(cfg)
-    device, rank, world = setup_device(cfg.device)
-    if world > 1:
-        raise InputError("torchrun: dpo_bdhs.py runs in one process (not implemented yet)")
+    device, rank, world = setup_device(cfg.device)  # torchrun: pools on every rank, eval and files on rank 0
     check_out_dir(cfg.out_dir)
     t0, enc = time.time(), get_tokenizer()
     if not Path(cfg.init).is_file():
@@ -967,12 +966,10 @@ def main(argv):
         results = resumed["done"]
     keep = {k: init_meta[k] for k in ("arch", "tokenizer_sha256", "image_token_id", "image_size", "sft")}
     meta = lambda row, seed: keep | {"dpo": dict(row=row, seed=seed, done=results)}  # noqa: E731
-    write_outputs(cfg.out_dir, {"config.json": cfg})  # every input is read and checked: only now
-    if cfg.export:
-        pref.write_preference_jsonl(cfg.export, [dict(it, chosen=it["answer"], rejected=it["povid"])
-                                                 for it in data.train], cfg.export + ".images")
+    write_outputs(cfg.out_dir, {"config.json": cfg}) if rank == 0 else None  # every input checked: only now
+    pref.export_povid(cfg.export, data.train) if cfg.export and rank == 0 else None
     print(f"config: {json.dumps(asdict(cfg))}\ndata: {time.time() - t0:.1f} s")
-    log, ties, curves, ref_checks = RunLog(cfg.out_dir, "items", 0.0, device), {}, {}, {}
+    log, ties, curves, ref_checks = RunLog(cfg.out_dir, "items", 0.0, device, rank, world), {}, {}, {}
     bdhs_stats = dict(similarity=[], tries=[], examples=[])  # BDHS's filter over every row and seed
     for seed in cfg.seeds:
         seed_everything(seed)
@@ -983,11 +980,14 @@ def main(argv):
             t1, now = time.time(), resumed and (resumed["row"], resumed["seed"]) == (row, seed)
             state = resumed["state"] if now else None
             policy, ref, opt, curves[row], counts = train_row(row, seed, cfg, data, arch, init_weights, pools,
-                                                              device, log, meta, state)
-            save_checkpoint(cfg.out_dir, policy, opt, cfg, cfg.steps * (row != "sft"), meta=meta(row, seed))
-            m = evaluate(policy, ref, data, cfg, device, pools["heldout"]) | counts
-            results[f"{row}/{seed}"] = m | {"time_s": round(time.time() - t1, 1)}
+                                                              device, log, meta, state, rank, world)
+            if rank == 0:  # the other ranks go on to the next row and wait for rank 0 at its first step
+                save_checkpoint(cfg.out_dir, policy, opt, cfg, cfg.steps * (row != "sft"), meta(row, seed))
+                m = evaluate(policy, ref, data, cfg, device, pools["heldout"]) | counts
+                results[f"{row}/{seed}"] = m | {"time_s": round(time.time() - t1, 1)}
         ref_checks[seed] = pools["ref"].checked  # upfront: max |table - live| on the batch checked
+    if rank:
+        return None
     for row in [r for r in cfg.rows if curves.get(r, {}).get("chosen")][-1:]:  # the last trained row
         pref.curves_png(Path(cfg.out_dir) / "logps.png", curves[row], f"{row}: per-token log-probs")
     report = pref.report_md(cfg, results, bdhs_stats, ties, data.truncated, ref_checks, time.time() - t0)

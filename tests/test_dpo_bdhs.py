@@ -3,7 +3,11 @@ mask, the reference model, BDHS's key masking / prefixes / filter, the scene-gra
 POPE matched by id, CHAIR, the TRL JSONL round trip, and a smoke run from an mm1 -> mm15 smoke chain."""
 import json
 import math
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -80,11 +84,13 @@ def parts(chain):
 
 def test_step0_invariants_loss_ln2_rewards_zero_gradient_nonzero(parts):
     """Policy == reference: every pair's h is 0, so the sigmoid loss is ln 2 and both rewards are 0, but the
-    gradient (of -log sigmoid at 0: -beta / 2 * grad h) is not zero."""
+    gradient (of -log sigmoid at 0: -beta / 2 * grad h) is not zero. RPO's NLL (default on) comes on top."""
     pairs = [dict(item=it, chosen=it["answer"], rejected=it["povid"]) for it in parts.data.train[:3]]
     parts.policy.zero_grad()
-    loss, stats = dpo.pair_losses(parts.policy, parts.live, parts.data, pairs, parts.cfg, "cpu")
+    cfg = cfg_with(**{**vars(parts.cfg), "rpo_alpha": 0.0})
+    loss, stats = dpo.pair_losses(parts.policy, parts.live, parts.data, pairs, cfg, "cpu")
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert stats["dpo_loss"].mean().item() == pytest.approx(math.log(2), abs=1e-6)
     assert stats["reward_chosen"].abs().max() < 1e-6 and stats["reward_rejected"].abs().max() < 1e-6
     loss.backward()
     grad = sum(p.grad.abs().sum().item() for p in parts.policy.parameters() if p.grad is not None)
@@ -149,7 +155,8 @@ def test_prompt_is_mm15s_sft_sample_with_the_checkpoints_tiling(parts):
 def test_rpo_adds_the_per_token_nll_of_chosen(parts):
     pairs = [dict(item=it, chosen=it["answer"], rejected=it["povid"]) for it in parts.data.train[:2]]
     with torch.no_grad():
-        plain = dpo.pair_losses(parts.policy, parts.live, parts.data, pairs, parts.cfg, "cpu")[0]
+        plain = dpo.pair_losses(parts.policy, parts.live, parts.data, pairs, cfg_with(
+            **{**vars(parts.cfg), "rpo_alpha": 0.0}), "cpu")[0]
         rpo = dpo.pair_losses(parts.policy, parts.live, parts.data, pairs, cfg_with(
             **{**vars(parts.cfg), "rpo_alpha": 2.0}), "cpu")[0]
         rows = [parts.data.pair_row(p["item"], p["chosen"]) for p in pairs]
@@ -245,6 +252,18 @@ def test_bdhs_prefixes_flip_yes_no_half_the_time_and_keep_gold_context():
     assert 160 < flips < 240
 
 
+def test_yes_no_answers_are_the_sfts_words_and_flip_in_the_same_case():
+    """Gold yes/no answers are "yes" / "no", as the SFT's VQA answers them (a long gold format the SFT never
+    produced made DPO push its bare "no" + EOS away: POPE answers like "no64,"); POVID and BDHS flip them."""
+    items = [pref.pref_item("train", i, 0) for i in range(40)]
+    yes_no = [it for it in items if it["kind"] == "yesno"]
+    assert yes_no and {it["answer"] for it in yes_no} == {"yes", "no"}
+    assert all({pref.povid(it, random.Random(0)), it["answer"]} == {"yes", "no"} for it in yes_no)
+    assert {pref.bdhs_prefixes("no", random.Random(seed))[0][1] for seed in range(30)} == {"no", "yes"}
+    long = pref.pref_item("train", int(yes_no[0]["id"].split("-")[1]), 0, long=True)
+    assert long["answer"].startswith(("Yes, there is ", "No, there is no "))
+
+
 def test_bdhs_filter_retries_and_the_last_try_is_unguided(parts):
     items = parts.data.train[:3]
     for threshold, want in ((-1.0, 2), (2.0, 1)):  # always too similar -> last try; never -> first
@@ -268,6 +287,17 @@ def test_povid_injects_a_hallucination_and_correct_removes_it():
         assert pref.score(fixed, item)[:2] == (0, 0)
     item = pref.pref_item("train", 0, 0)
     assert pref.judge([item["answer"], item["answer"]], item) is None  # a tie
+
+
+def test_judge_never_prefers_an_answer_that_names_no_object():
+    """The online judge's reward hack: box digits mention no object, hence no hallucination; they must lose to
+    a description with a mistake, and to a yes/no answer with a verdict."""
+    item = next(it for i in range(40) for it in [pref.pref_item("train", i, 0)] if it["kind"] == "describe")
+    wrong = pref.povid(item, random.Random(0))  # one hallucinated object
+    assert pref.judge(["43, 12, 88]", wrong], item) == (1, 0)
+    assert pref.judge(["", wrong], item) == (1, 0)
+    yes_no = next(it for i in range(40) for it in [pref.pref_item("train", i, 0)] if it["kind"] == "yesno")
+    assert pref.judge(["no54,", yes_no["answer"]], yes_no) == (1, 0)
 
 
 def test_pope_is_matched_by_id_and_unparseable_is_never_yes():
@@ -319,6 +349,27 @@ def test_smoke_run_writes_the_table_and_a_checkpoint_with_the_contract(chain, tm
     assert json.loads(meta["dpo"])["row"] == "bdhs_ext"
     dpo.MM1(json.loads(meta["arch"])).load_state_dict(weights)  # strict
     assert len(pref.user_items(tmp_path / "pairs.jsonl")) == 6
+
+
+def test_torchrun_two_processes_train_as_one(chain, tmp_path):
+    """torchrun on CPU (gloo): each rank takes half of every step's pairs and the gradients are summed, so two
+    processes log the same losses and make the same table as one (online samples and BDHS draws included)."""
+    init = chain / "mm15" / "model.safetensors"
+    argv = ["--preset=smoke", f"--init={init}", "--rows=sft,povid,mixed,bdhs_noise"]
+    one = dpo.main([*argv, f"--out_dir={tmp_path / 'one'}"])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run = subprocess.run([*torchrun, "dpo_bdhs.py", *argv, f"--out_dir={tmp_path / 'two'}"],
+                         cwd=Path(dpo.__file__).parent, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    logged = [[json.loads(line)["loss"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+              for d in ("one", "two")]
+    assert len(logged[0]) >= 4 and logged[1] == pytest.approx(logged[0], abs=1e-5)
+    for key, got in one["results"].items():
+        numbers = {k: v for k, v in got.items() if k not in ("samples", "time_s")}
+        assert {k: two["results"][key][k] for k in numbers} == pytest.approx(numbers, abs=1e-3), key
+        assert two["results"][key]["samples"] == got["samples"]
 
 
 def test_missing_init_names_the_commands_to_run(tmp_path):

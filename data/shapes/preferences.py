@@ -54,9 +54,9 @@ def described(scene) -> list:
     return by_area[:MAX_OBJECTS]
 
 
-def pref_item(split: str, index: int, seed: int = 0, yes_no_share: float = 0.3) -> dict:
+def pref_item(split: str, index: int, seed: int = 0, yes_no_share: float = 0.3, long: bool = False) -> dict:
     """A prompt with its scene and gold answer: a description, or (yes_no_share of items) a POPE-style
-    existence question, half of them about an absent shape."""
+    existence question, half of them about an absent shape (answered as yes_no_answer(long))."""
     rng = rng_for("preference-item", split, index, seed)
     scene = make_scene(split, index, seed, "natural")
     item = dict(id=f"{split}-{index}", scene=scene, question=PROMPT_DESCRIBE, kind="describe",
@@ -65,14 +65,17 @@ def pref_item(split: str, index: int, seed: int = 0, yes_no_share: float = 0.3) 
         present = sorted({o.shape for o in shapes_of(scene)})
         absent = [s for s in SHAPES if s not in present]
         shape = rng.choice(present if rng.random() < 0.5 or not absent else absent)
-        item.update(kind="yesno", shape=shape, question=f"Is there {a(shape)} in the image?",
-                    answer=yes_no_answer(scene, shape))
+        item.update(kind="yesno", shape=shape, long=long, question=f"Is there {a(shape)} in the image?",
+                    answer=yes_no_answer(scene, shape, long=long))
     return item
 
 
-def yes_no_answer(scene, shape: str, flip: bool = False, rng=None) -> str:
-    """The gold answer to "Is there a <shape>?" (flip: the wrong one, with a made-up colour)."""
+def yes_no_answer(scene, shape: str, flip: bool = False, rng=None, long: bool = False) -> str:
+    """The gold answer to "Is there a <shape>?" (flip: the wrong one): "yes" / "no", the SFT's VQA format,
+    or long: "Yes, there is a red star." / "No, there is no star." (flipped: a made-up colour)."""
     objs = [o for o in shapes_of(scene) if o.shape == shape]
+    if not long:
+        return "yes" if bool(objs) != flip else "no"
     if bool(objs) != flip:
         color = objs[0].color if objs else rng.choice(COLORS)
         return f"Yes, there is {a(color + ' ' + shape)}."
@@ -85,7 +88,7 @@ def povid(item: dict, rng) -> str:
     added); a yes/no answer is flipped."""
     scene = item["scene"]
     if item["kind"] == "yesno":
-        return yes_no_answer(scene, item["shape"], flip=True, rng=rng)
+        return yes_no_answer(scene, item["shape"], flip=True, rng=rng, long=item["long"])
     present = {(o.color, o.shape) for o in shapes_of(scene)}
     fakes = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
     parts, objs = sentences(item["answer"]), described(scene)
@@ -122,6 +125,20 @@ def correct(text: str, item: dict) -> str:
     return fixed if object_mentions_norm(fixed) else item["answer"]  # nothing left to describe: rewritten
 
 
+def rlhfv_pairs(items: list, answers: list) -> list:
+    """RLHF-V-style pairs: (chosen = the answer corrected by the scene graph, rejected = the policy's answer),
+    None where the answer needed no correction."""
+    return [dict(item=it, chosen=fixed, rejected=text) if fixed != text else None
+            for it, text in zip(items, answers) for fixed in [correct(text, it)]]
+
+
+def samples(describe: list, texts: list, pope_items: list, pope_texts: list) -> list[str]:
+    """Samples for report.md: 2 descriptions, then 3 POPE answers, unparseable ones first."""
+    pope = sorted(zip(pope_texts, pope_items), key=lambda x: parse_yes_no(x[0]) is not None)
+    return [f"{it['question']} -> {t!r} (gold {it['answer']!r})"
+            for t, it in [*zip(texts[:2], describe), *pope[:3]]]
+
+
 def normalize(text: str) -> str:
     """CHAIR's synonym step: synonyms (and their plurals) -> the world's shape words; and negated mentions
     ("there is no star") dropped: they deny an object, they do not claim one."""
@@ -135,12 +152,17 @@ def object_mentions_norm(text: str):
 
 
 def score(text: str, item: dict) -> tuple:
-    """The exact judge's key, smaller is better: (wrong or unparseable yes/no verdict, hallucinated objects,
-    minus covered objects)."""
+    """The exact judge's key, smaller is better: (task failed, hallucinated objects, minus covered objects).
+    Failed: a yes/no verdict wrong or unparseable, or a description that names no object. Without the last
+    rule box digits ("43]") score (0, 0, 0), better than any description with one mistake, and online DPO
+    learnt to answer "Describe the image." with digits (the collapse in results/dpo_bdhs.md)."""
     s = object_scores(normalize(text), item["scene"])  # a "no" answer's denied shape is not a mention
-    wrong = item["kind"] == "yesno" and parse_yes_no(text) != parse_yes_no(item["answer"])
+    if item["kind"] == "yesno":
+        failed = parse_yes_no(text) != parse_yes_no(item["answer"])
+    else:
+        failed = s["mentions"] == 0
     covered = round(s["recall"] * len({(o.color, o.shape) for o in shapes_of(item["scene"])}))
-    return int(wrong), s["hallucinated"], -covered
+    return int(failed), s["hallucinated"], -covered
 
 
 def judge(texts: list[str], item: dict):
@@ -156,9 +178,9 @@ POPE_SPLITS = ("random", "popular", "adversarial")
 def item_sets(cfg) -> dict:
     """dpo_bdhs.py's items (cfg: n_train, eval_scenes, seed, yes_no_share), each set on scenes of its own:
     train prompts, held-out pairs (test), descriptions for CHAIR (describe), general VQA, POPE per split."""
-    n_eval, seed, yes_no_share = cfg.eval_scenes, cfg.seed, cfg.yes_no_share
-    return dict(train=[pref_item("train", i, seed, yes_no_share) for i in range(cfg.n_train)],
-                test=[pref_item("test", i, seed, yes_no_share) for i in range(n_eval)],
+    n_eval, seed, share, long = cfg.eval_scenes, cfg.seed, cfg.yes_no_share, cfg.yes_no_long
+    return dict(train=[pref_item("train", i, seed, share, long) for i in range(cfg.n_train)],
+                test=[pref_item("test", i, seed, share, long) for i in range(n_eval)],
                 describe=[pref_item("test", 10_000 + i, seed, 0.0) for i in range(n_eval)],
                 vqa=vqa_items(n_eval, seed), pope={s: pope_items(s, n_eval, seed) for s in POPE_SPLITS})
 
@@ -238,6 +260,12 @@ def write_preference_jsonl(path, rows: list[dict], image_folder) -> None:
                                 "images": [os.path.relpath(folder / f"{i}.png", path.parent)]}) + "\n")
 
 
+def export_povid(path, items: list) -> None:
+    """dpo_bdhs.py --export: the POVID-style training pairs (gold vs injected hallucination) as TRL JSONL."""
+    write_preference_jsonl(path, [dict(it, chosen=it["answer"], rejected=it["povid"]) for it in items],
+                           f"{path}.images")
+
+
 def curves_png(path, series: dict, title: str, size=(640, 360)) -> None:
     """Line plot of named series (lists of numbers over steps) with Pillow: one colour per series, the legend
     and the y range written in the corner (matplotlib is not a dependency)."""
@@ -286,8 +314,9 @@ def bdhs_prefixes(answer: str, rng) -> list[tuple[str, str]]:
     for i, sentence in enumerate(gold):
         w = sentence.split()
         verdict = bool(w) and w[0].lower().strip(",.") in ("yes", "no")
-        if verdict and rng.random() < 0.5:
-            w[0] = ("No" if w[0].lower().startswith("yes") else "Yes") + w[0][len(w[0].rstrip(",.")):]
+        if verdict and rng.random() < 0.5:  # the other verdict, same case: "no" -> "yes", "No," -> "Yes,"
+            flipped = "no" if w[0].lower().startswith("yes") else "yes"
+            w[0] = (flipped.title() if w[0][0].isupper() else flipped) + w[0][len(w[0].rstrip(",.")):]
         cut = rng.randrange(int(verdict), max(len(w), int(verdict) + 1))
         out.append((" ".join(gold[:i]), " ".join(w[:cut])))
     return out
@@ -385,5 +414,6 @@ def report_md(cfg, results: dict, bdhs_stats: dict, ties: dict, truncated: int, 
             f"{table_and_verdicts(results, cfg.rows, cfg.seeds, TABLE, CLAIMS)}\n\n## BDHS\n"
             f"{bdhs_report(bdhs_stats, cfg.sim_threshold, cfg.max_tries)}\n\n"
             f"ties and corrections not needed: {json.dumps(ties)}\n"
-            f"step-0 loss per row (ln 2 = {math.log(2):.6f}): {json.dumps(step0)}\nreference: {reference}\n"
+            f"step-0 DPO loss per row (RPO's NLL apart; ln 2 = {math.log(2):.6f}): {json.dumps(step0)}\n"
+            f"reference: {reference}\n"
             f"responses truncated: {truncated}\n\n{samples}\n\nwall time {seconds:.0f} s\n")
