@@ -33,15 +33,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from data import InputError
-from data.metrics import words
 from data.shapes import preferences as pref
 from data.shapes.mm15_tasks import native_size, render_shaped
 from data.shapes.world import rng_for
 from data.tile_selectors import grids
 from data.tokenizer import get_tokenizer
 from data.vl_tasks import tokenizer_sha256
-from kernels import attention
-from kernels.attention import visibility_mask
+from kernels.attention import attention, visibility_mask
 
 # ----------------------------------------------------------------------------- config
 ROWS = ("sft", "povid", "rlhfv", "online", "mixed", "bdhs", "online_bdhs", "bdhs_ext", "bdhs_noise")
@@ -358,7 +356,6 @@ def run_main(main) -> None:
     raise SystemExit(2)
 # ============================================================================= skeleton: end
 
-
 # ----------------------------------------------------------------------------- data
 # Tiling: copies of mm15.py's (tests/test_skeleton.py compares them), one plan for the pixels and the slots.
 def fit(width, height, box_w, box_h):
@@ -415,20 +412,18 @@ def tile_pixels(image: Image.Image, plan: dict) -> torch.Tensor:
 class Data:
     """Prompts (ShapesWorld or a user's TRL pairs) and held-out items in mm15's SFT format and tiling."""
 
-    def __init__(self, cfg: Config, enc, tiling: dict, user_items=None):
+    def __init__(self, cfg: Config, enc, tiling: dict):
         self.enc, self.tiling, self.seq_len, self.truncated = enc, SimpleNamespace(**tiling), cfg.seq_len, 0
         self.image_id, self.eot_id, self.pad_id = map(enc.encode_single_token, ["<image>", "<|endoftext|>",
                                                                                  "<|pad|>"])
         assert self.pad_id != self.eot_id, "pad = eos: the model would never learn to stop"
         self.eot = torch.arange(enc.n_vocab) == self.eot_id  # (V,) the stop token of a whole answer
         self.period = self.eot | torch.tensor(["." in enc.decode([i]) for i in range(enc.n_vocab)])  # (V,)
-        vars(self).update(pref.item_sets(cfg))  # self.train, test, describe, vqa, pope
-        self.train, rendered, rng = user_items or self.train, {}, random.Random(cfg.seed)
+        vars(self).update(pref.item_sets(cfg))  # self.train (or --pairs), test, describe, vqa, pope; POVID y-
         for item in [*self.train, *self.test, *self.describe, *self.vqa, *sum(self.pope.values(), [])]:
             if "pil" not in item:  # one image per scene: square, long side 0.75-2.5 tiles, as mm15's natural
                 size = native_size("natural", rng_for("dpo-size", item["scene"].uid), tiling["tile_size"])
-                item["pil"] = rendered.setdefault(item["scene"].uid, render_shaped(item["scene"], *size))
-                item["povid"] = pref.povid(item, rng) if "kind" in item else None
+                item["pil"] = render_shaped(item["scene"], *size)
     def prompt(self, item: dict, blank=False):
         """(ids, tiles uint8 (n_views, 3, r, r)) of an item's prompt; blank: a grey image of the same size."""
         key = "blank_tiles" if blank else "tiles"
@@ -439,8 +434,7 @@ class Data:
             item[key] = ids + encode(" Answer:"), tile_pixels(pil, plan)
         return item[key]
     def pair_row(self, item: dict, text: str, blank=False):
-        """(prompt ids, response ids + EOS, tiles); a too long response is cut at its end (counted), never the
-        prompt (its image slots must match the tiles) nor the whole response."""
+        """(prompt, response + EOS, tiles); too long: the response's end is cut (counted), not the prompt."""
         ids, tiles = self.prompt(item, blank)
         response = self.enc.encode_ordinary(" " + text.strip()) + [self.eot_id]
         if len(ids) >= self.seq_len:
@@ -448,9 +442,9 @@ class Data:
         self.truncated += len(ids) + len(response) > self.seq_len
         return ids, response[:self.seq_len - len(ids)], tiles
 
-
 # ----------------------------------------------------------------------------- model
 # Copies of mm1.py / mm15.py (CLIP ViT with HF names, connectors, Llama decoder), checked by test_skeleton.py.
+AttnPoolConnector = MoEMLP = None  # mm15.py's attention pooling and MoE: not copied, main() refuses them
 class CLIPAttention(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -521,7 +515,6 @@ class AvgPoolConnector(nn.Module):
     def forward(self, feats):  # (N, P, Cv)
         grid = feats.transpose(1, 2).unflatten(2, (math.isqrt(feats.shape[1]),) * 2)  # (N, Cv, g, g)
         return self.proj(F.adaptive_avg_pool2d(grid, self.side).flatten(2).transpose(1, 2))  # (N, K, C)
-AttnPoolConnector = None  # not copied (no preset uses it): main() refuses it
 class LayerNorm2d(nn.LayerNorm):
     def forward(self, x):  # (N, C, H, W): normalise over channels
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -603,7 +596,6 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None
-MoEMLP = None  # mm15.py's MoE layer is not copied: main() refuses arch.text.moe_every > 0
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, moe: bool):
         super().__init__()
@@ -728,8 +720,7 @@ def pair_losses(policy, ref, data: Data, pairs: list, cfg, device, blank=False):
     rows, keys = pair_rows(data, pairs, blank)
     B, k = len(pairs), len(rows) // len(pairs)
     pi, n = (x.view(k, B) for x in sequence_logps(policy, rows, data, device))  # (k, B)
-    with torch.no_grad():
-        ref_lp = ref(rows, keys, data).view(k, B)  # (k, B)
+    ref_lp = ref(rows, keys, data).view(k, B)  # (k, B), no graph: the Reference is frozen
     losses, reward_c, reward_r = preference_loss(pi[0], pi[1], ref_lp[0], ref_lp[1], n[0], n[1], cfg)
     if k == 3:
         ext = preference_loss(pi[0], pi[2], ref_lp[0], ref_lp[2], n[0], n[2], cfg)[0]
@@ -740,14 +731,12 @@ def pair_losses(policy, ref, data: Data, pairs: list, cfg, device, blank=False):
     return loss, {k: v.detach() for k, v in per_token.items()} | dict(margin=reward_c - reward_r)
 # ----------------------------------------------------------------------------- train
 class Reference:
-    """log pi_ref(y|x) summed over the response, from a frozen copy (eval mode, sharing nothing with the
-    policy): live, or upfront (TRL's precompute_ref_log_probs; fill() before training, responses made in
-    training live; the first batch read is also run live and must agree: TRL PR 1961)."""
+    """log pi_ref(y|x) from a frozen copy sharing nothing with the policy: live, or upfront (TRL's
+    precompute_ref_log_probs: fill() before training; the first batch is also run live and must agree)."""
     def __init__(self, arch: dict, weights: dict, device, upfront: bool):
         self.model, self.table, self.checked, self.device = MM1(arch), {} if upfront else None, None, device
         self.model.load_state_dict(weights)  # copies: load_state_dict never shares the dict's tensors
-        self.model.to(device).eval().requires_grad_(False)
-    @torch.no_grad()
+        self.model.to(device).eval().requires_grad_(False)  # frozen: its log-probs build no autograd graph
     def fill(self, data: Data, pairs: list, blank=False):
         for lo in range(0, len(pairs), 8):
             rows, keys = pair_rows(data, pairs[lo:lo + 8], blank)
@@ -769,22 +758,20 @@ def answer(model, data: Data, items, max_new: int, temperature=0.0, gens=None, p
     image slot's key is hidden iff U(0,1) < rho (kernels' key_mask); noise: (1 - rho) x + rho U(0, 255)."""
     texts, stop, dev = [], data.eot if stop is None else stop, model.lm_head.weight.device
     for lo in range(0, len(items), 32):
-        prompts, tiles, hidden = [], [], []
+        batch = []
         for i in range(lo, min(lo + 32, len(items))):
             ids, t = data.prompt(items[i])
             ids = ids + (data.enc.encode_ordinary(prefixes[i]) if prefixes and prefixes[i] else [])
             if rho is not None and noise:
                 t = ((1 - rho) * t + rho * 255 * torch.rand(t.shape, generator=gens[i])).to(torch.uint8)
             drawn = torch.rand(len(ids), generator=gens[i]) < rho if rho is not None and not noise else False
-            hidden.append(drawn & (torch.tensor(ids) == data.image_id))  # (T_i,) keys no query may see
-            prompts.append(ids)
-            tiles.append(t)
+            batch.append((ids, t, drawn & (torch.tensor(ids) == data.image_id)))  # hidden (T_i,)
+        prompts, tiles, hidden = zip(*batch)
         B, T = len(prompts), max(map(len, prompts))
         n_pad = torch.tensor([T - len(p) for p in prompts], device=dev)  # (B,)
         ids = torch.tensor([[data.pad_id] * (T - len(p)) + p for p in prompts], device=dev)  # (B, T)
         positions = (torch.arange(T, device=dev) - n_pad[:, None]).clamp(min=0)  # (B, T)
-        keys = torch.arange(T, device=dev) >= n_pad[:, None]  # (B, T): real tokens
-        keys &= torch.stack([F.pad(~h, (T - len(h), 0), value=True) for h in hidden]).to(dev)
+        keys = torch.stack([F.pad(~h, (T - len(h), 0), value=False) for h in hidden]).to(dev)  # (B, T)
         mask = visibility_mask(T, T, causal=True, key_mask=keys) | torch.eye(T, dtype=torch.bool, device=dev)
         cache, out, done = [[] for _ in model.model.layers], [[] for _ in prompts], torch.zeros(B).bool()
         logits = model(ids, torch.cat(tiles).to(dev), positions, mask, cache)[0][:, -1].float().cpu()  # B, V
@@ -793,23 +780,21 @@ def answer(model, data: Data, items, max_new: int, temperature=0.0, gens=None, p
                 uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in gens[lo:lo + B]])
                 logits = logits / temperature - torch.log(-torch.log(uniform.clamp(1e-20, 1 - 1e-7)))
             nxt = logits.argmax(-1)  # (B,)
-            for b in (~done).nonzero()[:, 0].tolist():
-                out[b].append(int(nxt[b]))
+            out = [o if d else o + [t] for o, t, d in zip(out, nxt.tolist(), done.tolist())]  # until its stop
             done |= stop[nxt]
             if done.all():
                 break
             keys = torch.cat([keys, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)  # (B, T + step + 1)
             step_ids, step_pos = nxt[:, None].to(dev), positions[:, -1:] + step + 1
             logits = model(step_ids, None, step_pos, keys[:, None, None, :], cache)[0][:, -1].float().cpu()
-        texts += [data.enc.decode([i for i in ids if i not in (data.eot_id, data.pad_id)]).strip()
-                  for ids in out]  # without EOS / padding
+        texts += [data.enc.decode([t for t in o if t not in (data.eot_id, data.pad_id)]).strip() for o in out]
     return texts
 def bdhs(model, data: Data, items: list, cfg, example_seeds: list, stats: dict, noise=False) -> list[str]:
     """BDHS, Algorithm 1: y- from the model with ~rho_th of the image keys masked (noise: pixels noised); each
     gold sentence cut at a random word (yes/no flipped: pref.bdhs_prefixes) after the gold ones before it, and
     completed to a full stop / EOS; redrawn while cosine(y-, y+) >= sim_threshold, the last try unguided."""
-    rngs = [random.Random(s) for s in example_seeds[:len(items)]]
-    gens = [torch.Generator().manual_seed(s) for s in example_seeds[:len(items)]]
+    rngs = [random.Random(int(s)) for s in example_seeds[:len(items)]]
+    gens = [torch.Generator().manual_seed(int(s)) for s in example_seeds[:len(items)]]
     out, pending = [None] * len(items), list(range(len(items)))
     for attempt in range(cfg.max_tries):
         guided = attempt < cfg.max_tries - 1
@@ -842,16 +827,16 @@ def online_pairs(policy, data: Data, items: list, cfg, seeds, counts: dict) -> l
 def make_pools(ref: Reference, data: Data, cfg, seed: int, stats: dict) -> dict:
     """Per seed, from the SFT model: the offline rows' pairs; held-out pairs (POVID, judged SFT samples)."""
     pools, base, sft = {"ties": {}, "bdhs_stats": stats, "ref": ref}, seed * 1_000_003, ref.model
-    pools["povid"] = [dict(item=it, chosen=it["answer"], rejected=it["povid"]) for it in data.train]
+    pools["povid"] = pref.gold_pairs(data.train)
     if "rlhfv" in cfg.rows:
         pools["rlhfv"] = pref.rlhfv_pairs(data.train, answer(sft, data, data.train, cfg.max_new_tokens))
         pools["ties"]["rlhfv_already_correct"] = pools["rlhfv"].count(None)
     for row in [r for r in ("bdhs", "bdhs_noise") if r in cfg.rows or r + "_ext" in cfg.rows]:
         y_neg = bdhs(sft, data, data.train, cfg, range(base, base + 99_999), stats, row == "bdhs_noise")
-        pools[row] = [dict(item=it, chosen=it["answer"], rejected=r) for it, r in zip(data.train, y_neg)]
+        pools[row] = pref.gold_pairs(data.train, y_neg)
         pools[row + "_ext"] = [dict(p, ext=it["povid"]) for p, it in zip(pools[row], data.train)]
     on_policy = online_pairs(sft, data, data.test, cfg, range(base, base + 99_999), pools["ties"])  # held out
-    offline = [dict(item=it, chosen=it["answer"], rejected=it["povid"]) for it in data.test]
+    offline = pref.gold_pairs(data.test)
     if ref.table is not None:  # --ref=upfront: every fixed response once, before any training
         for pairs in [v for v in pools.values() if isinstance(v, list)] + [offline, on_policy]:
             ref.fill(data, [p for p in pairs if p is not None])
@@ -865,18 +850,17 @@ def step_pairs(row, policy, data: Data, pools: dict, cfg, seed: int, step: int, 
     seeds = rng.integers(2**31, size=(len(index), cfg.n_samples))  # (B, n_samples): one RNG per sample
     offline = rng.random(len(index)) < (0.5 if row == "mixed" else 0.0)  # (B,)
     index, seeds, offline = index[rank::world], seeds[rank::world], offline[rank::world]
-    items = [data.train[i] for i in index]
     if row in pools:  # povid, rlhfv, bdhs, bdhs_ext, bdhs_noise: offline pairs, made up front
         return [pools[row][i] for i in index if pools[row][i] is not None]
     if row == "online_bdhs":
-        rejected = bdhs(policy, data, items, cfg, seeds[:, 0].tolist(), pools["bdhs_stats"])
-        return [dict(item=it, chosen=it["answer"], rejected=r) for it, r in zip(items, rejected)]
+        items = [data.train[i] for i in index]  # y- made live by the policy, one RNG per example
+        return pref.gold_pairs(items, bdhs(policy, data, items, cfg, seeds[:, 0], pools["bdhs_stats"]))
     judged = online_pairs(policy, data, [data.train[i] for i in index[~offline]], cfg,
                           seeds[~offline].ravel(), counts)
     return [pools["povid"][i] for i in index[offline]] + judged
 def train_row(row, seed, cfg, data, arch, init_weights, pools, device, log, meta, state, rank, world):
-    """One table row: a fresh policy from the SFT weights (or resumed: (weights, optimizer, step)), cfg.steps
-    of DPO against the frozen reference; under torchrun the ranks' gradients are summed (DDP by hand)."""
+    """One table row: a fresh policy from the SFT weights (or the resumed state), cfg.steps of DPO; torchrun:
+    the ranks' gradients are summed (DDP by hand)."""
     policy, ref = MM1(arch), pools["ref"]  # the seed's Reference (frozen SFT copy, its table if upfront)
     policy.load_state_dict(state[0] if state else init_weights)
     for module in (policy.vision_model, policy.connector):  # the LLM only is trained, as LLaVA's DPO recipes
@@ -930,11 +914,9 @@ def evaluate(policy, ref, data: Data, cfg, device, heldout: dict) -> dict:
     m = pref.pope_splits(data.pope, pope)
     texts = answer(policy, data, data.describe, cfg.max_new_tokens)
     m |= pref.chair(texts, [it["scene"] for it in data.describe], cfg.drop_unfinished)
-    answers = answer(policy, data, data.vqa, 8)
-    m["vqa"] = 100 * float(np.mean([words(t) == words(it["answer"]) for t, it in zip(answers, data.vqa)]))
-    margins = {name: reward_margins(pairs) for name, pairs in heldout.items()}
-    m |= {f"reward_acc_{k}": 100 * ((v > 0) + 0.5 * (v == 0)).float().mean().item() for k, v in
-          margins.items()}  # a margin of exactly 0 (as at step 0) counts half
+    m["vqa"] = pref.vqa_accuracy(answer(policy, data, data.vqa, 8), data.vqa)
+    margins = {name: reward_margins(pairs) for name, pairs in heldout.items()}  # 0 (step 0): half
+    m |= {f"reward_acc_{k}": 100 * ((v > 0) + (v == 0) / 2).mean().item() for k, v in margins.items()}
     m["image_use"] = (margins["offline"].mean() - reward_margins(heldout["offline"], True).mean()).item()
     samples = pref.samples(data.describe, texts, data.pope["adversarial"], pope["adversarial"])
     return {k: round(v, 4) for k, v in m.items()} | {"samples": samples}
@@ -955,15 +937,12 @@ def main(argv):
     if arch["connector"]["type"] == "attnpool" or arch["text"]["moe_every"]:
         raise InputError(f"--init={cfg.init}: arch.connector.type={arch['connector']['type']!r}, arch.text."
                          f"moe_every={arch['text']['moe_every']}: held here: avgpool, cabstractor, no MoE")
-    tiling = json.loads(init_meta["sft"])["tiling"]  # images are tiled as the checkpoint's SFT tiled them
-    data = Data(cfg, enc, tiling, pref.user_items(cfg.pairs) if cfg.pairs else None)
+    data = Data(cfg, enc, json.loads(init_meta["sft"])["tiling"])  # tiled as the checkpoint's SFT tiled them
     if (init_meta["tokenizer_sha256"], arch["image_token_id"]) != (tokenizer_sha256(), data.image_id):
         raise InputError(f"--init={cfg.init}: made with another tokenizer (sha256 or <image> id differs)")
-    results, resumed = {}, None
-    if cfg.resume:  # reads only; finished rows are kept, the unfinished one continues at its step
-        weights, optim_state, step, saved = load_checkpoint(cfg.out_dir, cfg, RESUME_MAY_DIFFER)
-        resumed = json.loads(saved["dpo"]) | {"state": (weights, optim_state, step)}
-        results = resumed["done"]
+    resumed = load_checkpoint(cfg.out_dir, cfg, RESUME_MAY_DIFFER) if cfg.resume else None  # reads only
+    saved = json.loads(resumed[3]["dpo"]) if resumed else dict(row=None, seed=None, done={})
+    results = saved["done"]  # finished rows are kept, the unfinished one continues at its step
     keep = {k: init_meta[k] for k in ("arch", "tokenizer_sha256", "image_token_id", "image_size", "sft")}
     meta = lambda row, seed: keep | {"dpo": dict(row=row, seed=seed, done=results)}  # noqa: E731
     write_outputs(cfg.out_dir, {"config.json": cfg}) if rank == 0 else None  # every input checked: only now
@@ -977,8 +956,7 @@ def main(argv):
         pools = make_pools(reference, data, cfg, seed, bdhs_stats)
         ties |= {f"{k}/{seed}": v for k, v in pools["ties"].items()}
         for row in (r for r in cfg.rows if f"{r}/{seed}" not in results):
-            t1, now = time.time(), resumed and (resumed["row"], resumed["seed"]) == (row, seed)
-            state = resumed["state"] if now else None
+            t1, state = time.time(), resumed[:3] if (saved["row"], saved["seed"]) == (row, seed) else None
             policy, ref, opt, curves[row], counts = train_row(row, seed, cfg, data, arch, init_weights, pools,
                                                               device, log, meta, state, rank, world)
             if rank == 0:  # the other ranks go on to the next row and wait for rank 0 at its first step

@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from .. import InputError
@@ -176,13 +178,25 @@ POPE_SPLITS = ("random", "popular", "adversarial")
 
 
 def item_sets(cfg) -> dict:
-    """dpo_bdhs.py's items (cfg: n_train, eval_scenes, seed, yes_no_share), each set on scenes of its own:
-    train prompts, held-out pairs (test), descriptions for CHAIR (describe), general VQA, POPE per split."""
+    """dpo_bdhs.py's items (cfg: n_train, eval_scenes, seed, yes_no_share, pairs), each set on scenes of its
+    own: train prompts (or the user's --pairs), held-out pairs (test), descriptions for CHAIR (describe),
+    general VQA, POPE per split. Train, test and describe items carry a POVID-style rejected answer."""
     n_eval, seed, share, long = cfg.eval_scenes, cfg.seed, cfg.yes_no_share, cfg.yes_no_long
-    return dict(train=[pref_item("train", i, seed, share, long) for i in range(cfg.n_train)],
+    sets = dict(train=[pref_item("train", i, seed, share, long) for i in range(cfg.n_train)],
                 test=[pref_item("test", i, seed, share, long) for i in range(n_eval)],
                 describe=[pref_item("test", 10_000 + i, seed, 0.0) for i in range(n_eval)],
                 vqa=vqa_items(n_eval, seed), pope={s: pope_items(s, n_eval, seed) for s in POPE_SPLITS})
+    sets["train"], rng = user_items(cfg.pairs) if cfg.pairs else sets["train"], random.Random(seed)
+    for item in [*sets["train"], *sets["test"], *sets["describe"]]:
+        if "povid" not in item:  # a user's pair brings its own rejected answer
+            item["povid"] = povid(item, rng)
+    return sets
+
+
+def gold_pairs(items: list, rejected: list | None = None) -> list[dict]:
+    """Preference pairs with the gold answer as chosen; rejected: one per item (default: its POVID answer)."""
+    rejected = [it["povid"] for it in items] if rejected is None else rejected
+    return [dict(item=it, chosen=it["answer"], rejected=r) for it, r in zip(items, rejected)]
 
 
 def pope_items(negatives: str, n_scenes: int, seed: int = 0) -> list[dict]:
@@ -236,6 +250,11 @@ def chair(texts: list[str], scenes: list, drop_last: bool = True) -> dict:
                 chair_i=100 * sum(s["hallucinated"] for s in scores) / max(mentions, 1),
                 recall=100 * sum(s["recall"] for s in scores) / len(scores),
                 length=sum(len(words(t)) for t in texts) / len(texts))
+
+
+def vqa_accuracy(texts: list[str], items: list[dict]) -> float:
+    """Exact match (percent) after data.metrics.words (lower case, punctuation dropped), as mm1's VQA."""
+    return 100 * float(np.mean([words(t) == words(it["answer"]) for t, it in zip(texts, items)]))
 
 
 def bow_cosine(a_text: str, b_text: str) -> float:
