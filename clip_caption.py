@@ -844,14 +844,15 @@ def caption_images(model: Captioner, data: ImageSet, fmts, prefix: Path, cfg: Co
     done = read()
     return {f: [done[f, i] for i in range(len(data.images))] for f in fmts}
 def run_jobs(jobs: dict, cfg: Config, run: Run, timings: dict) -> dict:
-    """{name: result} of independent jobs (functions of no argument). With --workers > 1 in one CPU process,
-    in that many forked processes of one thread each; every job seeds itself: the results are the same."""
+    """{name: result} of independent jobs (functions of no argument). With --workers > 1 in a CPU process, in
+    that many forked processes sharing this one's threads (one each on 2 cores); every job seeds itself."""
     global JOBS
     JOBS = list(jobs.values())  # a forked worker inherits them: only an index goes to it, a result comes back
     if cfg.workers < 2 or run.world > 1 or run.device != "cpu" or len(jobs) < 2:
         results = [run_job(i) for i in range(len(jobs))]
     else:  # (on a shared machine, two threads of one process spin-wait for each other: two processes don't)
-        with multiprocessing.get_context("fork").Pool(cfg.workers, torch.set_num_threads, (1,)) as pool:
+        threads = max(1, torch.get_num_threads() // cfg.workers)
+        with multiprocessing.get_context("fork").Pool(cfg.workers, torch.set_num_threads, (threads,)) as pool:
             results = pool.map(run_job, range(len(jobs)), chunksize=1)  # handed out in order: longest first
     timings |= {name: seconds for name, (_, seconds) in zip(jobs, results)}
     return {name: result for name, (result, _) in zip(jobs, results)}
@@ -1090,10 +1091,9 @@ def main(argv: list[str]):
         synthetic = gold_synthetic(web, fmts, cfg.gold_error, cfg.seed)
     else:
         done, jobs, clock = run_jobs(jobs, cfg, run, timings), {}, time.time()
-        captioner = done["captioner"][0]
+        captioner, state = done["captioner"][0], done["captioner"][0].state_dict()
         data_id = hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest() if cfg.data else \
             f"shapesworld/{cfg.seed}/{cfg.n_web}/{cfg.cap_image_size}"
-        state = captioner.state_dict()
         weights = b"".join(k.encode() + v.float().cpu().numpy().tobytes() for k, v in state.items())
         key = hashlib.sha256(weights + f"/{data_id}/{cfg.alt_tokens}/{fmts}".encode())
         seen = read_user_pairs(cfg.data, cfg, cfg.cap_image_size)[:cut] if pairs else \
