@@ -76,7 +76,6 @@ class Config:
     seq_len: int = 256              # longest prompt + response; longer responses are cut (counted)
     max_new_tokens: int = 32        # generation limit of descriptions and online samples
     eval_scenes: int = 12           # held-out scenes per POPE split, descriptions, VQA, held-out pairs
-    drop_unfinished: bool = True    # CHAIR: drop an unfinished last sentence
     warmup: int = 2                 # linear warmup steps
     grad_clip: float = 1.0          # max global grad norm
     log_every: int = 5              # steps between log lines
@@ -90,6 +89,7 @@ PRESETS = {
 }
 RESUME_MAY_DIFFER = ("resume", "device", "out_dir", "log_every", "ckpt_every")
 LOGGED = ("loss", "dpo_loss", "chosen", "rejected", "ref_chosen", "ref_rejected", "margin", "reward_chosen")
+
 def check_config(cfg: Config) -> None:
     """Script-specific checks of the values (the skeleton checks keys and types)."""
     if cfg.loss not in ("sigmoid", "ipo", "hinge") or cfg.ref not in ("live", "upfront") or not cfg.rows \
@@ -102,6 +102,7 @@ def check_config(cfg: Config) -> None:
     if min(n) < 1 or not (0 <= cfg.label_smoothing < 0.5 and 0 <= cfg.gamma <= 1 and 0 <= cfg.rho_th <= 1):
         raise InputError("expected --steps >= 0, --n_samples > 1, sizes > 0, 0 <= --label_smoothing < 0.5, "
                          "--gamma and --rho_th in [0, 1]")
+
 # ============================================================================= skeleton: begin
 # The shared skeleton, byte for byte the same in every script (tests/test_skeleton.py diffs the copies):
 # CLI and --help, device, seeding, lr schedule, AdamW, checkpoints, log.jsonl, outputs, error handler.
@@ -357,12 +358,12 @@ def run_main(main) -> None:
 # ============================================================================= skeleton: end
 
 # ----------------------------------------------------------------------------- data
-# Tiling: copies of mm15.py's (tests/test_skeleton.py compares them), one plan for the pixels and the slots.
 def fit(width, height, box_w, box_h):
     """Aspect-kept resize of width x height into box_w x box_h: scale, (w, h), centred pad (left, top)."""
     scale = min(box_w / width, box_h / height)
     w, h = min(box_w, max(1, round(width * scale))), min(box_h, max(1, round(height * scale)))
     return scale, (w, h), ((box_w - w) // 2, (box_h - h) // 2)
+
 def plan_tiles(width: int, height: int, cfg) -> dict:
     """The one tiling plan that both the pixels (tile_pixels) and the `<image>` slots (slot_ids) follow.
     MM1.5's rule over the grids with n_min <= tiles <= n_max of tile_size tiles: if some grids fit the image
@@ -386,6 +387,7 @@ def plan_tiles(width: int, height: int, cfg) -> dict:
     return dict(size=(width, height), tile=r, grid=(rows, cols), resized=resized, pad=pad,
                 overview=fit(width, height, r, r)[1:], order=order,
                 n_image_tokens=len(order) * cfg.image_tokens)
+
 def slot_ids(plan: dict, cfg, image_id: int, encode) -> list:
     """An image's `<image>` slots (image_tokens per view, in plan order) with the position indicators."""
     ids = []
@@ -396,10 +398,12 @@ def slot_ids(plan: dict, cfg, image_id: int, encode) -> list:
         if cfg.indicators == "seps" and kind == "tile":
             ids += encode("," if j + 1 < plan["grid"][1] else "\n")
     return ids
+
 def place(image: Image.Image, size, pad, canvas) -> Image.Image:
     out = Image.new("RGB", canvas)  # black padding
     out.paste(image.resize(size, Image.Resampling.BILINEAR), pad)
     return out
+
 def tile_pixels(image: Image.Image, plan: dict) -> torch.Tensor:
     """The views of `plan` cut from the image: uint8 (n_views, 3, r, r)."""
     assert image.size == plan["size"], f"image {image.size} planned as {plan['size']}"
@@ -409,9 +413,9 @@ def tile_pixels(image: Image.Image, plan: dict) -> torch.Tensor:
     views = [overview if kind == "overview" else canvas[i * r:(i + 1) * r, j * r:(j + 1) * r]
              for kind, i, j in plan["order"]]
     return torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).contiguous()  # (n, 3, r, r)
+
 class Data:
     """Prompts (ShapesWorld or a user's TRL pairs) and held-out items in mm15's SFT format and tiling."""
-
     def __init__(self, cfg: Config, enc, tiling: dict):
         self.enc, self.tiling, self.seq_len, self.truncated = enc, SimpleNamespace(**tiling), cfg.seq_len, 0
         self.image_id, self.eot_id, self.pad_id = map(enc.encode_single_token, ["<image>", "<|endoftext|>",
@@ -441,10 +445,13 @@ class Data:
             raise InputError(f"--seq_len={self.seq_len}: the prompt of {item['id']} has {len(ids)} tokens")
         self.truncated += len(ids) + len(response) > self.seq_len
         return ids, response[:self.seq_len - len(ids)], tiles
+    def pair_rows(self, pairs: list, blank=False):  # rows (chosen..., rejected..., ext...), table keys
+        texts = [(p["item"], p[k]) for k in ("chosen", "rejected", "ext") if k in pairs[0] for p in pairs]
+        return [self.pair_row(it, t, blank) for it, t in texts], [(it["id"], t, blank) for it, t in texts]
 
 # ----------------------------------------------------------------------------- model
-# Copies of mm1.py / mm15.py (CLIP ViT with HF names, connectors, Llama decoder), checked by test_skeleton.py.
 AttnPoolConnector = MoEMLP = None  # mm15.py's attention pooling and MoE: not copied, main() refuses them
+# Copies of mm1.py / mm15.py (CLIP ViT, connectors, Llama decoder; the tiling above), see test_skeleton.py.
 class CLIPAttention(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -456,6 +463,7 @@ class CLIPAttention(nn.Module):
         q, k, v = (p(x).view(B, N, self.heads, C // self.heads).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, N, D)
         return self.out_proj(attention(q, k, v, causal=False).transpose(1, 2).reshape(B, N, C))
+
 class CLIPMLP(nn.Module):
     def __init__(self, width):
         super().__init__()
@@ -464,6 +472,7 @@ class CLIPMLP(nn.Module):
     def forward(self, x):
         h = self.fc1(x)
         return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu, CLIP's activation
+
 class CLIPEncoderLayer(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -473,6 +482,7 @@ class CLIPEncoderLayer(nn.Module):
     def forward(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
+
 class CLIPEmbeddings(nn.Module):
     def __init__(self, width, patch, image_size):
         super().__init__()
@@ -484,10 +494,12 @@ class CLIPEmbeddings(nn.Module):
         patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, P, C)
         cls = self.class_embedding.expand(len(patches), 1, -1)  # (B, 1, C)
         return torch.cat([cls, patches], 1) + self.position_embedding.weight  # (B, 1 + P, C)
+
 class CLIPEncoder(nn.Module):
     def __init__(self, width, layers, heads):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(width, heads) for _ in range(layers))
+
 class CLIPVisionTransformer(nn.Module):
     """CLIP's vision tower; its state_dict keys are CLIPVisionModel's minus the `vision_model.` prefix."""
 
@@ -504,6 +516,7 @@ class CLIPVisionTransformer(nn.Module):
         for layer in self.encoder.layers:
             x = layer(x)
         return x
+
 class AvgPoolConnector(nn.Module):
     """n x n average pooling of the patch grid, then a linear map into the LLM width."""
 
@@ -515,9 +528,11 @@ class AvgPoolConnector(nn.Module):
     def forward(self, feats):  # (N, P, Cv)
         grid = feats.transpose(1, 2).unflatten(2, (math.isqrt(feats.shape[1]),) * 2)  # (N, Cv, g, g)
         return self.proj(F.adaptive_avg_pool2d(grid, self.side).flatten(2).transpose(1, 2))  # (N, K, C)
+
 class LayerNorm2d(nn.LayerNorm):
     def forward(self, x):  # (N, C, H, W): normalise over channels
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
 class RegBlock(nn.Module):
     """RegNet bottleneck (timm defaults, as in Honeybee's C-Abstractor): 1x1 -> LN -> SiLU -> 3x3 depthwise
     -> LN -> SiLU -> squeeze-excite(0.25) -> 1x1 -> LN, plus the residual, then SiLU."""
@@ -535,6 +550,7 @@ class RegBlock(nn.Module):
         h = F.silu(self.norm2(self.conv2(h)))
         h = h * torch.sigmoid(self.se_expand(F.relu(self.se_reduce(h.mean((2, 3), keepdim=True)))))
         return F.silu(x + self.norm3(self.conv3(h)))
+
 class CAbstractor(nn.Module):
     """Honeybee's C-Abstractor: conv blocks keep locality, adaptive pooling sets the token count."""
 
@@ -550,6 +566,7 @@ class CAbstractor(nn.Module):
         grid = feats.transpose(1, 2).unflatten(2, (math.isqrt(feats.shape[1]),) * 2)  # (N, Cv, g, g)
         grid = self.stage2(F.adaptive_avg_pool2d(self.stage1(grid), self.side))  # (N, Cv, k, k)
         return self.readout(grid.flatten(2).transpose(1, 2))  # (N, K, C)
+
 class RMSNorm(nn.Module):
     def __init__(self, width, eps):
         super().__init__()
@@ -558,9 +575,11 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
+
 class LlamaAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -587,6 +606,7 @@ class LlamaAttention(nn.Module):
         else:  # mask (B, 1, T, S) bool, True = visible: documents of packed rows, left padding
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, Hq, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
 class LlamaMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -596,6 +616,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, moe: bool):
         super().__init__()
@@ -608,6 +629,7 @@ class LlamaDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         h, aux = self.mlp(self.post_attention_layernorm(x))
         return x + h, aux
+
 class LlamaModel(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -631,6 +653,7 @@ class LlamaModel(nn.Module):
             for key in ("balance_loss", "z_loss") if aux else ():
                 aux_total[key] = aux_total.get(key, 0.0) + aux[key]
         return self.norm(x), aux_total
+
 class MM1(nn.Module):
     """ViT -> connector -> decoder, built from an arch dict (arch_of); state_dict keys: `vision_model.*`
     (CLIPVisionModel), `connector.*`, `model.*` and `lm_head.*` (LlamaForCausalLM)."""
@@ -681,10 +704,10 @@ class MM1(nn.Module):
             positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
         h, aux = self.model(x, positions, mask, cache)
         return self.lm_head(h), aux
+
 # ----------------------------------------------------------------------------- losses
 def sequence_logps(model, rows, data: Data, device):
-    """THE log-prob function: rows (prompt ids, response ids, tiles) -> summed log-probs of the response (B,)
-    and its length (B,). The one shift by one; the mask: response and EOS, never prompt, image slot or pad."""
+    """THE log-prob function: summed log-probs (B,) of each row's response + EOS and its length (B,)."""
     T = max(len(p) + len(r) for p, r, _ in rows)
     ids = torch.full((len(rows), T), data.pad_id, device=device)  # (B, T) right-padded: causal never sees it
     mask = torch.zeros(len(rows), T - 1, dtype=torch.bool, device=device)  # (B, T - 1): t predicts t + 1
@@ -694,6 +717,7 @@ def sequence_logps(model, rows, data: Data, device):
     logits = model(ids, torch.cat([t for _, _, t in rows]).to(device))[0][:, :-1].float()  # (B, T - 1, V)
     logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T - 1)
     return (logps * mask).sum(-1), mask.sum(-1)
+
 def preference_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, cfg):
     """Per-pair loss and the implicit rewards beta (log pi(y|x) - log pi_ref(y|x)) of chosen and rejected.
     With h = (log pi(y+) - log pi_ref(y+)) - (log pi(y-) - log pi_ref(y-)):
@@ -710,14 +734,13 @@ def preference_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, cfg):
         eps = cfg.label_smoothing
         losses = -(1 - eps) * F.logsigmoid(cfg.beta * h) - eps * F.logsigmoid(-cfg.beta * h)
     return losses, cfg.beta * (pi_c - ref_c).detach(), cfg.beta * (pi_r - ref_r).detach()
+
 def combined_loss(loss_ext, loss_bdhs, gamma):  # the paper's gamma DPO(y+, y-ext) + (1-gamma) DPO(y+, y-BDHS)
     return gamma * loss_ext + (1 - gamma) * loss_bdhs
-def pair_rows(data: Data, pairs: list, blank=False):  # rows (chosen..., rejected..., ext...), table keys
-    texts = [(p["item"], p[k]) for k in ("chosen", "rejected", "ext") if k in pairs[0] for p in pairs]
-    return [data.pair_row(it, t, blank) for it, t in texts], [(it["id"], t, blank) for it, t in texts]
+
 def pair_losses(policy, ref, data: Data, pairs: list, cfg, device, blank=False):
     """Loss and per-pair statistics: policy and Reference log-probs of every response (blank: grey images)."""
-    rows, keys = pair_rows(data, pairs, blank)
+    rows, keys = data.pair_rows(pairs, blank)
     B, k = len(pairs), len(rows) // len(pairs)
     pi, n = (x.view(k, B) for x in sequence_logps(policy, rows, data, device))  # (k, B)
     ref_lp = ref(rows, keys, data).view(k, B)  # (k, B), no graph: the Reference is frozen
@@ -729,17 +752,17 @@ def pair_losses(policy, ref, data: Data, pairs: list, cfg, device, blank=False):
                      ref_rejected=ref_lp[1] / n[1], reward_chosen=reward_c, reward_rejected=reward_r)
     loss = losses.mean() - cfg.rpo_alpha * (pi[0] / n[0]).mean()  # + RPO's NLL of y+ per token (Pang 2024)
     return loss, {k: v.detach() for k, v in per_token.items()} | dict(margin=reward_c - reward_r)
+
 # ----------------------------------------------------------------------------- train
 class Reference:
-    """log pi_ref(y|x) from a frozen copy sharing nothing with the policy: live, or upfront (TRL's
-    precompute_ref_log_probs: fill() before training; the first batch is also run live and must agree)."""
+    """log pi_ref(y|x) of a frozen copy, sharing nothing with the policy: live, or upfront (checked once)."""
     def __init__(self, arch: dict, weights: dict, device, upfront: bool):
         self.model, self.table, self.checked, self.device = MM1(arch), {} if upfront else None, None, device
         self.model.load_state_dict(weights)  # copies: load_state_dict never shares the dict's tensors
         self.model.to(device).eval().requires_grad_(False)  # frozen: its log-probs build no autograd graph
     def fill(self, data: Data, pairs: list, blank=False):
         for lo in range(0, len(pairs), 8):
-            rows, keys = pair_rows(data, pairs[lo:lo + 8], blank)
+            rows, keys = data.pair_rows(pairs[lo:lo + 8], blank)
             self.table |= dict(zip(keys, sequence_logps(self.model, rows, data, self.device)[0].cpu()))
     def __call__(self, rows, keys, data: Data):  # keys: (item id, response text, blank) per row
         if self.table is None or not all(key in self.table for key in keys):
@@ -750,12 +773,12 @@ class Reference:
             torch.testing.assert_close(upfront, live, rtol=1e-5, atol=1e-3, msg=lambda m: f"upfront: {m}")
             self.checked = (upfront - live).abs().max().item()
         return upfront
+
 @torch.no_grad()
 def answer(model, data: Data, items, max_new: int, temperature=0.0, gens=None, prefixes=None, rho=None,
            noise=False, stop=None) -> list[str]:
-    """Continuations of the items' prompts (+ text prefixes), 32 left-padded rows at a time, KV cache, up to a
-    `stop` token ((V,) bool; default EOS); greedy or Gumbel-max with each row's generator. rho (BDHS): an
-    image slot's key is hidden iff U(0,1) < rho (kernels' key_mask); noise: (1 - rho) x + rho U(0, 255)."""
+    """Greedy or Gumbel-max (each row's generator) continuations of the prompts (+ prefixes) to `stop` (EOS).
+    rho (BDHS): an image slot's key is hidden iff U(0,1) < rho; noise: pixels (1 - rho) x + rho U(0, 255)."""
     texts, stop, dev = [], data.eot if stop is None else stop, model.lm_head.weight.device
     for lo in range(0, len(items), 32):
         batch = []
@@ -768,9 +791,8 @@ def answer(model, data: Data, items, max_new: int, temperature=0.0, gens=None, p
             batch.append((ids, t, drawn & (torch.tensor(ids) == data.image_id)))  # hidden (T_i,)
         prompts, tiles, hidden = zip(*batch)
         B, T = len(prompts), max(map(len, prompts))
-        n_pad = torch.tensor([T - len(p) for p in prompts], device=dev)  # (B,)
         ids = torch.tensor([[data.pad_id] * (T - len(p)) + p for p in prompts], device=dev)  # (B, T)
-        positions = (torch.arange(T, device=dev) - n_pad[:, None]).clamp(min=0)  # (B, T)
+        positions = torch.tensor([[0] * (T - len(p)) + [*range(len(p))] for p in prompts]).to(dev)  # (B, T)
         keys = torch.stack([F.pad(~h, (T - len(h), 0), value=False) for h in hidden]).to(dev)  # (B, T)
         mask = visibility_mask(T, T, causal=True, key_mask=keys) | torch.eye(T, dtype=torch.bool, device=dev)
         cache, out, done = [[] for _ in model.model.layers], [[] for _ in prompts], torch.zeros(B).bool()
@@ -789,10 +811,10 @@ def answer(model, data: Data, items, max_new: int, temperature=0.0, gens=None, p
             logits = model(step_ids, None, step_pos, keys[:, None, None, :], cache)[0][:, -1].float().cpu()
         texts += [data.enc.decode([t for t in o if t not in (data.eot_id, data.pad_id)]).strip() for o in out]
     return texts
+
 def bdhs(model, data: Data, items: list, cfg, example_seeds: list, stats: dict, noise=False) -> list[str]:
-    """BDHS, Algorithm 1: y- from the model with ~rho_th of the image keys masked (noise: pixels noised); each
-    gold sentence cut at a random word (yes/no flipped: pref.bdhs_prefixes) after the gold ones before it, and
-    completed to a full stop / EOS; redrawn while cosine(y-, y+) >= sim_threshold, the last try unguided."""
+    """BDHS (Algorithm 1): y- by the model with ~rho_th of its image keys masked (or pixels noised): each gold
+    sentence cut at a random word and completed; redrawn while cos(y-, y+) >= sim_threshold."""
     rngs = [random.Random(int(s)) for s in example_seeds[:len(items)]]
     gens = [torch.Generator().manual_seed(int(s)) for s in example_seeds[:len(items)]]
     out, pending = [None] * len(items), list(range(len(items)))
@@ -816,14 +838,14 @@ def bdhs(model, data: Data, items: list, cfg, example_seeds: list, stats: dict, 
                 pending.append(e)
     stats["examples"] += [(it["answer"], text) for it, text in zip(items[:2], out[:2])]
     return out
+
 def online_pairs(policy, data: Data, items: list, cfg, seeds, counts: dict) -> list:
     """Online pairs: the judge's best and worst of n_samples answers per prompt; ties dropped, counted."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds[:len(items) * cfg.n_samples]]
     samples = answer(policy, data, [it for it in items for _ in range(cfg.n_samples)], cfg.max_new_tokens,
                      cfg.temperature, gens)
-    pairs, ties = pref.judged_pairs(items, samples, cfg.n_samples)
-    counts["online_ties"] = counts.get("online_ties", 0) + ties
-    return pairs
+    return pref.judged_pairs(items, samples, cfg.n_samples, counts)
+
 def make_pools(ref: Reference, data: Data, cfg, seed: int, stats: dict) -> dict:
     """Per seed, from the SFT model: the offline rows' pairs; held-out pairs (POVID, judged SFT samples)."""
     pools, base, sft = {"ties": {}, "bdhs_stats": stats, "ref": ref}, seed * 1_000_003, ref.model
@@ -842,9 +864,9 @@ def make_pools(ref: Reference, data: Data, cfg, seed: int, stats: dict) -> dict:
             ref.fill(data, [p for p in pairs if p is not None])
         ref.fill(data, offline, blank=True)
     return pools | {"heldout": dict(offline=offline, on_policy=on_policy)}
+
 def step_pairs(row, policy, data: Data, pools: dict, cfg, seed: int, step: int, counts: dict, rank, world):
-    """This rank's share [rank::world] of a step's pairs, a function of (seed, row, step): from the pools, or
-    sampled from the policy and judged (online), Bernoulli(0.5) per example (mixed, Eq. 4), live y- (BDHS)."""
+    """This rank's share of a step's pairs, a function of (seed, row, step); mixed: Bernoulli(0.5) (Eq. 4)."""
     rng = np.random.default_rng([seed, ROWS.index(row), step])
     index = rng.choice(len(data.train), min(cfg.batch_size, len(data.train)), replace=False)
     seeds = rng.integers(2**31, size=(len(index), cfg.n_samples))  # (B, n_samples): one RNG per sample
@@ -858,9 +880,9 @@ def step_pairs(row, policy, data: Data, pools: dict, cfg, seed: int, step: int, 
     judged = online_pairs(policy, data, [data.train[i] for i in index[~offline]], cfg,
                           seeds[~offline].ravel(), counts)
     return [pools["povid"][i] for i in index[offline]] + judged
+
 def train_row(row, seed, cfg, data, arch, init_weights, pools, device, log, meta, state, rank, world):
-    """One table row: a fresh policy from the SFT weights (or the resumed state), cfg.steps of DPO; torchrun:
-    the ranks' gradients are summed (DDP by hand)."""
+    """One table row: a fresh policy (SFT weights or resumed), cfg.steps of DPO; torchrun: DDP by hand."""
     policy, ref = MM1(arch), pools["ref"]  # the seed's Reference (frozen SFT copy, its table if upfront)
     policy.load_state_dict(state[0] if state else init_weights)
     for module in (policy.vision_model, policy.connector):  # the LLM only is trained, as LLaVA's DPO recipes
@@ -878,14 +900,12 @@ def train_row(row, seed, cfg, data, arch, init_weights, pools, device, log, meta
             loss, stats = pair_losses(policy, ref, data, pairs, cfg, device)
             (loss * len(pairs)).backward()  # a sum over pairs, divided by every rank's count below
             sums = torch.tensor([len(pairs), loss.item() * len(pairs), *(stats[k].sum() for k in LOGGED[1:])])
-        if world > 1:  # DDP by hand: every rank's count, sums and gradients summed
-            dist.all_reduce(sums)
-            for p in trainable:
-                p.grad = torch.zeros_like(p) if p.grad is None else p.grad  # a rank whose pairs all tied
-                dist.all_reduce(p.grad)
-        if not sums[0]:  # every online pair a tie (counted as online_ties)
+        dist.all_reduce(sums) if world > 1 else None  # DDP by hand: all ranks' counts, sums, gradients
+        if not sums[0]:  # every online pair of every rank a tie (counted as online_ties)
             continue
         for p in trainable:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad  # a rank whose pairs all tied
+            dist.all_reduce(p.grad) if world > 1 else None
             p.grad /= sums[0]  # the gradient of the mean loss over the batch's pairs
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         opt.step()
@@ -903,6 +923,7 @@ def train_row(row, seed, cfg, data, arch, init_weights, pools, device, log, meta
         dist.all_reduce(ties := torch.tensor(float(counts["online_ties"])))
         counts["online_ties"] = int(ties)
     return policy, ref, opt, curves, counts
+
 # ----------------------------------------------------------------------------- eval
 @torch.no_grad()
 def evaluate(policy, ref, data: Data, cfg, device, heldout: dict) -> dict:
@@ -913,13 +934,14 @@ def evaluate(policy, ref, data: Data, cfg, device, heldout: dict) -> dict:
     pope = {s: answer(policy, data, items, 4) for s, items in data.pope.items()}
     m = pref.pope_splits(data.pope, pope)
     texts = answer(policy, data, data.describe, cfg.max_new_tokens)
-    m |= pref.chair(texts, [it["scene"] for it in data.describe], cfg.drop_unfinished)
+    m |= pref.chair(texts, [it["scene"] for it in data.describe])  # an unfinished last sentence dropped
     m["vqa"] = pref.vqa_accuracy(answer(policy, data, data.vqa, 8), data.vqa)
     margins = {name: reward_margins(pairs) for name, pairs in heldout.items()}  # 0 (step 0): half
     m |= {f"reward_acc_{k}": 100 * ((v > 0) + (v == 0) / 2).mean().item() for k, v in margins.items()}
     m["image_use"] = (margins["offline"].mean() - reward_margins(heldout["offline"], True).mean()).item()
     samples = pref.samples(data.describe, texts, data.pope["adversarial"], pope["adversarial"])
     return {k: round(v, 4) for k, v in m.items()} | {"samples": samples}
+
 # ----------------------------------------------------------------------------- main
 def main(argv):
     cfg = parse_config(argv)
@@ -930,7 +952,7 @@ def main(argv):
     if not Path(cfg.init).is_file():
         raise InputError(f"--init={cfg.init}: no such checkpoint; run `python mm1.py && python mm15.py` "
                          "first (cpu presets: about 13 + 7 min on 2 cores) or pass --init=PATH")
-    init_weights, init_meta = read_safetensors(cfg.init)
+    weights, init_meta = read_safetensors(cfg.init)
     if not {"arch", "tokenizer_sha256", "sft"} <= set(init_meta):
         raise InputError(f"--init={cfg.init}: no `arch`, `tokenizer_sha256` or `sft` metadata (not mm15's)")
     arch = json.loads(init_meta["arch"])
@@ -952,12 +974,12 @@ def main(argv):
     bdhs_stats = dict(similarity=[], tries=[], examples=[])  # BDHS's filter over every row and seed
     for seed in cfg.seeds:
         seed_everything(seed)
-        reference = Reference(arch, init_weights, device, cfg.ref == "upfront")  # frozen SFT copy, per seed
+        reference = Reference(arch, weights, device, cfg.ref == "upfront")  # frozen SFT copy, per seed
         pools = make_pools(reference, data, cfg, seed, bdhs_stats)
         ties |= {f"{k}/{seed}": v for k, v in pools["ties"].items()}
         for row in (r for r in cfg.rows if f"{r}/{seed}" not in results):
             t1, state = time.time(), resumed[:3] if (saved["row"], saved["seed"]) == (row, seed) else None
-            policy, ref, opt, curves[row], counts = train_row(row, seed, cfg, data, arch, init_weights, pools,
+            policy, ref, opt, curves[row], counts = train_row(row, seed, cfg, data, arch, weights, pools,
                                                               device, log, meta, state, rank, world)
             if rank == 0:  # the other ranks go on to the next row and wait for rank 0 at its first step
                 save_checkpoint(cfg.out_dir, policy, opt, cfg, cfg.steps * (row != "sft"), meta(row, seed))
@@ -968,11 +990,11 @@ def main(argv):
         return None
     for row in [r for r in cfg.rows if curves.get(r, {}).get("chosen")][-1:]:  # the last trained row
         pref.curves_png(Path(cfg.out_dir) / "logps.png", curves[row], f"{row}: per-token log-probs")
-    report = pref.report_md(cfg, results, bdhs_stats, ties, data.truncated, ref_checks, time.time() - t0)
-    print(report)
     metrics = dict(results=results, bdhs=bdhs_stats, ties=ties, truncated=data.truncated, wall_time_s=round(
         time.time() - t0, 1), ref_upfront_max_diff=ref_checks)
+    print(report := pref.report_md(cfg, metrics))
     write_outputs(cfg.out_dir, {"metrics.json": metrics, "report.md": report})
     return metrics
+
 if __name__ == "__main__":
     run_main(main)

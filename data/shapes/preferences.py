@@ -383,15 +383,16 @@ def table_and_verdicts(results: dict, rows, seeds, table: list, claims: list) ->
     return "\n".join(lines)
 
 
-def judged_pairs(items: list, samples: list, n: int) -> tuple[list, int]:
-    """Online pairs from n samples per item (item-major): (chosen = the judge's best, rejected = its worst)
-    per item, and the number of ties (dropped)."""
+def judged_pairs(items: list, samples: list, n: int, counts: dict) -> list:
+    """Online pairs from n samples per item (item-major): chosen = the judge's best, rejected = its worst;
+    an item whose samples tie is dropped and counted in counts["online_ties"]."""
     pairs = []
     for j, item in enumerate(items):
         verdict = judge(samples[j * n:(j + 1) * n], item)
         pairs += [dict(item=item, chosen=samples[j * n + verdict[0]], rejected=samples[j * n + verdict[1]])
                   ] if verdict else []
-    return pairs, len(items) - len(pairs)
+    counts["online_ties"] = counts.get("online_ties", 0) + len(items) - len(pairs)
+    return pairs
 
 
 def bdhs_report(stats: dict, threshold: float, max_tries: int) -> str:
@@ -417,22 +418,23 @@ CLAIMS = [("offline: less hallucination", "povid", "online", "chair_i"), ("", "p
           ("", "bdhs", "povid", "pope_acc")]
 
 
-def report_md(cfg, results: dict, bdhs_stats: dict, ties: dict, truncated: int, ref_checks: dict,
-              seconds: float) -> str:
-    """dpo_bdhs.py's report.md: the table with verdicts, BDHS's filter, ties, the step-0 loss per row, the
-    reference mode (upfront: its check against live), and a description sample per row (first seed)."""
-    first = cfg.seeds[0]
+def report_md(cfg, metrics: dict) -> str:
+    """dpo_bdhs.py's report.md from its metrics.json: the table with verdicts, BDHS's filter, ties, the step-0
+    loss per row, the reference mode (upfront: its check against live), a description sample per row (first
+    seed)."""
+    results, first = metrics["results"], cfg.seeds[0]
     step0 = {r: results[f"{r}/{first}"].get("step0_loss") for r in cfg.rows}
     samples = "\n".join(f"- {r}: {results[f'{r}/{first}']['samples'][0]}" for r in cfg.rows)
-    checked = {s: d for s, d in ref_checks.items() if d is not None}
+    checked = {s: d for s, d in metrics["ref_upfront_max_diff"].items() if d is not None}
     reference = "live (frozen copy)" if cfg.ref == "live" else (
         f"upfront (the table checked against the live reference on one batch per seed, max |diff| of summed "
         f"log-probs: {json.dumps(checked)})")
     return (f"# Multimodal DPO and BDHS miniature ({cfg.preset} preset)\n\n{len(cfg.seeds)} seed(s) "
             f"{list(cfg.seeds)}: mean ± sd over seeds\n\n"
             f"{table_and_verdicts(results, cfg.rows, cfg.seeds, TABLE, CLAIMS)}\n\n## BDHS\n"
-            f"{bdhs_report(bdhs_stats, cfg.sim_threshold, cfg.max_tries)}\n\n"
-            f"ties and corrections not needed: {json.dumps(ties)}\n"
+            f"{bdhs_report(metrics['bdhs'], cfg.sim_threshold, cfg.max_tries)}\n\n"
+            f"ties and corrections not needed: {json.dumps(metrics['ties'])}\n"
             f"step-0 DPO loss per row (RPO's NLL apart; ln 2 = {math.log(2):.6f}): {json.dumps(step0)}\n"
             f"reference: {reference}\n"
-            f"responses truncated: {truncated}\n\n{samples}\n\nwall time {seconds:.0f} s\n")
+            f"responses truncated: {metrics['truncated']}\n\n{samples}\n\n"
+            f"wall time {metrics['wall_time_s']:.0f} s\n")
