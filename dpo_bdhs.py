@@ -760,7 +760,7 @@ class Reference:
         self.model, self.table, self.checked, self.device = MM1(arch), {} if upfront else None, None, device
         self.model.load_state_dict(weights)  # copies: load_state_dict never shares the dict's tensors
         self.model.to(device).eval().requires_grad_(False)  # frozen: its log-probs build no autograd graph
-    def fill(self, data: Data, pairs: list, blank=False):
+    def fill(self, data: Data, pairs: list, blank=False):  # upfront, as TRL's precompute_ref_log_probs
         for lo in range(0, len(pairs), 8):
             rows, keys = data.pair_rows(pairs[lo:lo + 8], blank)
             self.table |= dict(zip(keys, sequence_logps(self.model, rows, data, self.device)[0].cpu()))
@@ -768,7 +768,7 @@ class Reference:
         if self.table is None or not all(key in self.table for key in keys):
             return sequence_logps(self.model, rows, data, self.device)[0]  # (B,)
         upfront = torch.stack([self.table[key] for key in keys]).to(self.device)  # (B,)
-        if self.checked is None:  # once: the table must equal the live frozen reference on this batch
+        if self.checked is None:  # once: the table must equal the live reference on this batch (TRL PR 1961)
             live = sequence_logps(self.model, rows, data, self.device)[0]  # (B,)
             torch.testing.assert_close(upfront, live, rtol=1e-5, atol=1e-3, msg=lambda m: f"upfront: {m}")
             self.checked = (upfront - live).abs().max().item()
