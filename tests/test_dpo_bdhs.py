@@ -384,3 +384,12 @@ def test_verdict_calls_differences_within_2_sd_noise():
     assert pref.verdict("a", [1, 2, 3], "b", [2, 3, 4], True).endswith("noise")  # -1 vs 2 sd = 2
     assert pref.verdict("a", [0, 0, 0], "b", [0, 0, 0], True).endswith("noise")  # equal, sd 0: no winner
     assert "no verdict" in pref.verdict("a", [1.0], "b", [2.0], True)
+
+
+def test_table_shows_the_image_use_margin_at_its_scale():
+    """The image-vs-blank reward margin is a few hundredths of a nat here: one decimal printed it as 0.0."""
+    keys = [key for _, key, _ in pref.TABLE]
+    results = {f"povid/{s}": {key: 50.0 for key in keys} | {"image_use": value}
+               for s, value in enumerate((0.037, 0.046, 0.055))}
+    table = pref.table_and_verdicts(results, ["povid"], [0, 1, 2], pref.TABLE, [])
+    assert "| 0.046 ± 0.009 |" in table and "| 50.0 ± 0.0 |" in table

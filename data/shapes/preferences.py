@@ -373,8 +373,9 @@ def table_and_verdicts(results: dict, rows, seeds, table: list, claims: list) ->
     cells = lambda row, key: mean_sd([results[f"{row}/{s}"][key] for s in seeds])  # noqa: E731
     lines = ["| row | " + " | ".join(name for name, _, _ in table) + " |", "|---" * (len(table) + 1) + "|"]
     for row in rows:
-        lines.append(f"| {row} | " + " | ".join(f"{m:.1f}" + ("" if math.isnan(sd) else f" ± {sd:.1f}")
-                                              for m, sd in (cells(row, key) for _, key, _ in table)) + " |")
+        lines.append(f"| {row} | " + " | ".join(f"{m:.{DIGITS.get(key, 1)}f}" + (
+            "" if math.isnan(sd) else f" ± {sd:.{DIGITS.get(key, 1)}f}") for key, (m, sd) in
+            ((key, cells(row, key)) for _, key, _ in table)) + " |")
     lower = {key: low for _, key, low in table}
     lines += ["", "Verdicts (a difference of at most 2 sd is noise):"] + [
         f"- {text or '  and'}: {key}: " + verdict(a, [results[f"{a}/{s}"][key] for s in seeds], b,
@@ -412,6 +413,7 @@ TABLE = [("POPE acc", "pope_acc", False), ("F1", "pope_f1", False), ("yes %", "p
          ("recall", "recall", False), ("length", "length", None), ("VQA", "vqa", False),
          ("RM acc off", "reward_acc_offline", False), ("on", "reward_acc_on_policy", False),
          ("margin img - blank", "image_use", None)]
+DIGITS = {"image_use": 3}  # decimals where one hides the value: the margin is 0.01-0.08 nats at this scale
 CLAIMS = [("offline: less hallucination", "povid", "online", "chair_i"), ("", "povid", "online", "pope_acc"),
           ("online best for helpfulness", "online", "povid", "recall"), ("", "mixed", "povid", "recall"),
           ("mixed combines", "mixed", "online", "chair_i"), ("BDHS >= offline", "bdhs", "povid", "chair_i"),
