@@ -682,10 +682,6 @@ def clip_loss(image_emb, text_emb, logit_scale):
     logits = scale * image_emb.float() @ text_emb.float().t()  # (B, B)
     target = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-def caption_loss(logits, targets, ignore: int = -100):
-    """Next-token cross-entropy on caption tokens only (the captioner's autoregressive objective), fp32."""
-    logits = logits.float().reshape(-1, logits.shape[-1])  # (B * T, V) or (N, V)
-    return F.cross_entropy(logits, targets.flatten(), ignore_index=ignore)
 def flow_pair(images, noise, t):
     """Rectified flow (Liu et al. 2023; SD3): x_t = t x_1 + (1 - t) x_0, x_0 noise, target x_1 - x_0."""
     t = t.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
@@ -744,7 +740,7 @@ def train_captioner(data: ImageSet, cfg: Config, run: Run) -> Captioner:
         targets = texts.pad_right([[-100] * (len(prompts[0]) - 1) + c for c in captions], -100)  # (B, T - 1)
         keep = (targets != -100).to(run.device)  # caption tokens and their <|endoftext|>
         logits = runner(to_float(data.images[idx], run.device), ids[:, :-1].to(run.device), keep=keep)
-        loss = caption_loss(logits, targets.to(run.device)[keep])  # (N, V), (N,)
+        loss = F.cross_entropy(logits.float(), targets.to(run.device)[keep])  # (N, V), (N,): fp32
         return loss, len(idx), ids.shape[1] + (cfg.cap_image_size // cfg.patch_size) ** 2
     return train(model, step_loss, cfg.cap_steps, cfg.cap_lr, "captioner", cfg, run)
 def run_name(model: str, recipe: str, seed: int, cfg: Config) -> str:  # clip_ssc50, diffusion_alt_seed1, ...

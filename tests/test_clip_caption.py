@@ -43,14 +43,6 @@ def test_clip_loss_clamps_logit_scale_at_100():
     assert clamped.item() == pytest.approx(200 / 3, rel=1e-3)  # rows 0, 1 miss by 100 logits: (100 + 100) / 3
 
 
-def test_caption_loss_ignores_prompt_and_padding():
-    logits = torch.randn(2, 3, 5)
-    targets = torch.tensor([[-100, 1, 2], [-100, -100, 4]])
-    expected = -torch.stack([logits[0, 1].log_softmax(-1)[1], logits[0, 2].log_softmax(-1)[2],
-                             logits[1, 2].log_softmax(-1)[4]]).mean()
-    assert cc.caption_loss(logits, targets).item() == pytest.approx(expected.item(), abs=1e-6)
-
-
 def test_flow_pair_is_the_straight_path_from_noise_to_image():
     images, noise = torch.full((1, 3, 2, 2), 2.0), torch.full((1, 3, 2, 2), -2.0)
     x_t, target = cc.flow_pair(images, noise, torch.tensor([0.25]))
