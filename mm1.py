@@ -24,7 +24,6 @@ and `lm_head.*` (LlamaForCausalLM); metadata: format version, config, step, `arc
 field and constant needed to rebuild the model without this file), tokenizer_sha256, image_token_id.
 """
 import ast
-import contextlib
 import csv
 import dataclasses
 import inspect
@@ -77,6 +76,7 @@ class Config:
     vit_width: int = 128            # ViT hidden size
     vit_layers: int = 4             # ViT blocks
     vit_heads: int = 4              # ViT attention heads
+    vit_stem: int = 0               # 3x3 conv layers before the patchify conv (0: HF CLIP's patchify alone)
     connector: str = "avgpool"      # avgpool | attnpool | cabstractor (cabstractor collapses at this scale)
     image_tokens: int = 16          # LLM tokens per image (a square number for the pooling connectors)
     n_layer: int = 6                # decoder blocks
@@ -149,6 +149,8 @@ def check_config(cfg: Config) -> None:
         raise InputError(f"--connector={cfg.connector}: expected avgpool, attnpool or cabstractor")
     if cfg.connector != "attnpool" and math.isqrt(cfg.image_tokens) ** 2 != cfg.image_tokens:
         raise InputError(f"--image_tokens={cfg.image_tokens}: {cfg.connector} needs a square number")
+    if not 0 <= cfg.vit_stem <= 1 + math.log2(cfg.vit_width):  # its channels double up to vit_width
+        raise InputError(f"--vit_stem={cfg.vit_stem}: expected 0 .. 1 + log2(--vit_width) conv layers")
     if cfg.image_size % cfg.patch_size:
         raise InputError(f"--image_size={cfg.image_size}: expected a multiple of --patch_size")
     if cfg.n_embd % cfg.n_head or cfg.n_head % cfg.n_kv_head or cfg.vit_width % cfg.vit_heads:
@@ -463,14 +465,23 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 class CLIPEmbeddings(nn.Module):
-    def __init__(self, width, patch, image_size):
+    """HF's patchify conv; stem > 0 puts 3x3 conv -> GroupNorm -> ReLU layers before it (Xiao et al. 2021,
+    arXiv:2106.14881; not in HF's CLIPVisionModel), stride 2 while it divides the patch: same patch grid."""
+
+    def __init__(self, width, patch, image_size, stem=0):
         super().__init__()
         self.class_embedding = nn.Parameter(torch.randn(width) * 0.02)
-        self.patch_embedding = nn.Conv2d(3, width, patch, stride=patch, bias=False)
+        layers, channels, stride = [], 3, 1
+        for i in range(stem):  # channels double up to the width: .., width / 2, width
+            out, step = width >> (stem - 1 - i), 2 if patch % (2 * stride) == 0 else 1
+            layers += [nn.Conv2d(channels, out, 3, step, 1, bias=False), nn.GroupNorm(1, out), nn.ReLU()]
+            channels, stride = out, stride * step
+        self.stem = nn.Sequential(*layers)  # (B, 3, H, W) -> (B, channels, H / stride, W / stride)
+        self.patch_embedding = nn.Conv2d(channels, width, patch // stride, stride=patch // stride, bias=False)
         self.position_embedding = nn.Embedding((image_size // patch) ** 2 + 1, width)
 
     def forward(self, pixels):  # (B, 3, H, W) normalised
-        patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, P, C)
+        patches = self.patch_embedding(self.stem(pixels)).flatten(2).transpose(1, 2)  # (B, P, C)
         cls = self.class_embedding.expand(len(patches), 1, -1)  # (B, 1, C)
         return torch.cat([cls, patches], 1) + self.position_embedding.weight  # (B, 1 + P, C)
 
@@ -485,7 +496,7 @@ class CLIPVisionTransformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         w = cfg.vit_width
-        self.embeddings = CLIPEmbeddings(w, cfg.patch_size, cfg.image_size)
+        self.embeddings = CLIPEmbeddings(w, cfg.patch_size, cfg.image_size, cfg.vit_stem)
         self.pre_layrnorm = nn.LayerNorm(w)  # sic: HF's spelling
         self.encoder = CLIPEncoder(w, cfg.vit_layers, cfg.vit_heads)
         self.post_layernorm = nn.LayerNorm(w)
@@ -556,8 +567,7 @@ class CAbstractor(nn.Module):
     def __init__(self, vit_width, llm_width, image_tokens, depth=3):
         super().__init__()
         self.side = math.isqrt(image_tokens)
-        self.stage1 = nn.Sequential(*(RegBlock(vit_width) for _ in range(depth)))
-        self.stage2 = nn.Sequential(*(RegBlock(vit_width) for _ in range(depth)))
+        self.stage1, self.stage2 = (nn.Sequential(*(RegBlock(vit_width) for _ in range(depth))) for _ in "12")
         width = llm_width
         self.readout = nn.Sequential(nn.Linear(vit_width, width), nn.SiLU(), nn.Linear(width, width))
 
@@ -587,17 +597,15 @@ class LlamaAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.n_kv = config.num_attention_heads, config.num_key_value_heads
-        self.hd = config.hidden_size // self.n_head
-        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.hd, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.n_head * self.hd, config.hidden_size, bias=False)
+        C, self.hd = config.hidden_size, config.hidden_size // self.n_head
+        self.q_proj = nn.Linear(C, self.n_head * self.hd, bias=False)
+        self.k_proj, self.v_proj = (nn.Linear(C, self.n_kv * self.hd, bias=False) for _ in "kv")
+        self.o_proj = nn.Linear(self.n_head * self.hd, C, bias=False)
 
     def forward(self, x, cos, sin, mask=None, cache=None):  # x (B, T, C); cos/sin (B, 1, T, D)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, Hq, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k, v = (p(x).view(B, T, -1, self.hd).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, Hq, T, D), (B, Hkv, T, D) x 2
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # bf16 autocast makes q, k, v bf16: keep one dtype
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:  # cache: [k, v] of the earlier positions, extended in place
@@ -638,8 +646,7 @@ class MoEMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, moe: bool):
         super().__init__()
-        self.self_attn = LlamaAttention(config)
-        self.mlp = MoEMLP(config) if moe else LlamaMLP(config)
+        self.self_attn, self.mlp = LlamaAttention(config), MoEMLP(config) if moe else LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -679,7 +686,8 @@ def arch_of(cfg: Config, vocab_size: int, image_token_id: int) -> dict:
         "vision": dict(hidden_size=cfg.vit_width, intermediate_size=4 * cfg.vit_width,
                        num_hidden_layers=cfg.vit_layers, num_attention_heads=cfg.vit_heads,
                        image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_act="quick_gelu",
-                       layer_norm_eps=1e-5, feature="post_layernorm(last_hidden_state[:, 1:])"),
+                       layer_norm_eps=1e-5, feature="post_layernorm(last_hidden_state[:, 1:])",
+                       conv_stem_layers=cfg.vit_stem),  # not an HF field: CLIPEmbeddings's conv stem
         "connector": dict(type=cfg.connector, image_tokens=cfg.image_tokens, depth=3, heads=cfg.vit_heads,
                           hidden_act="silu", layer_norm_eps=1e-5, se_ratio=0.25),
         "text": dict(vocab_size=vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
@@ -702,16 +710,13 @@ class MM1(nn.Module):
         self.image_token_id, self.image_tokens = arch["image_token_id"], conn["image_tokens"]
         self.vision_model = CLIPVisionTransformer(SimpleNamespace(
             vit_width=v["hidden_size"], vit_layers=v["num_hidden_layers"], vit_heads=v["num_attention_heads"],
-            patch_size=v["patch_size"], image_size=v["image_size"]))
-        vit_width, width, k = v["hidden_size"], text.hidden_size, conn["image_tokens"]
-        if conn["type"] == "avgpool":
-            self.connector = AvgPoolConnector(vit_width, width, k)
-        elif conn["type"] == "attnpool":
-            self.connector = AttnPoolConnector(vit_width, width, k, conn["heads"])
-        else:
-            self.connector = CAbstractor(vit_width, width, k, conn["depth"])
+            patch_size=v["patch_size"], image_size=v["image_size"], vit_stem=v.get("conv_stem_layers", 0)))
+        sizes = v["hidden_size"], text.hidden_size, conn["image_tokens"]  # ViT width, LLM width, image tokens
+        self.connector = {"avgpool": lambda: AvgPoolConnector(*sizes),  # lambdas: a script may hold only some
+                          "attnpool": lambda: AttnPoolConnector(*sizes, conn["heads"]),
+                          "cabstractor": lambda: CAbstractor(*sizes, conn["depth"])}[conn["type"]]()
         self.model = LlamaModel(text)
-        self.lm_head = nn.Linear(width, text.vocab_size, bias=False)
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         for key in ("pixel_mean", "pixel_std"):
             self.register_buffer(key, torch.tensor(arch[key]).view(1, 3, 1, 1), persistent=False)
         for m in self.modules():  # GPT-2's init: N(0, 0.02), zero biases
@@ -828,24 +833,22 @@ def train(cfg, pools, model, device, rank, world, log, stage="mm1", resume_state
     start = resume_state[1] if resume_state else 0
     opt.load_state_dict(resume_state[0]) if resume_state else None
     cuda = device.startswith("cuda")
-    net = model  # text-only rows leave the vision tower unused: find_unused_parameters
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, [torch.cuda.current_device()] if cuda else None,
-                                                  find_unused_parameters=True)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    net = model if world == 1 else nn.parallel.DistributedDataParallel(  # text-only rows leave the ViT unused
+        model, [torch.cuda.current_device()] if cuda else None, find_unused_parameters=True)
     rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)  # this rank's rows
     end = min(steps, cfg.stop_after) if cfg.stop_after and stage == "mm1" else steps
     t_start, loss, tokens_since, n_images, probe = time.time(), float("nan"), 0, 0, {}
+    meta = {"arch": arch_of(cfg, pools.enc.n_vocab, pools.image_id), "tokenizer_sha256": tokenizer_sha256(),
+            "image_token_id": pools.image_id, "image_size": cfg.image_size}  # the checkpoints' metadata
     model.train()
     for step in range(start, end):
-        lr = lr_at(step, steps, peak, min(cfg.warmup, steps // 10 + 1), cfg.min_lr_frac * peak)
-        set_lr(opt, lr)
+        set_lr(opt, lr := lr_at(step, steps, peak, min(cfg.warmup, steps // 10 + 1), cfg.min_lr_frac * peak))
         ids, targets, row_images, doc_of, n_targets = get_batch(pools, cfg, step, sources, weights, stream)
         images = [pools.bank[j] for r in row_images[rows] for j in r]
         n_images += len(images) * world
         images = torch.stack(images).to(device) if images else None
         packed = [x[rows].to(device) for x in doc_attention(doc_of)] if cfg.doc_mask else []  # positions mask
-        with autocast():
+        with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
             logits, aux = net(ids[rows].to(device), images, *packed)
             loss_sum = lm_loss_sum(logits, targets[rows].to(device))
             # sum / global count x world: DDP's gradient mean then equals the global token mean
@@ -868,7 +871,7 @@ def train(cfg, pools, model, device, rank, world, log, stage="mm1", resume_state
                 print(f"warning: {stage} step {step + 1}: image gain {probe['image_gain']:.3f} < 0.05 "
                       "nats/token: the model ignores the image", file=sys.stderr)
         if stage == "mm1" and rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or last):
-            save_checkpoint(cfg.out_dir, model, opt, cfg, step + 1, meta=checkpoint_meta(cfg, pools))
+            save_checkpoint(cfg.out_dir, model, opt, cfg, step + 1, meta=meta)
     model.requires_grad_(True)
     elapsed = time.time() - t_start
     summary = {f"{stage}_loss": loss, f"{stage}_time_s": round(elapsed, 1),
@@ -878,10 +881,6 @@ def train(cfg, pools, model, device, rank, world, log, stage="mm1", resume_state
         summary.update(start_step=start, peak_lr=peak, decoder_params=n_decoder,
                        total_params=count_params(model), images_per_step=n_images / max(end - start, 1))
     return summary
-
-def checkpoint_meta(cfg: Config, pools: Pools) -> dict:
-    return {"arch": arch_of(cfg, pools.enc.n_vocab, pools.image_id), "tokenizer_sha256": tokenizer_sha256(),
-            "image_token_id": pools.image_id, "image_size": cfg.image_size}
 
 # ----------------------------------------------------------------------------- eval
 # The protocol (k-shot captioning, VQA, vision probe, perplexity, baselines): data/vl_tasks.py evaluate().
@@ -925,8 +924,8 @@ def run(cfg: Config, device: str, rank: int, world: int, pools=None):
     model.to(device)
     if resume_state is None and cfg.vit_pretrain_steps:
         # one stage-0 ViT per ViT config and process: ablation rows share it, as MM1's ablations share CLIP
-        key = tuple(getattr(cfg, k) for k in ("seed", "image_size", "patch_size", "vit_width", "vit_layers",
-                                              "vit_heads", "vit_pretrain_steps", "vit_pretrain_batch"))
+        key = (str(arch_of(cfg, 0, 0)["vision"]), cfg.seed, cfg.vit_pretrain_steps, cfg.vit_pretrain_batch,
+               cfg.vit_pretrain_lr)
         if key not in pools.pretrained_vit:
             items_log = RunLog(cfg.out_dir, "items", 0, device, rank, world)
             stats = pretrain_vit(model, pools, cfg, device, items_log)

@@ -402,21 +402,19 @@ def plan_tiles(width: int, height: int, cfg) -> dict:
     grid has more than one tile. Returns grid (rows, cols), resized (w, h), pad (left, top), overview
     ((w, h), pad), order (views in reading order), n_image_tokens."""
     r = cfg.tile_size
-    n_min, n_max = (cfg.n_min, cfg.n_max) if cfg.split else (1, 1)
 
     def cost(grid):
         rows, cols = grid
         scale, (w, h), _ = fit(width, height, cols * r, rows * r)
         loss = rows * cols * r * r - w * h if scale >= 1 else width * height - w * h
         return scale < 1, loss, rows * cols, rows
-    rows, cols = min(grids(n_min, n_max), key=cost)
+    rows, cols = min(grids(cfg.n_min, cfg.n_max), key=cost) if cfg.split else (1, 1)
     _, resized, pad = fit(width, height, cols * r, rows * r)
     tiles = [("tile", i, j) for i in range(rows) for j in range(cols)]
     overview = [] if cfg.overview == "none" or len(tiles) == 1 else [("overview", 0, 0)]
     order = overview + tiles if cfg.overview == "before" else tiles + overview
-    return dict(size=(width, height), tile=r, grid=(rows, cols), resized=resized, pad=pad,
-                overview=fit(width, height, r, r)[1:], order=order,
-                n_image_tokens=len(order) * cfg.image_tokens)
+    return dict(size=(width, height), tile=r, grid=(rows, cols), resized=resized, pad=pad, order=order,
+                overview=fit(width, height, r, r)[1:], n_image_tokens=len(order) * cfg.image_tokens)
 
 def slot_ids(plan: dict, cfg, image_id: int, encode) -> list:
     """An image's `<image>` slots (image_tokens per view, in plan order) with the position indicators."""
@@ -520,14 +518,23 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 class CLIPEmbeddings(nn.Module):
-    def __init__(self, width, patch, image_size):
+    """HF's patchify conv; stem > 0 puts 3x3 conv -> GroupNorm -> ReLU layers before it (Xiao et al. 2021,
+    arXiv:2106.14881; not in HF's CLIPVisionModel), stride 2 while it divides the patch: same patch grid."""
+
+    def __init__(self, width, patch, image_size, stem=0):
         super().__init__()
         self.class_embedding = nn.Parameter(torch.randn(width) * 0.02)
-        self.patch_embedding = nn.Conv2d(3, width, patch, stride=patch, bias=False)
+        layers, channels, stride = [], 3, 1
+        for i in range(stem):  # channels double up to the width: .., width / 2, width
+            out, step = width >> (stem - 1 - i), 2 if patch % (2 * stride) == 0 else 1
+            layers += [nn.Conv2d(channels, out, 3, step, 1, bias=False), nn.GroupNorm(1, out), nn.ReLU()]
+            channels, stride = out, stride * step
+        self.stem = nn.Sequential(*layers)  # (B, 3, H, W) -> (B, channels, H / stride, W / stride)
+        self.patch_embedding = nn.Conv2d(channels, width, patch // stride, stride=patch // stride, bias=False)
         self.position_embedding = nn.Embedding((image_size // patch) ** 2 + 1, width)
 
     def forward(self, pixels):  # (B, 3, H, W) normalised
-        patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, P, C)
+        patches = self.patch_embedding(self.stem(pixels)).flatten(2).transpose(1, 2)  # (B, P, C)
         cls = self.class_embedding.expand(len(patches), 1, -1)  # (B, 1, C)
         return torch.cat([cls, patches], 1) + self.position_embedding.weight  # (B, 1 + P, C)
 
@@ -542,7 +549,7 @@ class CLIPVisionTransformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         w = cfg.vit_width
-        self.embeddings = CLIPEmbeddings(w, cfg.patch_size, cfg.image_size)
+        self.embeddings = CLIPEmbeddings(w, cfg.patch_size, cfg.image_size, cfg.vit_stem)
         self.pre_layrnorm = nn.LayerNorm(w)  # sic: HF's spelling
         self.encoder = CLIPEncoder(w, cfg.vit_layers, cfg.vit_heads)
         self.post_layernorm = nn.LayerNorm(w)
@@ -613,8 +620,7 @@ class CAbstractor(nn.Module):
     def __init__(self, vit_width, llm_width, image_tokens, depth=3):
         super().__init__()
         self.side = math.isqrt(image_tokens)
-        self.stage1 = nn.Sequential(*(RegBlock(vit_width) for _ in range(depth)))
-        self.stage2 = nn.Sequential(*(RegBlock(vit_width) for _ in range(depth)))
+        self.stage1, self.stage2 = (nn.Sequential(*(RegBlock(vit_width) for _ in range(depth))) for _ in "12")
         width = llm_width
         self.readout = nn.Sequential(nn.Linear(vit_width, width), nn.SiLU(), nn.Linear(width, width))
 
@@ -644,17 +650,15 @@ class LlamaAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.n_kv = config.num_attention_heads, config.num_key_value_heads
-        self.hd = config.hidden_size // self.n_head
-        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.hd, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.n_head * self.hd, config.hidden_size, bias=False)
+        C, self.hd = config.hidden_size, config.hidden_size // self.n_head
+        self.q_proj = nn.Linear(C, self.n_head * self.hd, bias=False)
+        self.k_proj, self.v_proj = (nn.Linear(C, self.n_kv * self.hd, bias=False) for _ in "kv")
+        self.o_proj = nn.Linear(self.n_head * self.hd, C, bias=False)
 
     def forward(self, x, cos, sin, mask=None, cache=None):  # x (B, T, C); cos/sin (B, 1, T, D)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, Hq, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k, v = (p(x).view(B, T, -1, self.hd).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, Hq, T, D), (B, Hkv, T, D) x 2
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # bf16 autocast makes q, k, v bf16: keep one dtype
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:  # cache: [k, v] of the earlier positions, extended in place
@@ -695,8 +699,7 @@ class MoEMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, moe: bool):
         super().__init__()
-        self.self_attn = LlamaAttention(config)
-        self.mlp = MoEMLP(config) if moe else LlamaMLP(config)
+        self.self_attn, self.mlp = LlamaAttention(config), MoEMLP(config) if moe else LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -739,16 +742,13 @@ class MM1(nn.Module):
         self.image_token_id, self.image_tokens = arch["image_token_id"], conn["image_tokens"]
         self.vision_model = CLIPVisionTransformer(SimpleNamespace(
             vit_width=v["hidden_size"], vit_layers=v["num_hidden_layers"], vit_heads=v["num_attention_heads"],
-            patch_size=v["patch_size"], image_size=v["image_size"]))
-        vit_width, width, k = v["hidden_size"], text.hidden_size, conn["image_tokens"]
-        if conn["type"] == "avgpool":
-            self.connector = AvgPoolConnector(vit_width, width, k)
-        elif conn["type"] == "attnpool":
-            self.connector = AttnPoolConnector(vit_width, width, k, conn["heads"])
-        else:
-            self.connector = CAbstractor(vit_width, width, k, conn["depth"])
+            patch_size=v["patch_size"], image_size=v["image_size"], vit_stem=v.get("conv_stem_layers", 0)))
+        sizes = v["hidden_size"], text.hidden_size, conn["image_tokens"]  # ViT width, LLM width, image tokens
+        self.connector = {"avgpool": lambda: AvgPoolConnector(*sizes),  # lambdas: a script may hold only some
+                          "attnpool": lambda: AttnPoolConnector(*sizes, conn["heads"]),
+                          "cabstractor": lambda: CAbstractor(*sizes, conn["depth"])}[conn["type"]]()
         self.model = LlamaModel(text)
-        self.lm_head = nn.Linear(width, text.vocab_size, bias=False)
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         for key in ("pixel_mean", "pixel_std"):
             self.register_buffer(key, torch.tensor(arch[key]).view(1, 3, 1, 1), persistent=False)
         for m in self.modules():  # GPT-2's init: N(0, 0.02), zero biases
@@ -811,8 +811,7 @@ def train(cfg: Config, data: Data, model, opt, device: str, log, start: int, met
     for step in tqdm(range(start, cfg.cpt_steps + cfg.sft_steps), desc="cpt + sft", disable=None):
         stage, first, steps, peak = (("cpt", 0, cfg.cpt_steps, cfg.cpt_lr) if step < cfg.cpt_steps else
                                      ("sft", cfg.cpt_steps, cfg.sft_steps, cfg.sft_lr))
-        lr = lr_at(step - first, steps, peak, min(cfg.warmup, steps), cfg.min_lr_frac * peak)
-        set_lr(opt, lr)
+        set_lr(opt, lr := lr_at(step - first, steps, peak, min(cfg.warmup, steps), cfg.min_lr_frac * peak))
         rng, rows = np.random.default_rng([cfg.seed, step]), []
         while len(rows) < cfg.batch_size:
             name = "cpt" if stage == "cpt" else names[rng.choice(len(names), p=p)]

@@ -32,6 +32,7 @@ def smoke_checkpoint(tmp_path_factory):
             "--connector_warmup_steps=3",
             "--log_every=3",
             "--eval_every=3",
+            "--vit_stem=2",  # the conv stem (not in HF's CLIPVisionModel) must travel through `arch` too
         ]
     )
     return out
@@ -79,6 +80,9 @@ def test_metadata_carries_the_contract(smoke_checkpoint):
         assert key in arch["text"]
     for key in ("hidden_act", "layer_norm_eps", "patch_size", "feature"):
         assert key in arch["vision"]
+    weights, _ = read_checkpoint(smoke_checkpoint)
+    assert arch["vision"]["conv_stem_layers"] == 2
+    assert any(k.startswith("vision_model.embeddings.stem.") for k in weights)
     assert {"type", "image_tokens", "depth"} <= set(arch["connector"]) and len(arch["pixel_std"]) == 3
 
 
@@ -101,6 +105,13 @@ def test_model_rebuilt_from_metadata_reproduces_mm1_logits(smoke_checkpoint, scr
     model.load_state_dict(weights)
     with torch.no_grad():
         assert not torch.allclose(model(ids, images)[0], want, atol=1e-3)
+    # an arch without conv_stem_layers (checkpoints before the stem) builds no stem: these weights don't fit
+    old = json.loads(meta["arch"])
+    del old["vision"]["conv_stem_layers"]
+    model = getattr(importlib.import_module(script), BUILDERS[script])(old)
+    assert not any(name.startswith("vision_model.embeddings.stem.") for name in model.state_dict())
+    with pytest.raises(RuntimeError, match="embeddings.stem"):
+        model.load_state_dict(weights)
 
 
 @pytest.mark.parametrize("script", sorted(BUILDERS))

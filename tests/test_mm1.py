@@ -95,6 +95,18 @@ def test_clip_vision_parity():
     torch.testing.assert_close(pooled, out.pooler_output, atol=1e-5, rtol=1e-5)
 
 
+def test_conv_stem_keeps_the_patch_grid():
+    """--vit_stem=k: k 3x3 convs (stride 2 while it divides the patch) before a smaller patchify conv; the
+    same tokens as the plain ViT, channels doubling up to the width; 0 is HF's layer (parity above)."""
+    for stem, strides, kernel in ((0, [], 8), (1, [2], 4), (3, [2, 2, 2], 1), (4, [2, 2, 2, 1], 1)):
+        vit = tiny_model(vit_stem=stem).vision_model  # smoke size: 32 px, patch 8, width 32
+        convs = [m for m in vit.embeddings.stem if isinstance(m, torch.nn.Conv2d)]
+        assert [c.stride[0] for c in convs] == strides
+        assert [c.out_channels for c in convs] == [32 >> (stem - 1 - i) for i in range(stem)]
+        assert vit.embeddings.patch_embedding.kernel_size[0] == kernel
+        assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 16, 32)
+
+
 # ----------------------------------------------------------------------------- model pieces
 
 
@@ -360,6 +372,7 @@ def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys):
     assert "--steps=abc: expected int" in run_bad(["--steps=abc"], monkeypatch, capsys)
     assert "--connector=resnet" in run_bad(["--connector=resnet"], monkeypatch, capsys)
     assert "--mix=1:2" in run_bad(["--mix=1:2"], monkeypatch, capsys)
+    assert "--vit_stem=-1" in run_bad(["--vit_stem=-1"], monkeypatch, capsys)
     assert "model.optimizer.safetensors" in run_bad(SMOKE + out + ["--resume=True"], monkeypatch, capsys)
     assert "--image_folder=nothere" in run_bad(SMOKE + out + ["--image_folder=nothere"], monkeypatch, capsys)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
