@@ -2,8 +2,7 @@
 "Revisit Large-Scale Image-Caption Data in Pre-training Multimodal Foundation Models", CLIP and text-to-image
 (its multimodal LLMs are in mm1.py). 1. A controllable captioner (ViT + causal decoder; a control token picks
 <|ssc|> short, <|dsc|> descriptive, <|dsc+|> dense or <|afc|> AltText fusion), scored beside a blind row.
-2. Synthetic captions for the "web" images (noisy AltTexts only): --synthetic=gold (scene graph, --gold_error
-   swapped) or --synthetic=captioner (sharded over ranks, cached by weights and data).
+2. Synthetic captions for the "web" images (noisy AltTexts only): --synthetic=gold (scene graph) or captioner.
 3. One CLIP per recipe (alt; ssc50 = SSC with p = 0.5, else AltText; dsc100; afc): zero-shot emblem / shape /
    colour, gallery retrieval; baselines; a paired bootstrap over seeds on KEY_PAIRS, fixed in advance.
 4. One text-to-image flow per recipe (32 px UNet, own text tower), scored GenEval-style by a probe trained on
@@ -71,6 +70,7 @@ class Config:
     vit_width: int = 96  # image towers (captioner and CLIP): width
     vit_layers: int = 3  # image towers: transformer layers
     vit_heads: int = 4  # image towers: attention heads
+    vit_stem: int = 0  # image towers: 3x3 conv layers before the patchify conv (0: HF CLIP's patchify alone)
     text_width: int = 96  # CLIP text tower width
     text_layers: int = 2  # CLIP text tower layers
     text_heads: int = 4  # CLIP text tower heads
@@ -154,6 +154,8 @@ def check_config(cfg: Config) -> None:
             cfg.synthetic == "captioner" and "captioner" not in cfg.parts):
         raise InputError(f"--synthetic={cfg.synthetic} --gold_error={cfg.gold_error}: expected gold or "
                          "captioner (with captioner in --parts), and an error share in 0..1")
+    if not 0 <= cfg.vit_stem <= 1 + math.log2(cfg.vit_width):  # the stem's channels double up to vit_width
+        raise InputError(f"--vit_stem={cfg.vit_stem}: expected 0 .. 1 + log2(--vit_width) conv layers")
     for key in [k for k in "n_web n_eval gallery clip_steps seeds workers".split() if getattr(cfg, k) < 1]:
         raise InputError(f"--{key}={getattr(cfg, key)}: expected a positive number")
     list(map(parse_recipe, cfg.recipes + cfg.diff_recipes))  # InputError on a bad name
@@ -501,14 +503,23 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 class CLIPEmbeddings(nn.Module):
-    def __init__(self, width, patch, image_size):
+    """HF's patchify conv; stem > 0 puts 3x3 conv -> GroupNorm -> ReLU layers before it (Xiao et al. 2021,
+    arXiv:2106.14881; not in HF's CLIPVisionModel), stride 2 while it divides the patch: same patch grid."""
+
+    def __init__(self, width, patch, image_size, stem=0):
         super().__init__()
         self.class_embedding = nn.Parameter(torch.randn(width) * 0.02)
-        self.patch_embedding = nn.Conv2d(3, width, patch, stride=patch, bias=False)
+        layers, channels, stride = [], 3, 1
+        for i in range(stem):  # channels double up to the width: .., width / 2, width
+            out, step = width >> (stem - 1 - i), 2 if patch % (2 * stride) == 0 else 1
+            layers += [nn.Conv2d(channels, out, 3, step, 1, bias=False), nn.GroupNorm(1, out), nn.ReLU()]
+            channels, stride = out, stride * step
+        self.stem = nn.Sequential(*layers)  # (B, 3, H, W) -> (B, channels, H / stride, W / stride)
+        self.patch_embedding = nn.Conv2d(channels, width, patch // stride, stride=patch // stride, bias=False)
         self.position_embedding = nn.Embedding((image_size // patch) ** 2 + 1, width)
 
     def forward(self, pixels):  # (B, 3, H, W) normalised
-        patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, P, C)
+        patches = self.patch_embedding(self.stem(pixels)).flatten(2).transpose(1, 2)  # (B, P, C)
         cls = self.class_embedding.expand(len(patches), 1, -1)  # (B, 1, C)
         return torch.cat([cls, patches], 1) + self.position_embedding.weight  # (B, 1 + P, C)
 
@@ -523,7 +534,7 @@ class CLIPVisionTransformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         w = cfg.vit_width
-        self.embeddings = CLIPEmbeddings(w, cfg.patch_size, cfg.image_size)
+        self.embeddings = CLIPEmbeddings(w, cfg.patch_size, cfg.image_size, cfg.vit_stem)
         self.pre_layrnorm = nn.LayerNorm(w)  # sic: HF's spelling
         self.encoder = CLIPEncoder(w, cfg.vit_layers, cfg.vit_heads)
         self.post_layernorm = nn.LayerNorm(w)
@@ -541,9 +552,8 @@ class CausalAttention(CLIPAttention):
         q, k, v = (p(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, D)
         if cache is not None:  # generation: keep keys / values of every position seen so far
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)  # (B, H, T_all, D)
-            cache["k"], cache["v"] = k, v
+            k = cache["k"] = torch.cat([cache["k"], k], 2) if "k" in cache else k  # (B, H, T_all, D)
+            v = cache["v"] = torch.cat([cache["v"], v], 2) if "v" in cache else v
         # one new query attends to the whole cache (no mask); a prefill is square and causal
         y = attention(q, k, v, causal=T > 1)  # (B, H, T, D)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -929,17 +939,14 @@ def score_clip(model: CLIPModel, held_out: ImageSet, cfg: Config, run: Run) -> d
     image_emb, gallery = embed(model, held_out.images, cfg, run), min(cfg.gallery, len(held_out.images))
     hits = dict.fromkeys(COLUMNS, np.full(len(image_emb), np.nan))
     hits |= retrieval_hits(image_emb, embed(model, held_out.captions["ssc"], cfg, run), gallery)
-    if held_out.scenes is None:  # a user's file: retrieval with their captions only
-        return hits
-    for name, present in scene_labels(held_out.scenes).items():
+    labels = scene_labels(held_out.scenes) if held_out.scenes else {}  # a user's file: retrieval only
+    for name, present in labels.items():
         prompts = [t.format(c) for c in CLASSES[name] for t in TEMPLATES[name]]
         class_emb = embed(model, prompts, cfg, run).view(len(CLASSES[name]), -1, image_emb.shape[1])
         class_emb = F.normalize(class_emb.mean(1), dim=-1)  # (K, E)
         pred = (image_emb @ class_emb.t()).argmax(1)  # (N,)
         hits[f"{name} top1"] = np.where(present.any(1), present[torch.arange(len(pred)), pred], np.nan)
     return hits
-def row_of(hits: dict) -> dict:
-    return {c: None if np.isnan(hits[c]).all() else float(np.nanmean(hits[c])) for c in COLUMNS}
 def baseline_rows(held_out: ImageSet, train_scenes, gallery: int) -> dict:
     """chance: a random class / ranking; majority: the commonest training class (retrieval has none)."""
     chance = {c: 1 / min(gallery, len(held_out.images)) for c in COLUMNS if "R@" in c}
@@ -979,20 +986,17 @@ def euler_sample(velocity, x: torch.Tensor, steps: int) -> torch.Tensor:
     for i in range(steps):
         x = x + velocity(x, torch.full((len(x),), i / steps, device=x.device)) / steps
     return x
-def guided_velocity(model: FlowUNet, ids, lengths, scale: float):
-    """Classifier-free guidance: v = v(x, t, "") + w (v(x, t, c) - v(x, t, "")); ids: B prompts, then B ""."""
-    text = model.encode_text(ids, lengths)  # the prompts' token states, the same at every step
-    def velocity(x, t):  # (B, 3, S, S), (B,)
-        cond, empty = model(torch.cat([x, x]), torch.cat([t, t]), ids, lengths, text).float().chunk(2)
-        return empty + scale * (cond - empty)
-    return velocity
 @torch.no_grad()
 def generate_images(model: FlowUNet, prompts: list[str], cfg: Config, run: Run) -> torch.Tensor:
     """uint8 samples, one batch, from the same noise (cfg.seed) for every model: compared image by image."""
     gen = torch.Generator().manual_seed(cfg.seed)
     noise = torch.randn(len(prompts), 3, cfg.diff_size, cfg.diff_size, generator=gen).to(run.device)
     ids, lengths = run.texts.clip_batch(prompts + [""] * len(prompts), cfg.context_length)  # (2N, T), (2N,)
-    velocity = guided_velocity(model.eval(), ids.to(run.device), lengths, cfg.guidance)
+    ids = ids.to(run.device)  # the N prompts, then N empty ones
+    text = model.eval().encode_text(ids, lengths)  # the prompts' token states, the same at every step
+    def velocity(x, t):  # classifier-free guidance: v(x, t, "") + w (v(x, t, c) - v(x, t, "")), w = guidance
+        cond, empty = model(torch.cat([x, x]), torch.cat([t, t]), ids, lengths, text).float().chunk(2)
+        return empty + cfg.guidance * (cond - empty)
     pixels = euler_sample(velocity, noise, cfg.sample_steps).cpu() * 0.25 + 0.5  # to_float's inverse
     return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)  # (N, 3, S, S)
 @torch.no_grad()
@@ -1125,6 +1129,7 @@ def main(argv: list[str]):
     done |= run_jobs(jobs, cfg, run, timings)  # with --workers > 1, side by side
     if rank == 0:
         clip_rows, hits = {}, {r: done[run_name("clip", *r, cfg)] for r in clips}
+        row_of = lambda h: {c: None if np.isnan(h[c]).all() else float(np.nanmean(h[c])) for c in COLUMNS}
         if "clip" in cfg.parts:  # baselines, then the recipes
             torch.manual_seed(cfg.seed)
             untrained = CLIPModel(cfg, run.texts.enc.n_vocab).to(device).eval()
@@ -1134,9 +1139,8 @@ def main(argv: list[str]):
         diff_rows, diff_pairs = score_diffusion(done["probe"], diff_held_out, {
             r: done[run_name("diffusion", *r, cfg)] for r in flows}, cfg, run) if diffusing else ({}, [])
         clip_pairs = key_pair_verdicts(hits, KEY_PAIRS, cfg.bootstrap) if web.scenes is not None else []
-        metrics = {"captioner": done["captioner"][1] if "captioner" in done else None, "clip": clip_rows,
-                   "diffusion": diff_rows, "timings_s": timings, "key_pairs": clip_pairs,
-                   "diffusion_key_pairs": diff_pairs}
+        metrics = {"captioner": done.get("captioner", [None])[-1], "clip": clip_rows, "diffusion": diff_rows,
+                   "timings_s": timings, "key_pairs": clip_pairs, "diffusion_key_pairs": diff_pairs}
         write_outputs(out, {"metrics.json": metrics, "report.md": report(cfg, metrics)})
         print(report(cfg, metrics))
     if world > 1:

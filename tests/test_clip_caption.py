@@ -65,18 +65,23 @@ def test_euler_sampler_integrates_known_velocity_fields():
 
 
 def test_guidance_mixes_prompt_and_empty_prompt():
-    class Stub:  # velocity = the prompt length everywhere: 7 for the prompts, 1 for the empty ones
+    class Stub:  # velocity = prompt length / 64 (exact in binary): 7/64 for the prompts, 1/64 for ""
+        def eval(self):
+            return self
         def encode_text(self, ids, lengths):
             return (lengths.float(),)
         def __call__(self, x, t, ids, lengths, text):
-            return torch.zeros_like(x) + text[0].view(-1, 1, 1, 1)
+            return torch.zeros_like(x) + text[0].view(-1, 1, 1, 1) / 64
     texts = cc.Texts()
-    ids, lengths = texts.clip_batch(["a red circle on the left"] * 2 + [""] * 2, 77)
-    assert lengths.tolist() == [7, 7, 1, 1]  # 6 tokens + <|endoftext|>
-    velocity = cc.guided_velocity(Stub(), ids, lengths, 3.0)(torch.zeros(2, 3, 4, 4), torch.zeros(2))
-    assert torch.all(velocity == 1 + 3.0 * (7 - 1))  # v(empty) + w (v(prompt) - v(empty))
-    conditional = cc.guided_velocity(Stub(), ids, lengths, 1.0)(torch.zeros(2, 3, 4, 4), torch.zeros(2))
-    assert torch.all(conditional == 7)
+    assert texts.clip_batch(["a red circle on the left", ""], 77)[1].tolist() == [7, 1]  # 6 tokens + <|eot|>
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # cfg.seed's, smoke's 16 px
+    images, run = {}, cc.Run("cpu", 0, 1, texts, {})
+    for w in (3.0, 1.0):  # one Euler step from the noise: x = noise + v(empty) + w (v(prompt) - v(empty))
+        cfg = cc.parse_config(["--preset=smoke", f"--guidance={w}", "--sample_steps=1"])
+        images[w] = cc.generate_images(Stub(), ["a red circle on the left"] * 2, cfg, run)
+        x = noise + (torch.tensor(1 / 64) + w * torch.tensor(6 / 64))
+        assert torch.equal(images[w], ((x * 0.25 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8))
+    assert not torch.equal(images[3.0], images[1.0])
     assert cc.drop_prompts(["a", "b", "c"], torch.tensor([0.05, 0.5, 0.09]), 0.1) == ["", "b", ""]
     coins = torch.rand(10000, generator=torch.Generator().manual_seed(0))
     assert 0.09 < np.mean([p == "" for p in cc.drop_prompts(["x"] * 10000, coins, 0.1)]) < 0.11
@@ -270,9 +275,13 @@ def test_config_overrides_and_errors():
                          (["--recipes=alt,ssc300"], "ssc300"), (["--preset=huge"], "huge"),
                          (["clip_steps=3"], "clip_steps=3"), (["--image_size=30"], "patch_size"),
                          (["--synthetic=magic"], "magic"), (["--gold_error=1.5"], "gold_error"),
-                         (["--n_eval=0"], "n_eval"), (["--cap_image_size=30"], "cap_image_size=30")]:
+                         (["--n_eval=0"], "n_eval"), (["--cap_image_size=30"], "cap_image_size=30"),
+                         (["--vit_stem=-1"], "vit_stem=-1"), (["--vit_stem=9"], "vit_stem=9")]:  # 96 >> 8 = 0
         with pytest.raises(InputError, match=needle):
             cc.check_config(cc.parse_config(argv))
+    cfg = cc.parse_config(["--vit_stem=7"])  # 7 <= 1 + log2(96): the first stem layer has 96 >> 6 = 1 channel
+    cc.check_config(cfg)
+    assert cc.Captioner(cfg, 10)(torch.zeros(1, 3, 64, 64), torch.zeros(1, 1).long()).shape == (1, 1, 10)
 
 
 def test_bad_user_file_is_a_one_line_error(tmp_path):
