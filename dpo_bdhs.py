@@ -564,7 +564,7 @@ class CAbstractor(nn.Module):
     def __init__(self, vit_width, llm_width, image_tokens, depth=3):
         super().__init__()
         self.side = math.isqrt(image_tokens)
-        self.stage1, self.stage2 = (nn.Sequential(*(RegBlock(vit_width) for _ in range(depth))) for _ in "12")
+        self.stage1, self.stage2 = (nn.Sequential(*map(RegBlock, [vit_width] * depth)) for _ in range(2))
         width = llm_width
         self.readout = nn.Sequential(nn.Linear(vit_width, width), nn.SiLU(), nn.Linear(width, width))
 
@@ -592,7 +592,7 @@ class LlamaAttention(nn.Module):
         self.n_head, self.n_kv = config.num_attention_heads, config.num_key_value_heads
         C, self.hd = config.hidden_size, config.hidden_size // self.n_head
         self.q_proj = nn.Linear(C, self.n_head * self.hd, bias=False)
-        self.k_proj, self.v_proj = (nn.Linear(C, self.n_kv * self.hd, bias=False) for _ in "kv")
+        self.k_proj, self.v_proj = (nn.Linear(C, self.n_kv * self.hd, bias=False) for _ in range(2))
         self.o_proj = nn.Linear(self.n_head * self.hd, C, bias=False)
 
     def forward(self, x, cos, sin, mask=None, cache=None):  # x (B, T, C); cos/sin (B, 1, T, D)
