@@ -2,7 +2,7 @@
 "Revisit Large-Scale Image-Caption Data in Pre-training Multimodal Foundation Models", CLIP and text-to-image
 (its multimodal LLMs are in mm1.py). 1. A controllable captioner (ViT + causal decoder; a control token picks
 <|ssc|> short, <|dsc|> descriptive, <|dsc+|> dense or <|afc|> AltText fusion), scored beside a blind row.
-2. Synthetic captions for the "web" images (noisy AltTexts only): --synthetic=gold (scene graph) or captioner.
+2. Synthetic captions for the web images: --synthetic=gold (scene graph, --gold_error swapped) or captioner.
 3. One CLIP per recipe (alt; ssc50 = SSC with p = 0.5, else AltText; dsc100; afc): zero-shot emblem / shape /
    colour, gallery retrieval; baselines; a paired bootstrap over seeds on KEY_PAIRS, fixed in advance.
 4. One text-to-image flow per recipe (32 px UNet, own text tower), scored GenEval-style by a probe trained on
