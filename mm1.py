@@ -131,7 +131,7 @@ PRESETS = {  # smoke keeps the C-Abstractor recipe: the test chain's dpo_bdhs.py
                 n_documents=10000, n_passages=40000, eval_scenes=200, n_eval_passages=200),
 }
 ABLATIONS = {  # name -> (row label, overrides); 36-token rows get a longer context: the same images per step
-    "connector": [(f"{c} | {k}", dict(connector=c, image_tokens=k, seq_len=320 if k == 16 else 480))
+    "connector": [(f"{c}, {k} tokens", dict(connector=c, image_tokens=k, seq_len=320 if k == 16 else 480))
                   for c in ("avgpool", "attnpool", "cabstractor") for k in (16, 36)],
     "resolution": [(f"{s} px", dict(image_size=s)) for s in (32, 64, 96)] + [("64 px, random ViT",
                                                                               dict(vit_pretrain_steps=0))],

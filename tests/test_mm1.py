@@ -3,6 +3,7 @@ DDP (2 gloo processes) == 1 process, user LLaVA files, bad input."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -214,6 +215,16 @@ def test_doc_attention_restarts_positions_and_isolates_documents():
         packed, _ = model(ids, None, *vl_tasks.doc_attention(doc_of))
         first, second = model(ids[:, :3])[0], model(ids[:, 3:])[0]
     torch.testing.assert_close(packed, torch.cat([first, second], 1), atol=1e-5, rtol=1e-5)
+
+
+def test_grid_rows_make_table_cells_and_distinct_folders():
+    # a row label is a markdown table cell of ablate_<grid>.md and, sanitised, the row's folder name
+    for grid, rows in mm1.ABLATIONS.items():
+        labels = [label for label, _ in rows]
+        assert not any("|" in label for label in labels), (grid, labels)
+        assert len({re.sub(r"\W+", "_", label) for label in labels}) == len(labels), (grid, labels)
+        for _, overrides in rows:
+            mm1.check_config(mm1.Config(**{**mm1.PRESETS["ablate"], "preset": "ablate", **overrides}))
 
 
 def test_paper_lr_rule():
