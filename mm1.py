@@ -788,7 +788,7 @@ def pretrain_vit(model, pools, cfg, device, log):
     batch, steps, losses = min(cfg.vit_pretrain_batch, len(pools.captions)), cfg.vit_pretrain_steps, []
     for step in range(steps):
         set_lr(opt, lr_at(step, steps, cfg.vit_pretrain_lr, max(1, steps // 10), 0.1 * cfg.vit_pretrain_lr))
-        docs = [pools.captions[i][0] for i in rng.choice(len(pools.captions), batch, replace=False)]
+        docs = [pools.clip_pairs[i] for i in rng.choice(len(pools.clip_pairs), batch, replace=False)]
         images = torch.stack([pools.bank[doc_images[0]] for _, doc_images in docs]).to(device)  # (B, 3, S, S)
         texts = [torch.from_numpy(ids[(ids != pools.image_id) & (ids != pools.eot_id)]) for ids, _ in docs]
         offsets = torch.tensor([0] + [len(t) for t in texts[:-1]]).cumsum(0)

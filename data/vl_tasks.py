@@ -49,10 +49,15 @@ class Pools:
         self.captions, user_text = [], []  # captions: per scene, its documents (caption formats, VQA)
         if cfg.train_data:
             self.captions, user_text = self.read_user_file(cfg.train_data, cfg.image_folder or None)
+        # stage 0's CLIP pairs: each built-in scene's SSC caption whatever --caption_formats says, so the rows
+        # of the caption-format grid share one encoder, as MM1's ablations share CLIP (user data: its first)
+        self.clip_pairs = [group[0] for group in self.captions]
         for i in range(0 if cfg.train_data else cfg.n_caption_scenes):
             scene = shapes.make_scene("train", i, seed=cfg.seed)
             img = self.add_image(shapes.render(scene, size=self.size))
             group = [self.doc([img, shapes.caption(scene, f, seed=i)]) for f in cfg.caption_formats]
+            self.clip_pairs.append(group[0] if cfg.caption_formats[0] == "ssc" else
+                                   self.doc([img, shapes.caption(scene, "ssc", seed=i)]))
             for question, answer in shapes.vqa(scene, seed=i)[: cfg.vqa_per_scene]:
                 group.append(self.doc(vqa_parts(question, img, answer)))
                 self.answers.setdefault(question, Counter())[answer] += 1

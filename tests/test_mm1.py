@@ -227,6 +227,19 @@ def test_grid_rows_make_table_cells_and_distinct_folders():
             mm1.check_config(mm1.Config(**{**mm1.PRESETS["ablate"], "preset": "ablate", **overrides}))
 
 
+def test_stage0_clip_pairs_do_not_depend_on_the_caption_format():
+    # the caption-format grid's rows must share one stage-0 encoder: its CLIP sees SSC captions in every row
+    def pairs(formats):
+        cfg = tiny_cfg(caption_formats=formats, n_caption_scenes=6, n_documents=1, n_passages=1,
+                       eval_scenes=1)
+        pools = mm1.Pools(cfg, get_tokenizer())
+        return pools, [(ids.tolist(), images) for ids, images in pools.clip_pairs]
+    ssc_pools, ssc = pairs(("ssc",))
+    assert ssc == [(ids.tolist(), images) for (ids, images), *_ in ssc_pools.captions]  # default: unchanged
+    for formats in (("alttext",), ("dsc",), ("alttext", "ssc")):
+        assert pairs(formats)[1] == ssc, formats
+
+
 def test_paper_lr_rule():
     # hand-computed: exp(-0.4214 * ln(1.2e9) - 0.5535) = exp(-9.3631) and exp(-0.4214 * ln(1e6) - 0.5535)
     assert mm1.paper_lr(1.2e9) == pytest.approx(8.583e-5, rel=1e-3)
