@@ -776,7 +776,7 @@ def clip_loss(image_emb, text_emb, logit_scale):
 # ----------------------------------------------------------------------------- train
 def pretrain_vit(model, pools, cfg, device, log):
     """Stage 0, MM1's pre-trained CLIP in miniature: the ViT (mean of the patch tokens the connector reads)
-    is the image tower of a CLIP whose text tower is a bag of token embeddings; InfoNCE on the caption pairs.
+    is the image tower of a CLIP whose text tower is a bag of token embeddings; InfoNCE on Pools.clip_pairs.
     Only the ViT is kept. Every rank runs the same steps on the same data."""
     width, vit = cfg.vit_width, model.vision_model
     tower = nn.ModuleDict(dict(vit=vit, text=nn.EmbeddingBag(pools.enc.n_vocab, width, mode="mean"),
@@ -785,7 +785,7 @@ def pretrain_vit(model, pools, cfg, device, log):
     tower.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))  # CLIP's initial value
     opt = make_adamw(tower, cfg.vit_pretrain_lr, 0.1, betas=(0.9, 0.98))
     rng = np.random.default_rng([cfg.seed, 9])  # its own stream
-    batch, steps, losses = min(cfg.vit_pretrain_batch, len(pools.captions)), cfg.vit_pretrain_steps, []
+    batch, steps, losses = min(cfg.vit_pretrain_batch, len(pools.clip_pairs)), cfg.vit_pretrain_steps, []
     for step in range(steps):
         set_lr(opt, lr_at(step, steps, cfg.vit_pretrain_lr, max(1, steps // 10), 0.1 * cfg.vit_pretrain_lr))
         docs = [pools.clip_pairs[i] for i in rng.choice(len(pools.clip_pairs), batch, replace=False)]
