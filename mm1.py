@@ -130,14 +130,14 @@ PRESETS = {  # smoke keeps the C-Abstractor recipe: the test chain's dpo_bdhs.py
                 steps=5000, warmup=200, log_every=20, ckpt_every=500, n_caption_scenes=60000,
                 n_documents=10000, n_passages=40000, eval_scenes=200, n_eval_passages=200),
 }
-ABLATIONS = {  # name -> (row label, overrides); 36-token rows get a longer context: the same images per step
+ABLATIONS = {  # name -> (row label, overrides); 36-token and DSC rows: longer contexts, ~55 images per step
     "connector": [(f"{c}, {k} tokens", dict(connector=c, image_tokens=k, seq_len=320 if k == 16 else 480))
                   for c in ("avgpool", "attnpool", "cabstractor") for k in (16, 36)],
     "resolution": [(f"{s} px", dict(image_size=s)) for s in (32, 64, 96)] + [("64 px, random ViT",
                                                                               dict(vit_pretrain_steps=0))],
     "mix": [(m, dict(mix=m)) for m in ("100:0:0", "0:100:0", "45:45:10", "50:10:40")],
-    "captions": [(" + ".join(f), dict(caption_formats=f)) for f in (("alttext",), ("ssc",), ("dsc",),
-                                                                    ("alttext", "ssc"), ("alttext", "dsc"))],
+    "captions": [(" + ".join(f), dict(caption_formats=f, seq_len=n)) for f, n in zip((("alttext",), ("ssc",),
+                 ("dsc",), ("alttext", "ssc"), ("alttext", "dsc")), (312, 320, 400, 312, 376))],
     "moe": [("dense", dict(moe_every=0)), ("moe every 2, 8 experts", dict(moe_every=2, n_experts=8))],
 }
 RESUME_MAY_DIFFER = ("resume", "stop_after", "device", "out_dir", "log_every", "ckpt_every", "eval_scenes",
@@ -956,7 +956,7 @@ def run_ablation(cfg: Config, device: str, rank: int, world: int):
         "distinct 0-shot captions": "distinct_captions_0shot", "text ppl (unseen)": "text_ppl_unseen",
         "image gain": "image_gain", "images / step": "images_per_step", "minutes": "minutes"}
     results = {label: [] for label, _ in ABLATIONS[cfg.ablate]}
-    pools = {}  # rows share data (and the stage-0 ViT) when seed, image size and caption formats agree
+    pools, vits = {}, {}  # data: shared when seed, image size and caption formats agree; ViTs: by ViT config
     for seed in cfg.ablation_seeds:
         for label, overrides in ABLATIONS[cfg.ablate]:
             row = Path(cfg.out_dir) / f"ablate_{cfg.ablate}" / (re.sub(r"\W+", "_", label) + f"_seed{seed}")
@@ -964,6 +964,7 @@ def run_ablation(cfg: Config, device: str, rank: int, world: int):
             check_config(sub)
             key = (seed, sub.image_size, sub.caption_formats)
             pools[key] = pools.get(key) or Pools(sub, get_tokenizer())
+            pools[key].pretrained_vit = vits  # stage 0's CLIP pairs are the same whatever the caption formats
             t0 = time.time()
             metrics = run(sub, device, rank, world, pools[key])
             results[label].append({**metrics, "minutes": (time.time() - t0) / 60})

@@ -240,6 +240,34 @@ def test_stage0_clip_pairs_do_not_depend_on_the_caption_format():
         assert pairs(formats)[1] == ssc, formats
 
 
+def test_caption_grid_rows_see_the_same_images_per_step():
+    # DSC captions are longer: without a longer context its rows would see 44 images per step, SSC's 55
+    counts = []
+    for _, overrides in mm1.ABLATIONS["captions"]:
+        cfg = mm1.Config(**{**mm1.PRESETS["ablate"], "preset": "ablate", **overrides, "n_caption_scenes": 300,
+                            "n_documents": 75, "n_passages": 250, "eval_scenes": 16, "n_eval_passages": 1})
+        pools = mm1.Pools(cfg, get_tokenizer())
+        sources, weights = [pools.caption_docs, pools.documents, pools.passages], mm1.mix_weights(cfg.mix)
+        counts.append(np.mean([sum(map(len, mm1.get_batch(pools, cfg, step, sources, weights, 2)[2]))
+                               for step in range(100)]))
+    assert max(counts) / min(counts) < 1.04, counts
+
+
+def test_caption_grid_rows_share_one_stage0_vit(monkeypatch, tmp_path):
+    # a seed's rows must reuse one stage-0 ViT cache (its CLIP pairs are the same in every row)
+    seen = []
+    def fake_run(cfg, device, rank, world, pools):
+        seen.append((cfg.seed, id(pools), id(pools.pretrained_vit)))
+        return dict(average_0shot=1.0, average_2shot=1.0, distinct_captions_0shot=1, text_ppl_unseen=1.0,
+                    image_gain=1.0, images_per_step=1.0)
+    monkeypatch.setattr(mm1, "run", fake_run)
+    cfg = tiny_cfg(ablate="captions", ablation_seeds=(0, 1), n_caption_scenes=4, n_documents=1, n_passages=1,
+                   eval_scenes=1, out_dir=str(tmp_path))
+    mm1.run_ablation(cfg, "cpu", 0, 1)
+    assert len(seen) == 10 and len({pools for _, pools, _ in seen}) == 10  # every row its own data
+    assert len({cache for _, _, cache in seen}) == 1  # one cache, keyed inside by seed and ViT config
+
+
 def test_paper_lr_rule():
     # hand-computed: exp(-0.4214 * ln(1.2e9) - 0.5535) = exp(-9.3631) and exp(-0.4214 * ln(1e6) - 0.5535)
     assert mm1.paper_lr(1.2e9) == pytest.approx(8.583e-5, rel=1e-3)
