@@ -43,13 +43,11 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.nn.functional import all_gather
-from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from data import InputError, shapes
-from data.metrics import cider_d, object_scores
-from data.shapes.text import area, shapes_of
-from data.tokenizer import get_tokenizer
+from data import InputError
+from data import clip_tasks as ct
+from data.clip_tasks import COLUMNS, FORMATS, GENEVAL, ImageSet, Texts, render_split
 from kernels import attention
 
 
@@ -128,7 +126,6 @@ PRESETS = {
                 seeds=3, clip_steps=3000, clip_batch=1024, ckpt_every=1000, diff_seeds=3, diff_width=96,
                 diff_recipes=("alt", "ssc100", "dsc100", "dsc50"), diff_steps=5000, diff_batch=256,
                 sample_steps=20, n_diff_eval=2000, probe_steps=3000, workers=1)}
-FORMATS = ("ssc", "dsc", "dsc+", "afc")  # captioner formats; CLIP recipes use ssc / dsc / afc
 GEN_BATCH = 256  # images per batched generation call
 # fields that change no model: a resume may set them anew (every other one, schedules included, must match)
 RESUME_MAY_DIFFER = ("preset", "out_dir", "device", "resume", "recipes", "n_cap_eval", "n_eval",
@@ -416,59 +413,11 @@ def run_main(main) -> None:
     raise SystemExit(2)
 # ============================================================================= skeleton: end
 # ----------------------------------------------------------------------------- data
-@dataclass
-class ImageSet:
-    images: torch.Tensor  # (N, 3, S, S) uint8
-    alttexts: list[str]
-    captions: dict  # fmt -> list[str]: gold captions (ShapesWorld) or the user's caption column
-    scenes: list | None = None  # list[shapes.Scene]; None for a user's files
-    def __getitem__(self, cut: slice) -> ImageSet:
-        return ImageSet(self.images[cut], self.alttexts[cut], {f: c[cut] for f, c in self.captions.items()},
-                        self.scenes and self.scenes[cut])
-def render_split(split: str, start: int, n: int, cfg: Config, size: int = 0, plain: bool = False) -> ImageSet:
-    """Scenes split[start:start+n] with AltTexts and gold captions; plain: no background texture (noise)."""
-    scenes = [shapes.make_scene(split, i, seed=cfg.seed) for i in range(start, start + n)]
-    scenes = [dataclasses.replace(s, texture="plain") for s in scenes] if plain else scenes
-    pixels = np.stack([np.asarray(shapes.render(s, size or cfg.image_size)) for s in scenes])  # (N, S, S, 3)
-    captions = {f: [shapes.caption(s, f, seed=start + i) for i, s in enumerate(scenes)] for f in FORMATS}
-    alttexts = [shapes.caption(s, "alttext", seed=start + i) for i, s in enumerate(scenes)]
-    return ImageSet(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), alttexts, captions, scenes)
-def read_user_pairs(path: str, cfg: Config, size: int = 0) -> ImageSet:
-    """A user's CSV/JSONL: AltText = `alttext` or else `caption`; `caption` is every format's gold caption."""
-    rows = shapes.read_image_text(path)  # InputError naming file:line on bad rows or bytes
-    if len(rows) < 10:
-        raise InputError(f"{path}: {len(rows)} rows; expected at least 10 image-text pairs")
-    pixels = [np.asarray(shapes.load_image(row["filepath"]).resize((size or cfg.image_size,) * 2))
-              for row in rows]  # filepath comes back resolved against the file's folder
-    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
-    alttexts = [row.get("alttext") or row["caption"] for row in rows]
-    return ImageSet(images, alttexts, dict.fromkeys(FORMATS, [row["caption"] for row in rows]))
-def gold_synthetic(data: ImageSet, fmts, error: float, seed: int) -> dict:
-    """Gold captions per format, a share `error` swapped for another image's (errors at a known rate)."""
-    rngs, n = {fmt: random.Random(f"{seed}/{fmt}") for fmt in fmts}, len(data.images)
-    return {f: [data.captions[f][(i + rngs[f].randrange(1, n)) % n if rngs[f].random() < error else i]
-                for i in range(n)] for f in fmts}
+# data/clip_tasks.py: ImageSet (uint8 images, AltTexts, gold captions per format, scenes), render_split
+# (ShapesWorld), read_user_pairs (your CSV/JSONL), gold_synthetic, export, Texts (tokenization), and what the
+# evals score against (caption_row, scene_labels, geneval_targets, baselines, paired bootstrap, report)
 def to_float(images: torch.Tensor, device) -> torch.Tensor:  # uint8 (B, 3, S, S) -> float in about [-2, 2]
     return (images.to(device).float() / 255.0 - 0.5) / 0.25
-class Texts:
-    """Tokenization shared by both models: `<|endoftext|>` ends a text, `<|pad|>` fills batches."""
-    def __init__(self):
-        enc = self.enc = get_tokenizer()
-        self.eot, self.pad, self.alt = map(enc.encode_single_token, ("<|endoftext|>", "<|pad|>", "<|alt|>"))
-        self.control = {f: enc.encode_single_token(f"<|{f}|>") for f in FORMATS}
-        self.encode = self.enc.encode_ordinary  # user text never produces control tokens
-    def clip_batch(self, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) ids, each truncated to context_length - 1 tokens + <|endoftext|>; and (B,) lengths."""
-        ids = [self.encode(t)[: context_length - 1] + [self.eot] for t in texts]
-        return self.pad_right(ids), torch.tensor([len(x) for x in ids])
-    def pad_right(self, seqs: list[list[int]], fill: int | None = None) -> torch.Tensor:  # (B, T_max)
-        return pad_sequence([torch.tensor(s) for s in seqs], True, self.pad if fill is None else fill)
-    def prompt(self, fmt: str, alttext: str, alt_tokens: int) -> list[int]:
-        """The captioner's prompt: [<|dsc|>], or for AFC [pads, <|alt|>, alttext, <|afc|>] of fixed length."""
-        if fmt != "afc":
-            return [self.control[fmt]]
-        alt = self.encode(alttext)[:alt_tokens]
-        return [self.pad] * (alt_tokens - len(alt)) + [self.alt] + alt + [self.control["afc"]]
 # ----------------------------------------------------------------------------- model
 # The CLIP ViT (HF names): verbatim copies of mm1.py's classes (tests/test_skeleton.py compares them).
 class CLIPAttention(nn.Module):
@@ -680,9 +629,6 @@ class FlowUNet(nn.Module):
         h = self.mid_block2(h + attended.transpose(1, 2).view_as(h), cond)
         h = self.up_block(torch.cat([F.interpolate(h, scale_factor=2.0), top], 1), cond)  # (B, c, S/2, S/2)
         return F.pixel_shuffle(self.out_conv(F.silu(self.out_norm(h))), 2)  # (B, 3, S, S)
-POSITIONS = tuple("top left|top|top right|left|center|right|bottom left|bottom|bottom right".split("|"))
-GENEVAL = {"colour": shapes.COLORS, "shape": shapes.SHAPES, "count": range(1, 9), "position": POSITIONS,
-           "background": list(shapes.BACKGROUNDS)}  # GenEval's four, and the background every DSC names
 def read_probe(probe: nn.Module, images: torch.Tensor) -> dict:  # (B, 3, S, S) -> {attribute: (B, K) logits}
     return dict(zip(GENEVAL, probe(images).split([len(v) for v in GENEVAL.values()], 1)))
 # ----------------------------------------------------------------------------- losses
@@ -796,21 +742,13 @@ def train_diffusion(recipe: str, seed: int, data: ImageSet, synthetic: dict, cfg
 def drop_prompts(prompts: list[str], coins: torch.Tensor, p: float) -> list[str]:
     """Classifier-free guidance training (Ho & Salimans 2022): the prompt becomes "" where coin < p."""
     return ["" if c < p else text for text, c in zip(prompts, coins.tolist())]
-def geneval_targets(scenes) -> dict[str, torch.Tensor]:
-    """Class ids a prompt requests: colour, shape, 3x3 position of the largest shape; count; background."""
-    mains = [(max(shapes_of(s), key=lambda o: area(o.box)), s) for s in scenes]
-    return {"colour": torch.tensor([shapes.COLORS.index(o.color) for o, _ in mains]),
-            "shape": torch.tensor([shapes.SHAPES.index(o.shape) for o, _ in mains]),
-            "count": torch.tensor([min(len(shapes_of(s)), 8) - 1 for _, s in mains]),
-            "position": torch.tensor([POSITIONS.index(shapes.position(o, s)) for o, s in mains]),
-            "background": torch.tensor([list(shapes.BACKGROUNDS).index(s.background) for s in scenes])}
 def train_probe(data: ImageSet, cfg: Config, run: Run) -> nn.Module:
-    """A small CNN (GenEval: a detector) learns geneval_targets from real renders; summed cross-entropy."""
+    """A small CNN (GenEval: a detector) learns ct.geneval_targets from real renders; summed cross-entropy."""
     torch.manual_seed(cfg.seed)
     cnn = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1),
                         nn.ReLU(), nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
                         nn.Linear(64 * (cfg.diff_size // 4) ** 2, sum(map(len, GENEVAL.values()))))
-    model, targets = cnn.to(run.device), geneval_targets(data.scenes)
+    model, targets = cnn.to(run.device), ct.geneval_targets(data.scenes)
     def step_loss(runner, step):
         idx = batch_indices(len(data.images), 64, step, cfg.seed, run)
         logits = read_probe(runner, to_float(data.images[idx], run.device))
@@ -865,29 +803,7 @@ def run_jobs(jobs: dict, cfg: Config, run: Run, timings: dict) -> dict:
 def run_job(index: int) -> tuple:
     clock = time.time()
     return JOBS[index](), time.time() - clock
-def export(folder: Path, data: ImageSet, synthetic: dict) -> None:
-    """folder/captions.csv (filepath,alttext,ssc,dsc,afc) + PNGs: for open_clip, shapes.read_image_text."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(data.images):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:06d}.png")
-    rows = [[f"{i:06d}.png", data.alttexts[i], *(synthetic[k][i] for k in ("ssc", "dsc", "afc"))]
-            for i in range(len(data.images))]
-    with open(folder / "captions.csv", "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([["filepath", "alttext", "ssc", "dsc", "afc"], *rows])
 # ----------------------------------------------------------------------------- eval
-CAPTION_COLUMNS = ("CIDEr-D", "obj P", "obj R", "halluc.", "tokens", "names")
-def caption_row(generated: list[str], gold: list[str], scenes, texts: Texts) -> dict:
-    """CIDEr-D; CHAIR-style object P / R vs the scene graph (halluc. = 1 - P); mean tokens; emblems named."""
-    scores = [object_scores(c, s) for c, s in zip(generated, scenes)]
-    mentions = sum(s["mentions"] for s in scores)
-    precision = 1 - sum(s["hallucinated"] for s in scores) / mentions if mentions else None
-    emblems = [(shapes.EMBLEMS[o.emblem].lower(), c.lower()) for c, s in zip(generated, scenes)
-               for o in s.objects if o.emblem is not None]
-    return {"CIDEr-D": cider_d(generated, [[g] for g in gold])[0], "obj P": precision,
-            "obj R": float(np.mean([s["recall"] for s in scores])),
-            "halluc.": None if precision is None else 1 - precision,
-            "tokens": float(np.mean([len(texts.encode(c)) for c in generated])),
-            "names": float(np.mean([n in c for n, c in emblems])) if emblems else None}
 def evaluate_captioner(model: Captioner, data: ImageSet, cfg: Config, run: Run) -> dict:
     """Rows per format, each with its image-blind row: every gold caption scored against the next scene."""
     rows, n = {}, len(data.images)
@@ -895,26 +811,10 @@ def evaluate_captioner(model: Captioner, data: ImageSet, cfg: Config, run: Run) 
         generated = [c for s in range(0, n, GEN_BATCH)
                      for c in generate(model, data, list(range(s, min(s + GEN_BATCH, n))), f, cfg, run)]
         gold = [run.texts.enc.decode(run.texts.encode(c)[: cfg.cap_max_tokens]) for c in data.captions[f]]
-        rows[f] = caption_row(generated, gold, data.scenes, run.texts)
-        rows[f"{f} (blind)"] = caption_row(gold[1:] + gold[:1], gold, data.scenes, run.texts)
+        rows[f] = ct.caption_row(generated, gold, data.scenes, run.texts)
+        rows[f"{f} (blind)"] = ct.caption_row(gold[1:] + gold[:1], gold, data.scenes, run.texts)
     return rows
 # ----------------------------------------------------------------------------- eval: CLIP
-# Zero-shot prompt templates (averaged per class, as in CLIP's ImageNet eval).
-TEMPLATES = {"emblem": ("{}", "the {} emblem", "a photo of the {} emblem.", "{} logo"),
-             "shape": ("a {}.", "a photo of a {}.", "a {} shape on a background."),
-             "colour": ("a {} shape.", "a photo of a {} object.", "something {}.")}
-CLASSES = {"emblem": shapes.EMBLEMS, "shape": shapes.SHAPES, "colour": shapes.COLORS}
-COLUMNS = ("emblem top1", "shape top1", "colour top1", "I->T R@1", "T->I R@1")
-def scene_labels(scenes) -> dict:
-    """emblem / shape / colour -> (N, K) bool: the classes of each scene's shape objects (multi-label)."""
-    labels = {k: torch.zeros(len(scenes), len(v), dtype=torch.bool) for k, v in CLASSES.items()}
-    for n, scene in enumerate(scenes):
-        for o in (o for o in scene.objects if o.shape in shapes.SHAPES):
-            labels["shape"][n, shapes.SHAPES.index(o.shape)] = True
-            labels["colour"][n, shapes.COLORS.index(o.color)] = True
-            if o.emblem is not None:
-                labels["emblem"][n, o.emblem] = True
-    return labels
 @torch.no_grad()
 def embed(model: CLIPModel, items, cfg: Config, run: Run, batch: int = 500) -> torch.Tensor:
     """(N, E) normalised embeddings of images (a uint8 tensor) or texts (a list of strings)."""
@@ -939,47 +839,15 @@ def score_clip(model: CLIPModel, held_out: ImageSet, cfg: Config, run: Run) -> d
     image_emb, gallery = embed(model, held_out.images, cfg, run), min(cfg.gallery, len(held_out.images))
     hits = dict.fromkeys(COLUMNS, np.full(len(image_emb), np.nan))
     hits |= retrieval_hits(image_emb, embed(model, held_out.captions["ssc"], cfg, run), gallery)
-    labels = scene_labels(held_out.scenes) if held_out.scenes else {}  # a user's file: retrieval only
+    labels = ct.scene_labels(held_out.scenes) if held_out.scenes else {}  # a user's file: retrieval only
     for name, present in labels.items():
-        prompts = [t.format(c) for c in CLASSES[name] for t in TEMPLATES[name]]
-        class_emb = embed(model, prompts, cfg, run).view(len(CLASSES[name]), -1, image_emb.shape[1])
+        prompts = [t.format(c) for c in ct.CLASSES[name] for t in ct.TEMPLATES[name]]
+        class_emb = embed(model, prompts, cfg, run).view(len(ct.CLASSES[name]), -1, image_emb.shape[1])
         class_emb = F.normalize(class_emb.mean(1), dim=-1)  # (K, E)
         pred = (image_emb @ class_emb.t()).argmax(1)  # (N,)
         hits[f"{name} top1"] = np.where(present.any(1), present[torch.arange(len(pred)), pred], np.nan)
     return hits
-def baseline_rows(held_out: ImageSet, train_scenes, gallery: int) -> dict:
-    """chance: a random class / ranking; majority: the commonest training class (retrieval has none)."""
-    chance = {c: 1 / min(gallery, len(held_out.images)) for c in COLUMNS if "R@" in c}
-    majority, train = {}, scene_labels(train_scenes)
-    for name, present in scene_labels(held_out.scenes).items():
-        present = present[present.any(1)]
-        chance[f"{name} top1"] = (present.sum(1) / present.shape[1]).mean().item()
-        majority[f"{name} top1"] = present[:, train[name].sum(0).argmax()].float().mean().item()
-    return {"chance": chance, "majority": dict.fromkeys(COLUMNS) | majority}
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int, seed: int) -> tuple[float, float, float]:
-    """Mean a - b over the items scored in both; 95% interval from resampling the same items for both."""
-    keep = ~(np.isnan(a) | np.isnan(b))
-    a, b = a[keep], b[keep]
-    idx = np.random.default_rng(seed).integers(0, len(a), (n, len(a)))  # (n, items)
-    diffs = (a[idx] - b[idx]).mean(1)
-    return float(a.mean() - b.mean()), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
-def key_pair_verdicts(hits: dict, pairs: tuple, resamples: int) -> list[dict]:
-    """Paired bootstrap per seed for each (a, b, metric) that ran; a verdict only if every interval agrees."""
-    out = []  # retrieval: per image, the mean of its I->T and T->I R@1 hits
-    per_item = lambda h, metric: (h["I->T R@1"] + h["T->I R@1"]) / 2 if metric == "retrieval" else h[metric]
-    for a, b, metric in pairs:
-        seeds = sorted(s for r, s in hits if r == a and (b, s) in hits)
-        runs = [[round(x, 4) for x in paired_bootstrap(per_item(hits[a, s], metric),
-                                                       per_item(hits[b, s], metric), resamples, s)]
-                for s in seeds]
-        verdict = "yes" if all(r[1] > 0 for r in runs) else "no (reversed)" if all(r[2] < 0 for r in runs) \
-            else "not resolved"
-        out += [{"claim": f"{a} beats {b} on {metric}", "seeds": seeds, "verdict": verdict,
-                 "diff": [r[0] for r in runs], "ci95": [r[1:] for r in runs]}] if seeds else []
-    return out
 # ----------------------------------------------------------------------------- eval: diffusion
-REQUESTED = {"dense": tuple(GENEVAL), "short": ("colour", "shape")}  # what every DSC / SSC prompt states
-GENEVAL_COLUMNS = (*GENEVAL, "attributes", "all requested")
 @torch.no_grad()
 def euler_sample(velocity, x: torch.Tensor, steps: int) -> torch.Tensor:
     """Integrate dx/dt = v(x, t) from t = 0 (x: noise) to t = 1 (image) in `steps` steps of 1 / steps."""
@@ -1003,15 +871,15 @@ def generate_images(model: FlowUNet, prompts: list[str], cfg: Config, run: Run) 
 def geneval_hits(probe: nn.Module, images: torch.Tensor, targets: dict, kind: str, run: Run) -> dict:
     """Per prompt, 1 / 0 per requested attribute; "attributes": share right; "all requested": GenEval's."""
     logits = read_probe(probe, to_float(images, run.device))
-    hits = np.stack([(logits[k].argmax(1).cpu() == targets[k]).float().numpy() for k in REQUESTED[kind]])
-    return dict(zip(REQUESTED[kind], hits)) | {"attributes": hits.mean(0), "all requested": hits.prod(0)}
+    hits = np.stack([(logits[k].argmax(1).cpu() == targets[k]).float().numpy() for k in ct.REQUESTED[kind]])
+    return dict(zip(ct.REQUESTED[kind], hits)) | {"attributes": hits.mean(0), "all requested": hits.prod(0)}
 def score_diffusion(probe: nn.Module, held_out: ImageSet, samples: dict, cfg: Config, run: Run):
     """(rows, DIFF_KEY_PAIRS verdicts): the probe reads samples[recipe, seed][kind]; baselines; PNG grid."""
-    rows, hits, grid, targets, out = {}, {}, {}, geneval_targets(held_out.scenes), Path(cfg.out_dir)
-    def score(name: str, images: torch.Tensor, kinds=tuple(REQUESTED)) -> dict:  # a row per prompt kind
+    rows, hits, grid, targets, out = {}, {}, {}, ct.geneval_targets(held_out.scenes), Path(cfg.out_dir)
+    def score(name: str, images: torch.Tensor, kinds=tuple(ct.REQUESTED)) -> dict:  # a row per prompt kind
         found = {kind: geneval_hits(probe, images, targets, kind, run) for kind in kinds}
-        rows.update({f"{name} ({k})": {c: float(np.mean(h[c])) if c in h else None for c in GENEVAL_COLUMNS}
-                     for k, h in found.items()})
+        rows.update({f"{name} ({k})": {c: float(np.mean(h[c])) if c in h else None
+                                       for c in ct.GENEVAL_COLUMNS} for k, h in found.items()})
         grid.setdefault(name, images[:8])
         return found
     score("real render", held_out.images), score("another scene's render", held_out.images.roll(1, 0))
@@ -1023,28 +891,7 @@ def score_diffusion(probe: nn.Module, held_out: ImageSet, samples: dict, cfg: Co
     grid = torch.cat([torch.cat(list(images), 2) for images in grid.values()], 1)  # (3, rows * S, 8 * S)
     image = Image.fromarray(grid.permute(1, 2, 0).numpy())  # one row of samples per model / baseline, 2x
     image.resize((2 * image.width, 2 * image.height), Image.NEAREST).save(out / "diffusion_samples.png")
-    return rows, key_pair_verdicts(hits, DIFF_KEY_PAIRS, cfg.bootstrap)
-def markdown_table(first: str, rows: dict, columns) -> str:
-    fmt = lambda v: "-" if v is None else f"{v:.{3 if abs(v) < 10 else 1}f}" if type(v) is float else str(v)
-    return "\n".join([f"| {first} | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)] + [
-        f"| {name} | " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for name, row in rows.items()])
-def report(cfg: Config, metrics: dict) -> str:
-    pair_columns = ("seeds", "diff", "ci95", "verdict")
-    pairs = lambda key: {p["claim"]: {c: p[c] for c in pair_columns} for p in metrics[key]}
-    text = [f"# clip_caption.py ({cfg.preset} preset, --synthetic={cfg.synthetic}); arXiv:2410.02740\n",
-            "## Captioner (held-out test scenes, greedy; blind = the gold caption of another scene)\n",
-            markdown_table("format", metrics["captioner"] or {}, CAPTION_COLUMNS),
-            f"\n## CLIP per caption recipe ({cfg.n_eval} held-out web images, galleries of {cfg.gallery})\n",
-            markdown_table("recipe", metrics["clip"], COLUMNS),
-            f"\n## Key pairs (fixed in advance; paired bootstrap, {cfg.bootstrap} resamples)\n",
-            markdown_table("claim (a beats b)", pairs("key_pairs"), pair_columns),
-            f"\n## Text-to-image per caption recipe ({cfg.n_diff_eval} held-out web prompts, dense = DSC, "
-            "short = SSC; probe accuracy; samples: diffusion_samples.png)\n",
-            markdown_table("model (prompts)", metrics["diffusion"], GENEVAL_COLUMNS),
-            "\n## Diffusion key pairs (share of requested attributes right, per prompt; paired bootstrap)\n",
-            markdown_table("claim (a beats b)", pairs("diffusion_key_pairs"), pair_columns),
-            "\nTimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["timings_s"].items())]
-    return "\n".join(text)
+    return rows, ct.key_pair_verdicts(hits, DIFF_KEY_PAIRS, cfg.bootstrap)
 # ----------------------------------------------------------------------------- main
 def read_resume_state(cfg: Config) -> dict:
     """--resume: every checkpoint of this run that exists, checked against cfg (reads only)."""
@@ -1064,7 +911,7 @@ def main(argv: list[str]):
     check_config(cfg)
     device, rank, world = setup_device(cfg.device)
     out = check_out_dir(cfg.out_dir)
-    pairs = read_user_pairs(cfg.data, cfg) if cfg.data else None  # the only user file: checked up front
+    pairs = ct.read_user_pairs(cfg.data, cfg) if cfg.data else None  # the only user file: checked up front
     run = Run(device, rank, world, Texts(), read_resume_state(cfg) if cfg.resume else {})
     if rank == 0:  # every check has passed: only now is anything written
         write_outputs(out, {"config.json": cfg})
@@ -1088,7 +935,7 @@ def main(argv: list[str]):
     fmts = {parse_recipe(r)[0] for r in cfg.recipes * ("clip" in cfg.parts) + cfg.diff_recipes} - {"alt"}
     fmts, done = sorted(fmts | {"ssc", "dsc", "afc"} if cfg.export else fmts), {}  # the export has all three
     if cfg.synthetic == "gold":
-        synthetic = gold_synthetic(web, fmts, cfg.gold_error, cfg.seed)
+        synthetic = ct.gold_synthetic(web, fmts, cfg.gold_error, cfg.seed)
     else:
         done, jobs, clock = run_jobs(jobs, cfg, run, timings), {}, time.time()
         captioner, state = done["captioner"][0], done["captioner"][0].state_dict()
@@ -1096,12 +943,12 @@ def main(argv: list[str]):
             f"shapesworld/{cfg.seed}/{cfg.n_web}/{cfg.cap_image_size}"
         weights = b"".join(k.encode() + v.float().cpu().numpy().tobytes() for k, v in state.items())
         key = hashlib.sha256(weights + f"/{data_id}/{cfg.alt_tokens}/{fmts}".encode())
-        seen = read_user_pairs(cfg.data, cfg, cfg.cap_image_size)[:cut] if pairs else \
+        seen = ct.read_user_pairs(cfg.data, cfg, cfg.cap_image_size)[:cut] if pairs else \
             render_split("web", 0, cfg.n_web, cfg, cfg.cap_image_size)  # the web images, captioner's size
         synthetic = caption_images(captioner, seen, fmts, out / f"captions_{key.hexdigest()[:12]}", cfg, run)
         timings["web captioning"] = time.time() - clock
     if cfg.export and rank == 0:
-        export(out / "export", web, synthetic)
+        ct.export(out / "export", web, synthetic)
 
     # 3. one CLIP per recipe (and per seed for the key pairs' recipes), scored on held-out images
     clips = [(recipe, seed) for seed in range(cfg.seed, cfg.seed + cfg.seeds * ("clip" in cfg.parts))
@@ -1134,15 +981,15 @@ def main(argv: list[str]):
             torch.manual_seed(cfg.seed)
             untrained = CLIPModel(cfg, run.texts.enc.n_vocab).to(device).eval()
             clip_rows["untrained CLIP"] = row_of(score_clip(untrained, held_out, cfg, run))
-            clip_rows |= baseline_rows(held_out, web.scenes, cfg.gallery) if web.scenes is not None else {}
+            clip_rows |= ct.baseline_rows(held_out, web.scenes, cfg.gallery) if web.scenes is not None else {}
         clip_rows |= {r if s == cfg.seed else f"{r} (seed {s})": row_of(h) for (r, s), h in hits.items()}
         diff_rows, diff_pairs = score_diffusion(done["probe"], diff_held_out, {
             r: done[run_name("diffusion", *r, cfg)] for r in flows}, cfg, run) if diffusing else ({}, [])
-        clip_pairs = key_pair_verdicts(hits, KEY_PAIRS, cfg.bootstrap) if web.scenes is not None else []
+        clip_pairs = ct.key_pair_verdicts(hits, KEY_PAIRS, cfg.bootstrap) if web.scenes is not None else []
         metrics = {"captioner": done.get("captioner", [None])[-1], "clip": clip_rows, "diffusion": diff_rows,
                    "timings_s": timings, "key_pairs": clip_pairs, "diffusion_key_pairs": diff_pairs}
-        write_outputs(out, {"metrics.json": metrics, "report.md": report(cfg, metrics)})
-        print(report(cfg, metrics))
+        write_outputs(out, {"metrics.json": metrics, "report.md": ct.report(cfg, metrics)})
+        print(ct.report(cfg, metrics))
     if world > 1:
         dist.destroy_process_group()
 

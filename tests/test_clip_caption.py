@@ -17,6 +17,7 @@ from PIL import Image
 
 import clip_caption as cc
 from data import InputError, shapes
+from data import clip_tasks as ct
 from data.shapes.text import fused_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +73,7 @@ def test_guidance_mixes_prompt_and_empty_prompt():
             return (lengths.float(),)
         def __call__(self, x, t, ids, lengths, text):
             return torch.zeros_like(x) + text[0].view(-1, 1, 1, 1) / 64
-    texts = cc.Texts()
+    texts = ct.Texts()
     assert texts.clip_batch(["a red circle on the left", ""], 77)[1].tolist() == [7, 1]  # 6 tokens + <|eot|>
     noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # cfg.seed's, smoke's 16 px
     images, run = {}, cc.Run("cpu", 0, 1, texts, {})
@@ -90,13 +91,13 @@ def test_guidance_mixes_prompt_and_empty_prompt():
 def test_geneval_targets_and_probe_scoring():
     scene = shapes.Scene(1000, 1000, "white", [shapes.Obj("star", "blue", "small", (700, 50, 820, 170)),
                                                shapes.Obj("circle", "red", "large", (20, 350, 320, 650))])
-    targets = cc.geneval_targets([scene, scene])
+    targets = ct.geneval_targets([scene, scene])
     assert targets["colour"].tolist() == [shapes.COLORS.index("red")] * 2  # the largest shape, not the first
     assert targets["shape"].tolist() == [shapes.SHAPES.index("circle")] * 2
     assert targets["count"].tolist() == [1, 1] and targets["position"].tolist() == [3, 3]  # 2 shapes; left
     assert targets["background"].tolist() == [0, 0]  # white
 
-    logits = {k: torch.zeros(2, len(v)) for k, v in cc.GENEVAL.items()}
+    logits = {k: torch.zeros(2, len(v)) for k, v in ct.GENEVAL.items()}
     for k in logits:  # a probe that reads both images right, but image 1's position wrong
         logits[k][:, targets[k][0]] = 1.0
     logits["position"][1, 0] = 2.0
@@ -139,7 +140,7 @@ def test_clip_vit_matches_transformers():
 
 def test_flow_unet_ignores_padding_and_caches_the_prompt():
     cfg = cc.parse_config(["--preset=smoke"])
-    texts = cc.Texts()
+    texts = ct.Texts()
     model = cc.FlowUNet(cfg, texts.enc.n_vocab).eval()
     torch.manual_seed(0)
     with torch.no_grad():  # a fresh model's output layers are near zero: randomise them so text matters
@@ -194,43 +195,43 @@ def test_paired_bootstrap_and_verdicts():
     rng = np.random.default_rng(0)
     base = rng.random(2000) < 0.3
     better = base | (rng.random(2000) < 0.2)  # the same items right plus more
-    diff, lo, hi = cc.paired_bootstrap(better.astype(float), base.astype(float), 500, 0)
+    diff, lo, hi = ct.paired_bootstrap(better.astype(float), base.astype(float), 500, 0)
     assert lo > 0 and diff == pytest.approx(better.mean() - base.mean())
     noise = base.copy()  # 20 flips each way: the same mean, different items
     noise[np.flatnonzero(base)[:20]], noise[np.flatnonzero(~base)[:20]] = False, True
-    _, lo, hi = cc.paired_bootstrap(noise.astype(float), base.astype(float), 500, 0)
+    _, lo, hi = ct.paired_bootstrap(noise.astype(float), base.astype(float), 500, 0)
     assert lo < 0 < hi
     hits = {("ssc50", s): {"I->T R@1": better.astype(float), "T->I R@1": better.astype(float)}
             for s in (0, 1)}
     hits |= {("alt", 0): {"I->T R@1": base.astype(float), "T->I R@1": base.astype(float)},
              ("alt", 1): {"I->T R@1": better.astype(float), "T->I R@1": better.astype(float)}}
     hits["alt", 1]["I->T R@1"][:40] = 1 - hits["alt", 1]["I->T R@1"][:40]  # about as good as ssc50
-    (pair,) = cc.key_pair_verdicts(hits, cc.KEY_PAIRS, 200)  # only ssc50 vs alt ran
+    (pair,) = ct.key_pair_verdicts(hits, cc.KEY_PAIRS, 200)  # only ssc50 vs alt ran
     assert pair["claim"] == "ssc50 beats alt on retrieval" and pair["seeds"] == [0, 1]
     assert pair["verdict"] == "not resolved"  # seed 0 separates, seed 1 does not
     hits["alt", 1] = hits["alt", 0]
-    assert cc.key_pair_verdicts(hits, cc.KEY_PAIRS, 200)[0]["verdict"] == "yes"
+    assert ct.key_pair_verdicts(hits, cc.KEY_PAIRS, 200)[0]["verdict"] == "yes"
 
 
 def test_gold_synthetic_swaps_the_stated_share():
     cfg = cc.parse_config(["--preset=smoke"])
-    data = cc.render_split("web", 0, 400, cfg)
-    exact = cc.gold_synthetic(data, ["ssc", "dsc"], 0.0, 0)
+    data = ct.render_split("web", 0, 400, cfg)
+    exact = ct.gold_synthetic(data, ["ssc", "dsc"], 0.0, 0)
     assert exact["dsc"] == data.captions["dsc"]
-    noisy = cc.gold_synthetic(data, ["dsc"], 0.25, 0)["dsc"]
+    noisy = ct.gold_synthetic(data, ["dsc"], 0.25, 0)["dsc"]
     swapped = np.mean([a != b for a, b in zip(noisy, data.captions["dsc"])])
     assert 0.18 < swapped < 0.32
 
 
 def test_baseline_rows_chance_and_majority():
     cfg = cc.parse_config(["--preset=smoke"])
-    held_out, train = cc.render_split("web", 100, 300, cfg), cc.render_split("web", 0, 300, cfg)
-    rows = cc.baseline_rows(held_out, train.scenes, gallery=50)
+    held_out, train = ct.render_split("web", 100, 300, cfg), ct.render_split("web", 0, 300, cfg)
+    rows = ct.baseline_rows(held_out, train.scenes, gallery=50)
     assert rows["chance"]["I->T R@1"] == pytest.approx(1 / 50) == rows["chance"]["T->I R@1"]
-    shape = cc.scene_labels(held_out.scenes)["shape"]
+    shape = ct.scene_labels(held_out.scenes)["shape"]
     shape = shape[shape.any(1)]
     assert rows["chance"]["shape top1"] == pytest.approx((shape.sum(1) / shape.shape[1]).mean().item())
-    train_shapes = cc.scene_labels(train.scenes)["shape"].sum(0)  # the majority class comes from training
+    train_shapes = ct.scene_labels(train.scenes)["shape"].sum(0)  # the majority class comes from training
     assert rows["majority"]["shape top1"] == shape[:, train_shapes.argmax()].float().mean().item()
 
 
@@ -331,8 +332,8 @@ def test_smoke_preset_end_to_end(smoke_run):
     assert set(metrics["clip"]) == {"untrained CLIP", "chance", "majority", "alt", "ssc50", "afc"}
     for name in ("alt", "ssc50", "afc", "untrained CLIP"):
         row = metrics["clip"][name]
-        assert set(row) == set(cc.COLUMNS) and all(0.0 <= v <= 1.0 for v in row.values())
-    assert set(metrics["captioner"]) == {f for fmt in cc.FORMATS for f in (fmt, f"{fmt} (blind)")}
+        assert set(row) == set(ct.COLUMNS) and all(0.0 <= v <= 1.0 for v in row.values())
+    assert set(metrics["captioner"]) == {f for fmt in ct.FORMATS for f in (fmt, f"{fmt} (blind)")}
     assert [p["claim"] for p in metrics["key_pairs"]] == ["ssc50 beats alt on retrieval"]
     log = [json.loads(line) for line in (smoke_run / "log.jsonl").read_text().splitlines()]
     assert all({"step", "loss", "lr", "items_s"} <= set(r) for r in log)
@@ -381,7 +382,7 @@ def test_export_reads_back(smoke_run):
     rows = shapes.read_image_text(smoke_run / "export" / "captions.csv", caption_key="ssc")
     assert len(rows) == 32 and all(Path(r["filepath"]).is_file() for r in rows)
     cfg = cc.parse_config(["--preset=smoke"])
-    web = cc.render_split("web", 0, 32, cfg)
+    web = ct.render_split("web", 0, 32, cfg)
     assert [r["caption"] for r in rows] == web.captions["ssc"]
     assert [r["alttext"] for r in rows] == web.alttexts
     assert [r["afc"] for r in rows] == web.captions["afc"]  # --synthetic=gold: the gold captions
@@ -391,11 +392,11 @@ def test_export_reads_back(smoke_run):
 
 def test_control_token_changes_the_format(smoke_run):
     cfg = cc.parse_config(["--preset=smoke", f"--out_dir={smoke_run}"])
-    texts = cc.Texts()
+    texts = ct.Texts()
     run = cc.Run("cpu", 0, 1, texts, {})
     model = load(smoke_run, "captioner", cc.Captioner(cfg, texts.enc.n_vocab), cfg)
-    images = cc.render_split("human", 0, 16, cfg, cfg.cap_image_size)  # training images: a tiny captioner
-    out = {f: cc.generate(model, images, list(range(16)), f, cfg, run) for f in cc.FORMATS}
+    images = ct.render_split("human", 0, 16, cfg, cfg.cap_image_size)  # training images: a tiny captioner
+    out = {f: cc.generate(model, images, list(range(16)), f, cfg, run) for f in ct.FORMATS}
     length = {f: np.mean([len(texts.encode(c)) for c in caps]) for f, caps in out.items()}
     print("mean generated tokens per format:", length)
     assert length["ssc"] < 0.75 * length["dsc"]  # SSC: one short sentence; DSC: a paragraph
@@ -406,9 +407,9 @@ def test_control_token_changes_the_format(smoke_run):
 
 def test_caption_cache_shards_over_ranks_and_is_reused(smoke_run, tmp_path, monkeypatch):
     cfg = cc.parse_config(["--preset=smoke", f"--out_dir={tmp_path}"])
-    texts = cc.Texts()
+    texts = ct.Texts()
     model = load(smoke_run, "captioner", cc.Captioner(cfg, texts.enc.n_vocab), cfg)
-    data = cc.render_split("web", 0, 24, cfg, cfg.cap_image_size)
+    data = ct.render_split("web", 0, 24, cfg, cfg.cap_image_size)
     one = cc.Run("cpu", 0, 1, texts, {})
     single = cc.caption_images(model, data, ["ssc", "afc"], tmp_path / "one", cfg, one)
     assert all(len(c) == 24 and all(c) for c in single.values())
@@ -434,9 +435,9 @@ def test_caption_cache_shards_over_ranks_and_is_reused(smoke_run, tmp_path, monk
 
 def test_checkpoint_resumes_exactly_and_refuses_changes(tmp_path):
     cfg = cc.parse_config(["--preset=smoke", f"--out_dir={tmp_path}", "--clip_steps=4", "--ckpt_every=2"])
-    texts = cc.Texts()
+    texts = ct.Texts()
     run = cc.Run("cpu", 0, 1, texts, {})
-    data = cc.render_split("web", 0, 32, cfg)
+    data = ct.render_split("web", 0, 32, cfg)
     synthetic = {"ssc": data.captions["ssc"]}
     straight = cc.train_clip("ssc50", 0, data, synthetic, cfg, run)
 

@@ -29,8 +29,6 @@ LATE_INPUT = {"mm1.py": ("train_data", "llava.json"), "clip_caption.py": ("data"
               "jitter.py": ("data", "jointbert"), "neu.py": ("data", "jointbert"),
               "mm15.py": ("init", "model.safetensors"), "dpo_bdhs.py": ("init", "model.safetensors"),
               "mia_bench.py": ("init", "model.safetensors")}
-# scripts allowed past 1000 lines (clip_caption.py: the diffusion side of issue 17)
-LINE_LIMIT = {"clip_caption.py": 1150}
 # scripts that start from another script's checkpoint: the script that makes it (smoke size, recursively)
 START_POINT = {"mm15.py": "mm1.py", "dpo_bdhs.py": "mm15.py", "mia_bench.py": "mm15.py"}
 
@@ -64,8 +62,7 @@ def test_skeleton_check_sees_one_character():
 def test_sections_in_order(script):
     lines = (ROOT / script).read_text().splitlines()
     assert all(len(line) <= 110 for line in lines), f"{script}: a line over 110 columns"
-    limit = LINE_LIMIT.get(script, 1000)
-    assert len(lines) <= limit, f"{script}: {len(lines)} lines (at most {limit})"
+    assert len(lines) <= 1000, f"{script}: {len(lines)} lines (at most 1000)"
     headers = [line[len(HEADER):] for line in lines if line.startswith(HEADER)]
     bare = [h for h in headers if h in SECTIONS]
     assert bare == SECTIONS, f"{script}: top-level sections {bare}, expected {SECTIONS}"

@@ -1,0 +1,215 @@
+"""The data side of clip_caption.py (arXiv:2410.02740 in miniature): ShapesWorld image sets with their
+AltTexts and gold captions in every format, a user's image-text CSV/JSONL read into the same form, gold
+synthetic captions at a known error rate, the open_clip export; the tokenization both models share; and what
+the evaluations score against: the captioner's CIDEr-D / CHAIR row, the zero-shot classes and their
+multi-label truth, GenEval-style targets, the blind baselines, the paired bootstrap over key pairs, and the
+report's tables. `cfg` is clip_caption.Config."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
+
+from data import InputError, shapes
+from data.metrics import cider_d, object_scores
+from data.shapes.text import area, shapes_of
+from data.tokenizer import get_tokenizer
+
+FORMATS = ("ssc", "dsc", "dsc+", "afc")  # captioner formats; CLIP recipes use ssc / dsc / afc
+CAPTION_COLUMNS = ("CIDEr-D", "obj P", "obj R", "halluc.", "tokens", "names")
+# Zero-shot prompt templates (averaged per class, as in CLIP's ImageNet eval).
+TEMPLATES = {"emblem": ("{}", "the {} emblem", "a photo of the {} emblem.", "{} logo"),
+             "shape": ("a {}.", "a photo of a {}.", "a {} shape on a background."),
+             "colour": ("a {} shape.", "a photo of a {} object.", "something {}.")}
+CLASSES = {"emblem": shapes.EMBLEMS, "shape": shapes.SHAPES, "colour": shapes.COLORS}
+COLUMNS = ("emblem top1", "shape top1", "colour top1", "I->T R@1", "T->I R@1")
+POSITIONS = tuple("top left|top|top right|left|center|right|bottom left|bottom|bottom right".split("|"))
+GENEVAL = {"colour": shapes.COLORS, "shape": shapes.SHAPES, "count": range(1, 9), "position": POSITIONS,
+           "background": list(shapes.BACKGROUNDS)}  # GenEval's four, and the background every DSC names
+REQUESTED = {"dense": tuple(GENEVAL), "short": ("colour", "shape")}  # what every DSC / SSC prompt states
+GENEVAL_COLUMNS = (*GENEVAL, "attributes", "all requested")
+
+
+# ----------------------------------------------------------------------------- image sets
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, 3, S, S) uint8
+    alttexts: list[str]
+    captions: dict  # fmt -> list[str]: gold captions (ShapesWorld) or the user's caption column
+    scenes: list | None = None  # list[shapes.Scene]; None for a user's files
+
+    def __getitem__(self, cut: slice) -> ImageSet:
+        return ImageSet(self.images[cut], self.alttexts[cut], {f: c[cut] for f, c in self.captions.items()},
+                        self.scenes and self.scenes[cut])
+
+
+def render_split(split: str, start: int, n: int, cfg, size: int = 0, plain: bool = False) -> ImageSet:
+    """Scenes split[start:start+n] with AltTexts and gold captions; plain: no background texture (noise)."""
+    scenes = [shapes.make_scene(split, i, seed=cfg.seed) for i in range(start, start + n)]
+    scenes = [dataclasses.replace(s, texture="plain") for s in scenes] if plain else scenes
+    pixels = np.stack([np.asarray(shapes.render(s, size or cfg.image_size)) for s in scenes])  # (N, S, S, 3)
+    captions = {f: [shapes.caption(s, f, seed=start + i) for i, s in enumerate(scenes)] for f in FORMATS}
+    alttexts = [shapes.caption(s, "alttext", seed=start + i) for i, s in enumerate(scenes)]
+    return ImageSet(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), alttexts, captions, scenes)
+
+
+def read_user_pairs(path: str, cfg, size: int = 0) -> ImageSet:
+    """A user's CSV/JSONL: AltText = `alttext` or else `caption`; `caption` is every format's gold caption."""
+    rows = shapes.read_image_text(path)  # InputError naming file:line on bad rows or bytes
+    if len(rows) < 10:
+        raise InputError(f"{path}: {len(rows)} rows; expected at least 10 image-text pairs")
+    pixels = [np.asarray(shapes.load_image(row["filepath"]).resize((size or cfg.image_size,) * 2))
+              for row in rows]  # filepath comes back resolved against the file's folder
+    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
+    alttexts = [row.get("alttext") or row["caption"] for row in rows]
+    return ImageSet(images, alttexts, dict.fromkeys(FORMATS, [row["caption"] for row in rows]))
+
+
+def gold_synthetic(data: ImageSet, fmts, error: float, seed: int) -> dict:
+    """Gold captions per format, a share `error` swapped for another image's (errors at a known rate)."""
+    rngs, n = {fmt: random.Random(f"{seed}/{fmt}") for fmt in fmts}, len(data.images)
+    return {f: [data.captions[f][(i + rngs[f].randrange(1, n)) % n if rngs[f].random() < error else i]
+                for i in range(n)] for f in fmts}
+
+
+def export(folder: Path, data: ImageSet, synthetic: dict) -> None:
+    """folder/captions.csv (filepath,alttext,ssc,dsc,afc) + PNGs: for open_clip, shapes.read_image_text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(data.images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:06d}.png")
+    rows = [[f"{i:06d}.png", data.alttexts[i], *(synthetic[k][i] for k in ("ssc", "dsc", "afc"))]
+            for i in range(len(data.images))]
+    with open(folder / "captions.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["filepath", "alttext", "ssc", "dsc", "afc"], *rows])
+
+
+# ----------------------------------------------------------------------------- tokens
+class Texts:
+    """Tokenization shared by both models: `<|endoftext|>` ends a text, `<|pad|>` fills batches."""
+
+    def __init__(self):
+        enc = self.enc = get_tokenizer()
+        self.eot, self.pad, self.alt = map(enc.encode_single_token, ("<|endoftext|>", "<|pad|>", "<|alt|>"))
+        self.control = {f: enc.encode_single_token(f"<|{f}|>") for f in FORMATS}
+        self.encode = self.enc.encode_ordinary  # user text never produces control tokens
+
+    def clip_batch(self, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) ids, each truncated to context_length - 1 tokens + <|endoftext|>; and (B,) lengths."""
+        ids = [self.encode(t)[: context_length - 1] + [self.eot] for t in texts]
+        return self.pad_right(ids), torch.tensor([len(x) for x in ids])
+
+    def pad_right(self, seqs: list[list[int]], fill: int | None = None) -> torch.Tensor:  # (B, T_max)
+        return pad_sequence([torch.tensor(s) for s in seqs], True, self.pad if fill is None else fill)
+
+    def prompt(self, fmt: str, alttext: str, alt_tokens: int) -> list[int]:
+        """The captioner's prompt: [<|dsc|>], or for AFC [pads, <|alt|>, alttext, <|afc|>] of fixed length."""
+        if fmt != "afc":
+            return [self.control[fmt]]
+        alt = self.encode(alttext)[:alt_tokens]
+        return [self.pad] * (alt_tokens - len(alt)) + [self.alt] + alt + [self.control["afc"]]
+
+
+# ----------------------------------------------------------------------------- what evaluations score against
+def caption_row(generated: list[str], gold: list[str], scenes, texts) -> dict:
+    """CIDEr-D; CHAIR-style object P / R vs the scene graph (halluc. = 1 - P); mean tokens; emblems named."""
+    scores = [object_scores(c, s) for c, s in zip(generated, scenes)]
+    mentions = sum(s["mentions"] for s in scores)
+    precision = 1 - sum(s["hallucinated"] for s in scores) / mentions if mentions else None
+    emblems = [(shapes.EMBLEMS[o.emblem].lower(), c.lower()) for c, s in zip(generated, scenes)
+               for o in s.objects if o.emblem is not None]
+    return {"CIDEr-D": cider_d(generated, [[g] for g in gold])[0], "obj P": precision,
+            "obj R": float(np.mean([s["recall"] for s in scores])),
+            "halluc.": None if precision is None else 1 - precision,
+            "tokens": float(np.mean([len(texts.encode(c)) for c in generated])),
+            "names": float(np.mean([n in c for n, c in emblems])) if emblems else None}
+
+
+def scene_labels(scenes) -> dict:
+    """emblem / shape / colour -> (N, K) bool: the classes of each scene's shape objects (multi-label)."""
+    labels = {k: torch.zeros(len(scenes), len(v), dtype=torch.bool) for k, v in CLASSES.items()}
+    for n, scene in enumerate(scenes):
+        for o in (o for o in scene.objects if o.shape in shapes.SHAPES):
+            labels["shape"][n, shapes.SHAPES.index(o.shape)] = True
+            labels["colour"][n, shapes.COLORS.index(o.color)] = True
+            if o.emblem is not None:
+                labels["emblem"][n, o.emblem] = True
+    return labels
+
+
+def geneval_targets(scenes) -> dict[str, torch.Tensor]:
+    """Class ids a prompt requests: colour, shape, 3x3 position of the largest shape; count; background."""
+    mains = [(max(shapes_of(s), key=lambda o: area(o.box)), s) for s in scenes]
+    return {"colour": torch.tensor([shapes.COLORS.index(o.color) for o, _ in mains]),
+            "shape": torch.tensor([shapes.SHAPES.index(o.shape) for o, _ in mains]),
+            "count": torch.tensor([min(len(shapes_of(s)), 8) - 1 for _, s in mains]),
+            "position": torch.tensor([POSITIONS.index(shapes.position(o, s)) for o, s in mains]),
+            "background": torch.tensor([list(shapes.BACKGROUNDS).index(s.background) for s in scenes])}
+
+
+def baseline_rows(held_out: ImageSet, train_scenes, gallery: int) -> dict:
+    """chance: a random class / ranking; majority: the commonest training class (retrieval has none)."""
+    chance = {c: 1 / min(gallery, len(held_out.images)) for c in COLUMNS if "R@" in c}
+    majority, train = {}, scene_labels(train_scenes)
+    for name, present in scene_labels(held_out.scenes).items():
+        present = present[present.any(1)]
+        chance[f"{name} top1"] = (present.sum(1) / present.shape[1]).mean().item()
+        majority[f"{name} top1"] = present[:, train[name].sum(0).argmax()].float().mean().item()
+    return {"chance": chance, "majority": dict.fromkeys(COLUMNS) | majority}
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int, seed: int) -> tuple[float, float, float]:
+    """Mean a - b over the items scored in both; 95% interval from resampling the same items for both."""
+    keep = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[keep], b[keep]
+    idx = np.random.default_rng(seed).integers(0, len(a), (n, len(a)))  # (n, items)
+    diffs = (a[idx] - b[idx]).mean(1)
+    return float(a.mean() - b.mean()), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def key_pair_verdicts(hits: dict, pairs: tuple, resamples: int) -> list[dict]:
+    """Paired bootstrap per seed for each (a, b, metric) that ran; a verdict only if every interval agrees."""
+    out = []  # retrieval: per image, the mean of its I->T and T->I R@1 hits
+    per_item = lambda h, metric: (h["I->T R@1"] + h["T->I R@1"]) / 2 if metric == "retrieval" else h[metric]
+    for a, b, metric in pairs:
+        seeds = sorted(s for r, s in hits if r == a and (b, s) in hits)
+        runs = [[round(x, 4) for x in paired_bootstrap(per_item(hits[a, s], metric),
+                                                       per_item(hits[b, s], metric), resamples, s)]
+                for s in seeds]
+        verdict = "yes" if all(r[1] > 0 for r in runs) else "no (reversed)" if all(r[2] < 0 for r in runs) \
+            else "not resolved"
+        out += [{"claim": f"{a} beats {b} on {metric}", "seeds": seeds, "verdict": verdict,
+                 "diff": [r[0] for r in runs], "ci95": [r[1:] for r in runs]}] if seeds else []
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def markdown_table(first: str, rows: dict, columns) -> str:
+    fmt = lambda v: "-" if v is None else f"{v:.{3 if abs(v) < 10 else 1}f}" if type(v) is float else str(v)
+    return "\n".join([f"| {first} | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)] + [
+        f"| {name} | " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for name, row in rows.items()])
+
+
+def report(cfg, metrics: dict) -> str:
+    pair_columns = ("seeds", "diff", "ci95", "verdict")
+    pairs = lambda key: {p["claim"]: {c: p[c] for c in pair_columns} for p in metrics[key]}
+    text = [f"# clip_caption.py ({cfg.preset} preset, --synthetic={cfg.synthetic}); arXiv:2410.02740\n",
+            "## Captioner (held-out test scenes, greedy; blind = the gold caption of another scene)\n",
+            markdown_table("format", metrics["captioner"] or {}, CAPTION_COLUMNS),
+            f"\n## CLIP per caption recipe ({cfg.n_eval} held-out web images, galleries of {cfg.gallery})\n",
+            markdown_table("recipe", metrics["clip"], COLUMNS),
+            f"\n## Key pairs (fixed in advance; paired bootstrap, {cfg.bootstrap} resamples)\n",
+            markdown_table("claim (a beats b)", pairs("key_pairs"), pair_columns),
+            f"\n## Text-to-image per caption recipe ({cfg.n_diff_eval} held-out web prompts, dense = DSC, "
+            "short = SSC; probe accuracy; samples: diffusion_samples.png)\n",
+            markdown_table("model (prompts)", metrics["diffusion"], GENEVAL_COLUMNS),
+            "\n## Diffusion key pairs (share of requested attributes right, per prompt; paired bootstrap)\n",
+            markdown_table("claim (a beats b)", pairs("diffusion_key_pairs"), pair_columns),
+            "\nTimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["timings_s"].items())]
+    return "\n".join(text)
