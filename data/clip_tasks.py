@@ -117,7 +117,7 @@ class Texts:
 
 
 # ----------------------------------------------------------------------------- what evaluations score against
-def caption_row(generated: list[str], gold: list[str], scenes, texts) -> dict:
+def caption_row(generated: list[str], gold: list[str], scenes, texts: Texts) -> dict:
     """CIDEr-D; CHAIR-style object P / R vs the scene graph (halluc. = 1 - P); mean tokens; emblems named."""
     scores = [object_scores(c, s) for c, s in zip(generated, scenes)]
     mentions = sum(s["mentions"] for s in scores)
@@ -191,12 +191,14 @@ def key_pair_verdicts(hits: dict, pairs: tuple, resamples: int) -> list[dict]:
 
 # ----------------------------------------------------------------------------- report
 def markdown_table(first: str, rows: dict, columns) -> str:
+    """{row name: {column: value}} -> a markdown table; None prints as "-"."""
     fmt = lambda v: "-" if v is None else f"{v:.{3 if abs(v) < 10 else 1}f}" if type(v) is float else str(v)
     return "\n".join([f"| {first} | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)] + [
         f"| {name} | " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for name, row in rows.items()])
 
 
 def report(cfg, metrics: dict) -> str:
+    """report.md: the captioner, CLIP, key-pair, text-to-image and diffusion key-pair tables, timings."""
     pair_columns = ("seeds", "diff", "ci95", "verdict")
     pairs = lambda key: {p["claim"]: {c: p[c] for c in pair_columns} for p in metrics[key]}
     text = [f"# clip_caption.py ({cfg.preset} preset, --synthetic={cfg.synthetic}); arXiv:2410.02740\n",
