@@ -16,9 +16,9 @@ and 2 VQA per scene (a C-Abstractor or a connector-only warm-up collapses the im
     python mm1.py --train_data=mix.json --image_folder=images/   # your LLaVA JSON / image-text CSV|JSONL
     python -m kernels.bench_decoder                 # our decoder's training step vs transformers' Llama
 
-Table (results_table, also in out_dir/report.md; metrics.json): k-shot caption CIDEr, distinct captions, main
-object named, VQA exact match; baselines (constant caption, majority answer), text perplexity on test
-passages unseen / seen in training, image gain (nats/token) and the connector's between-image variance.
+Table (vl_tasks.results_table, also in out_dir/report.md; metrics.json): k-shot caption CIDEr, distinct
+captions, main object named, VQA exact match; baselines (constant caption, majority answer), text perplexity
+on test passages unseen / seen in training, image gain (nats/token) and the connector's image variance share.
 Checkpoint (out_dir/model.safetensors): HF names, `vision_model.*` (CLIPVisionModel), `connector.*`, `model.*`
 and `lm_head.*` (LlamaForCausalLM); metadata: format version, config, step, `arch` (JSON, see arch_of(): every
 field and constant needed to rebuild the model without this file), tokenizer_sha256, image_token_id.
@@ -32,6 +32,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data import InputError, shapes
+from data import InputError, shapes, vl_tasks
 from data.tokenizer import get_tokenizer
 from data.vl_tasks import Pools, doc_attention, evaluate, get_batch, tokenizer_sha256, vision_probe
 from kernels import attention, moe_ffn
@@ -160,16 +161,14 @@ def check_config(cfg: Config) -> None:
     if cfg.moe_every and cfg.n_layer % cfg.moe_every or cfg.batch_size % int(os.environ.get("WORLD_SIZE", 1)):
         raise InputError("expected --n_layer divisible by --moe_every and --batch_size by the ranks")
     mix_weights(cfg.mix)
-    for fmt in cfg.caption_formats:
-        if fmt not in shapes.CAPTION_FORMATS:
-            raise InputError(f"--caption_formats: unknown {fmt!r}, expected some of {shapes.CAPTION_FORMATS}")
+    if bad := [f for f in cfg.caption_formats if f not in shapes.CAPTION_FORMATS]:
+        raise InputError(f"--caption_formats: unknown {bad[0]!r}, expected some of {shapes.CAPTION_FORMATS}")
     if cfg.image_folder and not Path(cfg.image_folder).is_dir():  # fail before minutes of data building
         raise InputError(f"--image_folder={cfg.image_folder}: no such folder")
 
 def mix_weights(mix: str) -> np.ndarray:
     parts = mix.split(":")
-    numbers = all(re.fullmatch(r"\d+(\.\d*)?", x) for x in parts)
-    if len(parts) != 3 or not numbers or not any(map(float, parts)):
+    if len(parts) != 3 or not all(re.fullmatch(r"\d+\.?\d*", x) for x in parts) or not any(map(float, parts)):
         raise InputError(f"--mix={mix}: expected caption:interleaved:text shares, like 45:45:10")
     return np.array([float(x) for x in parts]) / sum(map(float, parts))
 
@@ -853,14 +852,12 @@ def train(cfg, pools, model, device, rank, world, log, stage="mm1", resume_state
             loss_sum = lm_loss_sum(logits, targets[rows].to(device))
             # sum / global count x world: DDP's gradient mean then equals the global token mean
             (loss_sum / n_targets * world + moe_aux_loss(aux, cfg)).backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens_since += cfg.batch_size * cfg.seq_len
         loss_sum = loss_sum.detach()
-        if world > 1:
-            dist.all_reduce(loss_sum)
+        dist.all_reduce(loss_sum) if world > 1 else None
         loss, last = loss_sum.item() / n_targets, step + 1 == end
         if (step + 1) % cfg.log_every == 0 or last:
             probe = vision_probe(model, pools, cfg, device) if last or (step + 1) % cfg.eval_every < 1 else {}
@@ -883,23 +880,14 @@ def train(cfg, pools, model, device, rank, world, log, stage="mm1", resume_state
     return summary
 
 # ----------------------------------------------------------------------------- eval
-# The protocol (k-shot captioning, VQA, vision probe, perplexity, baselines): data/vl_tasks.py evaluate().
-
-def results_table(m, cfg):
-    lines = ["| shots | caption CIDEr | distinct captions | main object named (%) | VQA exact match (%) "
-             "| average |", "| --- " * 6 + "|"]
-    lines += [f"| {k} | {m[f'caption_cider_{k}shot']:.1f} | {m[f'distinct_captions_{k}shot']} / "
-              f"{cfg.eval_scenes} | {m[f'main_object_named_{k}shot']:.1f} | "
-              f"{m[f'vqa_exact_match_{k}shot']:.1f} | {m[f'average_{k}shot']:.1f} |" for k in cfg.shots]
-    return "\n".join(lines + [
-        f"\nbaselines: constant caption CIDEr {m['constant_caption_cider']:.1f}; VQA majority answer "
-        f"{m['vqa_majority_baseline']:.1f}%",
-        f"text perplexity: unseen passages {m['text_ppl_unseen']} ({m['text_passages_unseen']}), seen in "
-        f"training {m['text_ppl_seen']} ({m['text_passages_seen']})",
-        f"image gain (caption NLL, wrong image - right image): {m['image_gain']:.3f} nats/token; connector "
-        f"variance between images: {m['connector_image_share']:.3f}"])
+# The protocol (k-shot captioning, VQA, vision probe, perplexity, baselines) and its table:
+# data/vl_tasks.py evaluate() and results_table().
 
 # ----------------------------------------------------------------------------- main
+def vit_key(cfg: Config) -> tuple:  # all that stage 0's ViT depends on, but the random draws before it
+    return str(arch_of(cfg, 0, 0)["vision"]), cfg.seed, cfg.vit_pretrain_steps, cfg.vit_pretrain_batch, \
+        cfg.vit_pretrain_lr
+
 def prepare(cfg: Config, pools=None):
     """Everything that reads input, before anything is written: the data and the --resume state."""
     pools = pools or Pools(cfg, get_tokenizer())
@@ -912,7 +900,7 @@ def prepare(cfg: Config, pools=None):
         resume_state = (optim_state, step)
     return pools, model, resume_state
 
-def run(cfg: Config, device: str, rank: int, world: int, pools=None):
+def run(cfg: Config, device: str, rank: int, world: int, pools=None, vit_cfg=None):
     """Stage 0 (ViT), the STAGES (0b: decoder, connector warm-up, MM1), evaluation; writes config.json,
     log.jsonl, checkpoints, metrics.json and report.md."""
     t0 = time.time()
@@ -923,78 +911,90 @@ def run(cfg: Config, device: str, rank: int, world: int, pools=None):
         print(f"config: {json.dumps(asdict(cfg))}\ntext-only items of --train_data: {pools.user_text_items}")
     model.to(device)
     if resume_state is None and cfg.vit_pretrain_steps:
-        # one stage-0 ViT per ViT config and process: ablation rows share it, as MM1's ablations share CLIP
-        key = (str(arch_of(cfg, 0, 0)["vision"]), cfg.seed, cfg.vit_pretrain_steps, cfg.vit_pretrain_batch,
-               cfg.vit_pretrain_lr)
-        if key not in pools.pretrained_vit:
+        # one stage-0 ViT per ViT config and process (MM1's ablations share CLIP), as vit_cfg's run trains it
+        if (key := vit_key(vit_cfg := vit_cfg or cfg)) not in pools.pretrained_vit:
+            owner = model if vit_cfg is cfg else prepare(vit_cfg, pools)[1].to(device)
             items_log = RunLog(cfg.out_dir, "items", 0, device, rank, world)
-            stats = pretrain_vit(model, pools, cfg, device, items_log)
-            pools.pretrained_vit[key] = ({k: v.clone() for k, v in model.vision_model.state_dict().items()},
+            stats = pretrain_vit(owner, pools, vit_cfg, device, items_log)
+            pools.pretrained_vit[key] = ({k: v.clone() for k, v in owner.vision_model.state_dict().items()},
                                          dict(stats, vit_pretrain_time_s=round(time.time() - t0, 1)))
         model.vision_model.load_state_dict(pools.pretrained_vit[key][0])
         summary.update(pools.pretrained_vit[key][1])
     log = RunLog(cfg.out_dir, "tok", 6 * count_params(model.model), device, rank, world)
     for stage in STAGES if resume_state is None else ["mm1"]:
         summary.update(train(cfg, pools, model, device, rank, world, log, stage, resume_state))
-    if world > 1:
-        dist.barrier()
+    dist.barrier() if world > 1 else None
     if rank != 0 or (cfg.stop_after and cfg.stop_after < cfg.steps):  # a split run evaluates once, at its end
         return summary
     t1 = time.time()
     metrics = {**evaluate(model, pools, cfg, device), **summary, "eval_time_s": round(time.time() - t1, 1)}
-    table = results_table(metrics, cfg)
-    print(table)
+    print(table := vl_tasks.results_table(metrics, cfg))
     samples = "\n".join(f"- {s}" for s in metrics["samples"])
     report = f"# MM1 miniature ({cfg.preset} preset)\n\n{table}\n\n## 0-shot test samples\n{samples}\n"
     write_outputs(cfg.out_dir, {"metrics.json": metrics, "report.md": report})
     return metrics
 
-def run_ablation(cfg: Config, device: str, rank: int, world: int):
-    """Every row of one grid, once per seed of ablation_seeds, on data shared by a seed's rows; prints and
-    saves the table, mean ± sd over seeds. A row with image gain < 0.05 is marked "vision unused"."""
+def grid_table(cfg: Config, done: list, rank: int):
+    """Writes ablate_<grid>.md / .json from the rows run so far, (job index, label, metrics): mean ± sd over
+    seeds; a row with image gain < 0.05 is marked "vision unused". Returns (table, results by label)."""
     columns = {f"{k}-shot": f"average_{k}shot" for k in cfg.shots} | {
         "distinct 0-shot captions": "distinct_captions_0shot", "text ppl (unseen)": "text_ppl_unseen",
         "image gain": "image_gain", "images / step": "images_per_step", "minutes": "minutes"}
-    results = {label: [] for label, _ in ABLATIONS[cfg.ablate]}
-    pools, vits = {}, {}  # data: shared when seed, image size and caption formats agree; ViTs: by ViT config
+    results = {row: [m for _, label, m in sorted(done) if label == row] for row, _ in ABLATIONS[cfg.ablate]}
+    lines = [f"| {cfg.ablate} | {' | '.join(columns)} | verdict |", "|---" * (len(columns) + 2) + "|"]
+    for name, runs in ((n, r) for n, r in results.items() if r):
+        cells = [[r[key] for r in runs if r.get(key) is not None] for key in columns.values()]
+        cells = [f"{np.mean(c):.3g} ± {np.std(c, ddof=1) if len(c) > 1 else 0:.2g}" for c in cells]
+        unused = np.mean([r["image_gain"] for r in runs]) < 0.05
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'vision unused' if unused else ''} |")
+    head = (f"seeds {cfg.ablation_seeds}, {cfg.steps} steps, {cfg.eval_scenes} test scenes; k-shot: "
+            "mean of caption CIDEr and VQA exact match, as MM1 averages")
+    table = "\n".join([head, "", *lines, ""])
+    if rank == 0:
+        write_outputs(cfg.out_dir, {f"ablate_{cfg.ablate}.md": table, f"ablate_{cfg.ablate}.json": results})
+    return table, results
+
+def run_ablation(cfg: Config, device: str, rank: int, world: int):
+    """Every row of one grid, once per seed of ablation_seeds, on data shared by a seed's rows. Rows are
+    independent runs: under torchrun each process takes the next unclaimed row and trains it alone."""
+    jobs = []  # (seed, label, the row's config), all checked before any row runs
     for seed in cfg.ablation_seeds:
         for label, overrides in ABLATIONS[cfg.ablate]:
             row = Path(cfg.out_dir) / f"ablate_{cfg.ablate}" / (re.sub(r"\W+", "_", label) + f"_seed{seed}")
-            sub = dataclasses.replace(cfg, ablate="", seed=seed, out_dir=str(row), **overrides)
-            check_config(sub)
-            key = (seed, sub.image_size, sub.caption_formats)
-            pools[key] = pools.get(key) or Pools(sub, get_tokenizer())
-            pools[key].pretrained_vit = vits  # stage 0's CLIP pairs are the same whatever the caption formats
-            t0 = time.time()
-            metrics = run(sub, device, rank, world, pools[key])
-            results[label].append({**metrics, "minutes": (time.time() - t0) / 60})
-            lines = [f"| {cfg.ablate} | {' | '.join(columns)} | verdict |", "|---" * (len(columns) + 2) + "|"]
-            for name, runs in ((n, r) for n, r in results.items() if r):
-                cells = []
-                for key in columns.values():
-                    values = [r[key] for r in runs if r.get(key) is not None]
-                    sd = np.std(values, ddof=1) if len(values) > 1 else 0
-                    cells.append(f"{np.mean(values):.3g} ± {sd:.2g}")
-                unused = np.mean([r["image_gain"] for r in runs]) < 0.05
-                lines.append(f"| {name} | " + " | ".join(cells) + f" | {'vision unused' if unused else ''} |")
-            head = (f"seeds {cfg.ablation_seeds}, {cfg.steps} steps, {cfg.eval_scenes} test scenes; k-shot: "
-                    "mean of caption CIDEr and VQA exact match, as MM1 averages")
-            table = "\n".join([head, "", *lines, ""])
-            outputs = {f"ablate_{cfg.ablate}.md": table, f"ablate_{cfg.ablate}.json": results}
-            write_outputs(cfg.out_dir, outputs)
-    print(table)
+            check_config(sub := dataclasses.replace(cfg, ablate="", seed=seed, out_dir=str(row), **overrides))
+            jobs.append((seed, label, sub))
+    claims = [tempfile.mkdtemp(prefix="mm1_grid_") if rank == 0 and world > 1 else ""]
+    dist.broadcast_object_list(claims) if world > 1 else None  # one folder of claim files per launch
+    done, pools, vits = [], {}, {}  # data: by seed, image size and caption formats; ViTs: by ViT config
+    for i, (seed, label, sub) in enumerate(jobs):
+        try:  # O_EXCL: of the processes, exactly one creates row i's claim file and runs the row
+            os.close(os.open(Path(claims[0]) / str(i), os.O_CREAT | os.O_EXCL)) if world > 1 else None
+        except FileExistsError:
+            continue
+        key = (seed, sub.image_size, sub.caption_formats)
+        pools[key] = pools.get(key) or Pools(sub, get_tokenizer())
+        pools[key].pretrained_vit = vits  # stage 0's CLIP pairs are the same whatever the caption formats
+        vit_cfg = next(s for *_, s in jobs if vit_key(s) == vit_key(sub))  # the first row with its ViT
+        t0 = time.time()
+        metrics = run(sub, device, 0, 1, pools[key], vit_cfg)  # one process per row: as in one process
+        done.append((i, label, {**metrics, "minutes": (time.time() - t0) / 60}))
+        grid_table(cfg, done, rank) if world == 1 else None  # the table so far, after every row
+    if world > 1:  # every process's rows, in job order
+        dist.all_gather_object(gathered := [None] * world, done)
+        done = sum(gathered, [])
+        shutil.rmtree(claims[0]) if rank == 0 else None
+    table, results = grid_table(cfg, done, rank)
+    print(table) if rank == 0 else None
     return results
 
 def main(argv):
-    cfg = parse_config(argv)
-    check_config(cfg)
+    check_config(cfg := parse_config(argv))
     device, rank, world = setup_device(cfg.device)
     check_out_dir(cfg.out_dir)
     try:
         return run_ablation(cfg, device, rank, world) if cfg.ablate else run(cfg, device, rank, world)
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        dist.destroy_process_group() if world > 1 and dist.is_initialized() else None
 
 if __name__ == "__main__":
     run_main(main)

@@ -315,3 +315,19 @@ def evaluate(model, pools, cfg, device):
         metrics[f"text_passages_{split}"] = len(passages)
     model.train()
     return metrics
+
+
+def results_table(m: dict, cfg) -> str:
+    """The table of one run's evaluate() metrics: k-shot rows, the blind baselines, perplexity, image gain."""
+    lines = ["| shots | caption CIDEr | distinct captions | main object named (%) | VQA exact match (%) "
+             "| average |", "| --- " * 6 + "|"]
+    lines += [f"| {k} | {m[f'caption_cider_{k}shot']:.1f} | {m[f'distinct_captions_{k}shot']} / "
+              f"{cfg.eval_scenes} | {m[f'main_object_named_{k}shot']:.1f} | "
+              f"{m[f'vqa_exact_match_{k}shot']:.1f} | {m[f'average_{k}shot']:.1f} |" for k in cfg.shots]
+    return "\n".join(lines + [
+        f"\nbaselines: constant caption CIDEr {m['constant_caption_cider']:.1f}; VQA majority answer "
+        f"{m['vqa_majority_baseline']:.1f}%",
+        f"text perplexity: unseen passages {m['text_ppl_unseen']} ({m['text_passages_unseen']}), seen in "
+        f"training {m['text_ppl_seen']} ({m['text_passages_seen']})",
+        f"image gain (caption NLL, wrong image - right image): {m['image_gain']:.3f} nats/token; connector "
+        f"variance between images: {m['connector_image_share']:.3f}"])

@@ -256,8 +256,9 @@ def test_caption_grid_rows_see_the_same_images_per_step():
 def test_caption_grid_rows_share_one_stage0_vit(monkeypatch, tmp_path):
     # a seed's rows must reuse one stage-0 ViT cache (its CLIP pairs are the same in every row)
     seen = []
-    def fake_run(cfg, device, rank, world, pools):
+    def fake_run(cfg, device, rank, world, pools, vit_cfg):
         seen.append((cfg.seed, id(pools), id(pools.pretrained_vit)))
+        assert vit_cfg.seed == cfg.seed and vit_cfg.caption_formats == ("alttext",)  # the seed's first row
         return dict(average_0shot=1.0, average_2shot=1.0, distinct_captions_0shot=1, text_ppl_unseen=1.0,
                     image_gain=1.0, images_per_step=1.0)
     monkeypatch.setattr(mm1, "run", fake_run)
@@ -404,6 +405,27 @@ def test_ddp_two_processes_equal_one(tmp_path):
     one, two = ([x for x in read_log(tmp_path / d) if x["stage"] == "mm1"] for d in ("one", "two"))
     assert [x["step"] for x in one] == [x["step"] for x in two] == [1, 2, 3, 4]
     np.testing.assert_allclose([x["loss"] for x in two], [x["loss"] for x in one], rtol=1e-5)
+
+
+def test_torchrun_grid_runs_each_row_once_with_the_one_process_numbers(tmp_path):
+    # grid rows are independent: under torchrun each process takes whole rows (one thread each, no DDP), so
+    # the table equals the one-process grid's and no row runs twice
+    args = SMOKE + ["--ablate=moe", "--ablation_seeds=0,1", "--steps=3", "--vit_pretrain_steps=2",
+                    "--lm_pretrain_steps=2", "--eval_scenes=1", "--shots=0", "--n_eval_passages=1",
+                    "--max_new_tokens=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tables = {}
+    for launcher, out in (([], "one"), (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                                        "two")):
+        command = [sys.executable, *launcher, str(ROOT / "mm1.py"), *args, f"--out_dir={tmp_path / out}"]
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        grid = json.loads((tmp_path / out / "ablate_moe.json").read_text())
+        tables[out] = {label: [{k: v for k, v in m.items() if not k.endswith(("time_s", "tok_s", "minutes"))}
+                               for m in runs] for label, runs in grid.items()}
+        assert [len(runs) for runs in grid.values()] == [2, 2]
+        assert len(list((tmp_path / out / "ablate_moe").iterdir())) == 4
+    assert tables["two"] == tables["one"]
 
 
 # ----------------------------------------------------------------------------- bad input
