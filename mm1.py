@@ -11,7 +11,7 @@ and 2 VQA per scene (a C-Abstractor or a connector-only warm-up collapses the im
 
     python mm1.py                                   # cpu preset (default without CUDA): prints the table
     python mm1.py --preset=smoke                    # tiny, < 1 min (what the tests run)
-    torchrun --standalone --nproc_per_node=8 mm1.py --preset=gpu
+    torchrun --standalone --nproc_per_node=8 mm1.py --preset=gpu  # DDP; with --ablate: whole rows per process
     python mm1.py --preset=ablate --ablate=connector  # grid: connector|resolution|mix|captions|moe, 3 seeds
     python mm1.py --train_data=mix.json --image_folder=images/   # your LLaVA JSON / image-text CSV|JSONL
     python -m kernels.bench_decoder                 # our decoder's training step vs transformers' Llama
