@@ -955,8 +955,8 @@ def grid_table(cfg: Config, done: list, rank: int):
     return table, results
 
 def run_ablation(cfg: Config, device: str, rank: int, world: int):
-    """Every row of one grid, once per seed of ablation_seeds, on data shared by a seed's rows. Rows are
-    independent runs: under torchrun each process takes the next unclaimed row and trains it alone."""
+    """Every row of one grid, once per seed of ablation_seeds. Rows are independent runs: under torchrun
+    each process takes the next unclaimed row and trains it alone (one machine: the claims are files)."""
     jobs = []  # (seed, label, the row's config), all checked before any row runs
     for seed in cfg.ablation_seeds:
         for label, overrides in ABLATIONS[cfg.ablate]:
