@@ -23,7 +23,7 @@ from data.shapes.text import area, shapes_of
 from data.tokenizer import get_tokenizer
 
 FORMATS = ("ssc", "dsc", "dsc+", "afc")  # captioner formats; CLIP recipes use ssc / dsc / afc
-CAPTION_COLUMNS = ("CIDEr-D", "obj P", "obj R", "halluc.", "tokens", "names")
+CAPTION_COLUMNS = ("CIDEr-D", "obj P", "obj R", "halluc.", "below blind", "95% CI", "tokens", "names")
 # Zero-shot prompt templates (averaged per class, as in CLIP's ImageNet eval).
 TEMPLATES = {"emblem": ("{}", "the {} emblem", "a photo of the {} emblem.", "{} logo"),
              "shape": ("a {}.", "a photo of a {}.", "a {} shape on a background."),
@@ -117,16 +117,27 @@ class Texts:
 
 
 # ----------------------------------------------------------------------------- what evaluations score against
-def caption_row(generated: list[str], gold: list[str], scenes, texts: Texts) -> dict:
-    """CIDEr-D; CHAIR-style object P / R vs the scene graph (halluc. = 1 - P); mean tokens; emblems named."""
+def caption_row(generated: list[str], gold: list[str], scenes, texts: Texts, blind=None, resamples=1000):
+    """CIDEr-D; CHAIR-style object P / R vs the scene graph (halluc. = 1 - P); mean tokens; emblems named.
+    With `blind` captions (one per scene): halluc.(blind) - halluc. and its 95% interval, from resampling the
+    scenes (the same ones for both: a paired bootstrap of the two mention-weighted rates)."""
     scores = [object_scores(c, s) for c, s in zip(generated, scenes)]
     mentions = sum(s["mentions"] for s in scores)
     precision = 1 - sum(s["hallucinated"] for s in scores) / mentions if mentions else None
+    gap = {}
+    if blind is not None and mentions:
+        counts = lambda rows: np.array([[r["hallucinated"], r["mentions"]] for r in rows], float)  # (N, 2)
+        ours, theirs = counts(scores), counts(object_scores(c, s) for c, s in zip(blind, scenes))
+        rate = lambda c, idx: c[idx, 0].sum(-1) / np.maximum(c[idx, 1].sum(-1), 1)  # mention-weighted
+        idx = np.random.default_rng(0).integers(0, len(ours), (resamples, len(ours)))  # (resamples, N)
+        diffs = rate(theirs, idx) - rate(ours, idx)  # (resamples,)
+        gap = {"below blind": float(rate(theirs, np.arange(len(ours))) - rate(ours, np.arange(len(ours)))),
+               "95% CI": f"[{np.percentile(diffs, 2.5):.3f}, {np.percentile(diffs, 97.5):.3f}]"}
     emblems = [(shapes.EMBLEMS[o.emblem].lower(), c.lower()) for c, s in zip(generated, scenes)
                for o in s.objects if o.emblem is not None]
     return {"CIDEr-D": cider_d(generated, [[g] for g in gold])[0], "obj P": precision,
             "obj R": float(np.mean([s["recall"] for s in scores])),
-            "halluc.": None if precision is None else 1 - precision,
+            "halluc.": None if precision is None else 1 - precision, **gap,
             "tokens": float(np.mean([len(texts.encode(c)) for c in generated])),
             "names": float(np.mean([n in c for n, c in emblems])) if emblems else None}
 
@@ -202,7 +213,8 @@ def report(cfg, metrics: dict) -> str:
     pair_columns = ("seeds", "diff", "ci95", "verdict")
     pairs = lambda key: {p["claim"]: {c: p[c] for c in pair_columns} for p in metrics[key]}
     text = [f"# clip_caption.py ({cfg.preset} preset, --synthetic={cfg.synthetic}); arXiv:2410.02740\n",
-            "## Captioner (held-out test scenes, greedy; blind = the gold caption of another scene)\n",
+            f"## Captioner ({cfg.n_cap_eval} held-out test scenes, greedy; blind = the gold caption of "
+            "another scene; below blind = halluc. (blind) - halluc., 95% CI: paired bootstrap of scenes)\n",
             markdown_table("format", metrics["captioner"] or {}, CAPTION_COLUMNS),
             f"\n## CLIP per caption recipe ({cfg.n_eval} held-out web images, galleries of {cfg.gallery})\n",
             markdown_table("recipe", metrics["clip"], COLUMNS),

@@ -213,6 +213,19 @@ def test_paired_bootstrap_and_verdicts():
     assert ct.key_pair_verdicts(hits, cc.KEY_PAIRS, 200)[0]["verdict"] == "yes"
 
 
+def test_hallucination_below_blind_is_paired_over_scenes():
+    scenes = [shapes.make_scene("test", i, seed=0) for i in range(60)]
+    gold = [shapes.caption(s, "ssc", seed=i) for i, s in enumerate(scenes)]
+    blind = gold[1:] + gold[:1]
+    exact = ct.caption_row(gold, gold, scenes, ct.Texts(), blind=blind)  # no hallucination at all
+    blind_rate = ct.caption_row(blind, gold, scenes, ct.Texts())["halluc."]
+    assert exact["halluc."] == 0.0 and exact["below blind"] == blind_rate > 0.5
+    low, high = (float(x) for x in exact["95% CI"].strip("[]").split(", "))
+    assert low < exact["below blind"] < high
+    same = ct.caption_row(blind, gold, scenes, ct.Texts(), blind=blind)  # the same scenes resampled for both
+    assert same["below blind"] == 0.0 and same["95% CI"] == "[0.000, 0.000]"
+
+
 def test_gold_synthetic_swaps_the_stated_share():
     cfg = cc.parse_config(["--preset=smoke"])
     data = ct.render_split("web", 0, 400, cfg)
