@@ -132,7 +132,7 @@ def caption_row(generated: list[str], gold: list[str], scenes, texts: Texts, bli
         idx = np.random.default_rng(0).integers(0, len(ours), (resamples, len(ours)))  # (resamples, N)
         diffs = rate(theirs, idx) - rate(ours, idx)  # (resamples,)
         gap = {"below blind": float(rate(theirs, np.arange(len(ours))) - rate(ours, np.arange(len(ours)))),
-               "95% CI": f"[{np.percentile(diffs, 2.5):.3f}, {np.percentile(diffs, 97.5):.3f}]"}
+               "95% CI": [round(float(np.percentile(diffs, q)), 3) for q in (2.5, 97.5)]}
     emblems = [(shapes.EMBLEMS[o.emblem].lower(), c.lower()) for c, s in zip(generated, scenes)
                for o in s.objects if o.emblem is not None]
     return {"CIDEr-D": cider_d(generated, [[g] for g in gold])[0], "obj P": precision,
