@@ -1,7 +1,8 @@
 """clip_caption.py: AltText, synthetic captions or both? arXiv:2410.02740 (Apple) in miniature: Lai et al.,
 "Revisit Large-Scale Image-Caption Data in Pre-training Multimodal Foundation Models", CLIP and text-to-image
-(its multimodal LLMs are in mm1.py). 1. A controllable captioner (ViT + causal decoder; a control token picks
-<|ssc|> short, <|dsc|> descriptive, <|dsc+|> dense or <|afc|> AltText fusion), scored beside a blind row.
+(its multimodal LLMs are in mm1.py). 1. A controllable captioner: a ViT taught objects' shape and colour from
+human boxes (stage 0), frozen, + a causal decoder; a control token picks <|ssc|> short, <|dsc|> descriptive,
+<|dsc+|> dense or <|afc|> AltText fusion. Scored beside a blind row (another scene's gold caption).
 2. Synthetic captions for the web images: --synthetic=gold (scene graph, --gold_error swapped) or captioner.
 3. One CLIP per recipe (alt; ssc50 = SSC with p = 0.5, else AltText; dsc100; afc): zero-shot emblem / shape /
    colour, gallery retrieval; baselines; a paired bootstrap over seeds on KEY_PAIRS, fixed in advance.
@@ -48,6 +49,7 @@ from tqdm import tqdm
 from data import InputError
 from data import clip_tasks as ct
 from data.clip_tasks import COLUMNS, FORMATS, GENEVAL, ImageSet, Texts, render_split
+from data.shapes import COLORS, SHAPES
 from kernels import attention
 
 
@@ -68,7 +70,8 @@ class Config:
     vit_width: int = 96  # image towers (captioner and CLIP): width
     vit_layers: int = 3  # image towers: transformer layers
     vit_heads: int = 4  # image towers: attention heads
-    vit_stem: int = 0  # image towers: 3x3 conv layers before the patchify conv (0: HF CLIP's patchify alone)
+    vit_stem: int = 0  # CLIP's ViT: 3x3 conv layers before the patchify conv (0: HF CLIP's patchify alone)
+    cap_stem: int = 3  # the captioner's ViT: the same (without a stem it learns no shape in stage 0)
     text_width: int = 96  # CLIP text tower width
     text_layers: int = 2  # CLIP text tower layers
     text_heads: int = 4  # CLIP text tower heads
@@ -77,7 +80,8 @@ class Config:
     dec_width: int = 128  # captioner decoder width
     dec_layers: int = 2  # captioner decoder layers
     dec_heads: int = 4  # captioner decoder heads
-    n_human: int = 2000  # captioner images ("human" split, gold captions in every format)
+    n_human: int = 2000  # captioner images ("human" split, gold captions and object boxes)
+    region_steps: int = 1000  # captioner stage 0: ViT learns objects' shape + colour, then frozen (0: none)
     cap_steps: int = 1000  # captioner optimizer steps
     cap_batch: int = 16  # captioner batch size (images, one random format each)
     cap_lr: float = 1e-3  # captioner peak learning rate
@@ -114,18 +118,18 @@ class Config:
 PRESETS = {
     "smoke": dict(image_size=16, cap_image_size=20, patch_size=4, vit_width=32, vit_layers=1, vit_heads=2,
                   text_width=32, text_layers=1, text_heads=2, embed_dim=16, dec_width=48, dec_layers=1,
-                  dec_heads=2, n_human=16, cap_steps=200, cap_lr=1e-2, cap_max_tokens=32, alt_tokens=12,
-                  n_cap_eval=8, n_web=32, n_eval=24, gallery=12, recipes=("alt", "ssc50", "afc"), seeds=1,
-                  clip_steps=4, clip_batch=16, bootstrap=50, log_every=20, ckpt_every=3,
+                  dec_heads=2, n_human=16, region_steps=20, cap_steps=200, cap_lr=1e-2, cap_max_tokens=32,
+                  alt_tokens=12, n_cap_eval=8, n_web=32, n_eval=24, gallery=12, seeds=1, clip_steps=4,
+                  recipes=("alt", "ssc50", "afc"), clip_batch=16, bootstrap=50, log_every=20, ckpt_every=3,
                   diff_recipes=("alt", "dsc100"), diff_seeds=1, diff_size=16, diff_width=16, diff_steps=4,
                   diff_batch=8, sample_steps=3, n_diff_eval=8, probe_steps=4, workers=1),
     "cpu": dict(),
     "gpu": dict(image_size=64, vit_width=384, vit_layers=6, vit_heads=6, text_width=384, text_layers=6,
                 text_heads=6, embed_dim=256, dec_width=512, dec_layers=6, dec_heads=8, n_human=20000,
-                cap_steps=4000, cap_batch=128, cap_max_tokens=200, n_cap_eval=1000, n_web=60000, n_eval=5000,
-                seeds=3, clip_steps=3000, clip_batch=1024, ckpt_every=1000, diff_seeds=3, diff_width=96,
-                diff_recipes=("alt", "ssc100", "dsc100", "dsc50"), diff_steps=5000, diff_batch=256,
-                sample_steps=20, n_diff_eval=2000, probe_steps=3000, workers=1)}
+                region_steps=2000, cap_steps=4000, cap_batch=128, cap_max_tokens=200, n_web=60000,
+                n_eval=5000, seeds=3, clip_steps=3000, clip_batch=1024, ckpt_every=1000, diff_seeds=3,
+                diff_width=96, diff_recipes=("alt", "ssc100", "dsc100", "dsc50"), diff_steps=5000,
+                diff_batch=256, sample_steps=20, n_diff_eval=2000, probe_steps=3000, workers=1)}
 GEN_BATCH = 256  # images per batched generation call
 # fields that change no model: a resume may set them anew (every other one, schedules included, must match)
 RESUME_MAY_DIFFER = ("preset", "out_dir", "device", "resume", "recipes", "n_cap_eval", "n_eval",
@@ -138,12 +142,6 @@ KEY_PAIRS = (("ssc50", "ssc100", "retrieval"), ("ssc50", "ssc100", "emblem top1"
 # the diffusion side's, fixed likewise: the paper finds DSC best for SD3, and GenEval peaking at 50% DSC
 DIFF_KEY_PAIRS = (("dsc100", "ssc100", "attributes (dense)"), ("dsc100", "ssc100", "attributes (short)"),
                   ("dsc100", "alt", "attributes (dense)"), ("dsc50", "dsc100", "attributes (dense)"))
-def parse_recipe(name: str) -> tuple[str, float]:
-    """(text source, p(synthetic)): 'alt' -> (alt, 0.0); 'ssc30' -> (ssc, 0.3); 'dsc' -> (dsc, 1.0)."""
-    match = re.fullmatch(r"(alt|ssc|dsc|afc)(\d{1,3})?", name)
-    if not match or int(match.group(2) or 100) > 100:
-        raise InputError(f"--recipes: {name!r}: expected alt, ssc<P>, dsc<P> or afc<P> with P in 0..100")
-    return match.group(1), 0.0 if match.group(1) == "alt" else int(match.group(2) or 100) / 100
 def check_config(cfg: Config) -> None:
     for key in [k for k in ("image_size", "cap_image_size") if getattr(cfg, k) % cfg.patch_size]:
         raise InputError(f"--{key}={getattr(cfg, key)}: expected a multiple of --patch_size={cfg.patch_size}")
@@ -151,11 +149,12 @@ def check_config(cfg: Config) -> None:
             cfg.synthetic == "captioner" and "captioner" not in cfg.parts):
         raise InputError(f"--synthetic={cfg.synthetic} --gold_error={cfg.gold_error}: expected gold or "
                          "captioner (with captioner in --parts), and an error share in 0..1")
-    if not 0 <= cfg.vit_stem <= 1 + math.log2(cfg.vit_width):  # the stem's channels double up to vit_width
-        raise InputError(f"--vit_stem={cfg.vit_stem}: expected 0 .. 1 + log2(--vit_width) conv layers")
+    for key in [k for k in ("vit_stem", "cap_stem")
+                if not 0 <= getattr(cfg, k) <= cfg.vit_width.bit_length()]:  # = 1 + log2(width), floored
+        raise InputError(f"--{key}={getattr(cfg, key)}: expected 0 .. 1 + log2(--vit_width) conv layers")
     for key in [k for k in "n_web n_eval gallery clip_steps seeds workers".split() if getattr(cfg, k) < 1]:
         raise InputError(f"--{key}={getattr(cfg, key)}: expected a positive number")
-    list(map(parse_recipe, cfg.recipes + cfg.diff_recipes))  # InputError on a bad name
+    list(map(ct.parse_recipe, cfg.recipes + cfg.diff_recipes))  # InputError on a bad name
     if not set(cfg.parts) <= {"captioner", "clip", "diffusion"} or cfg.diff_size % 4 or cfg.diff_width % 8:
         raise InputError(f"--parts={','.join(cfg.parts)} --diff_size={cfg.diff_size} --diff_width="
                          f"{cfg.diff_width}: expected captioner, clip, diffusion; multiples of 4 and 8")
@@ -559,7 +558,8 @@ class Captioner(nn.Module):
     def __init__(self, cfg: Config, vocab_size: int):
         super().__init__()
         n_positions = (cfg.cap_image_size // cfg.patch_size) ** 2 + cfg.alt_tokens + cfg.cap_max_tokens + 4
-        self.vision_model = CLIPVisionTransformer(dataclasses.replace(cfg, image_size=cfg.cap_image_size))
+        self.vision_model = CLIPVisionTransformer(dataclasses.replace(cfg, image_size=cfg.cap_image_size,
+                                                                      vit_stem=cfg.cap_stem))
         self.connector = nn.Linear(cfg.vit_width, cfg.dec_width)
         self.embed_tokens = nn.Embedding(vocab_size, cfg.dec_width)
         self.position_embedding = nn.Embedding(n_positions, cfg.dec_width)
@@ -582,6 +582,14 @@ class Captioner(nn.Module):
             x = layer(x, caches[i] if caches is not None else None)
         x = self.norm(x[:, x.shape[1] - ids.shape[1]:])  # (B, T, C)
         return self.lm_head(x if keep is None else x[keep])  # (B, T, V) or (N, V)
+class RegionHead(nn.Module):
+    """Captioner stage 0 (bottom-up features, arXiv:1707.07998): box-pooled ViT tokens name shape, colour."""
+    def __init__(self, vision_model: CLIPVisionTransformer, width: int, n_classes: int):
+        super().__init__()
+        self.vision_model, self.head = vision_model, nn.Linear(width, n_classes)
+    def forward(self, images, scene, mask):  # (B, 3, S, S), (M,) image of each object, (M, 1 + P) -> (M, K)
+        tokens = self.vision_model.post_layernorm(self.vision_model(images))[scene]  # (M, 1 + P, C)
+        return self.head((mask[:, :, None] * tokens).sum(1) / mask.sum(1, keepdim=True))  # (M, K)
 # ----------------------------------------------------------------------------- model: text-to-image, probe
 class ResBlock(nn.Module):
     """GroupNorm, SiLU, 3x3 conv, twice, with the conditioning vector added in between (DDPM / SD UNet)."""
@@ -644,12 +652,6 @@ def flow_pair(images, noise, t):
     return t * images + (1 - t) * noise, images - noise
 # ----------------------------------------------------------------------------- train
 Run = namedtuple("Run", "device rank world texts saved")  # saved: name -> load_checkpoint(...) (--resume)
-def batch_indices(n: int, batch: int, step: int, seed: int, run: Run) -> torch.Tensor:
-    """This rank's share of batch `step` of endless seeded permutations of range(n): the same on a resume."""
-    positions = range(step * batch, (step + 1) * batch)
-    perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + e))
-             for e in {p // n for p in positions}}
-    return torch.stack([perms[p // n][p % n] for p in positions])[run.rank::run.world]
 def train(model: nn.Module, step_loss, steps: int, lr: float, name: str, cfg: Config, run: Run) -> nn.Module:
     """Generic loop; step_loss(runner, step) -> (loss, items, tokens per item) on this rank's shard."""
     optimizer = make_adamw(model, lr, weight_decay=0.1, betas=(0.9, 0.98))  # CLIP's betas
@@ -686,10 +688,23 @@ def train_captioner(data: ImageSet, cfg: Config, run: Run) -> Captioner:
     texts = run.texts
     torch.manual_seed(cfg.seed)
     model = Captioner(cfg, texts.enc.n_vocab).to(run.device)
+    if cfg.region_steps:  # stage 0, then a frozen ViT (as MM1's and LLaVA's in their stage 1)
+        scene, mask, labels = ct.object_regions(data.scenes, cfg.cap_image_size, cfg.patch_size)
+        def region_loss(runner, step):  # each object: cross-entropy of its shape + that of its colour
+            idx = ct.batch_indices(len(data.images), cfg.cap_batch, step, cfg.seed, run)  # (B,)
+            mine = scene[:, None] == idx[None, :]  # (M, B): object m is in batch image b
+            rows = mine.any(1).nonzero()[:, 0]  # this batch's objects
+            logits = runner(to_float(data.images[idx], run.device), mine[rows].int().argmax(1).to(run.device),
+                            mask[rows].to(run.device)).float().split([len(SHAPES), len(COLORS)], 1)
+            loss = sum(F.cross_entropy(part, labels[rows, i].to(run.device)) for i, part in enumerate(logits))
+            return loss, len(idx), 1 + (cfg.cap_image_size // cfg.patch_size) ** 2
+        stage0 = RegionHead(model.vision_model, cfg.vit_width, len(SHAPES) + len(COLORS)).to(run.device)
+        train(stage0, region_loss, cfg.region_steps, cfg.cap_lr, "captioner_vision", cfg, run)
+        model.vision_model.requires_grad_(False)
     gold = {f: [texts.encode(c)[: cfg.cap_max_tokens] + [texts.eot] for c in cs]
             for f, cs in data.captions.items()}
     def step_loss(runner, step):
-        idx, fmt = batch_indices(len(data.images), cfg.cap_batch, step, cfg.seed, run), FORMATS[step % 4]
+        idx, fmt = ct.batch_indices(len(data.images), cfg.cap_batch, step, cfg.seed, run), FORMATS[step % 4]
         prompts = [texts.prompt(fmt, data.alttexts[i], cfg.alt_tokens) for i in idx.tolist()]  # one length
         captions = [gold[fmt][i] for i in idx.tolist()]
         ids = texts.pad_right([p + c for p, c in zip(prompts, captions)])  # (B, T)
@@ -703,14 +718,14 @@ def run_name(model: str, recipe: str, seed: int, cfg: Config) -> str:  # clip_ss
     return f"{model}_{recipe}" + ("" if seed == cfg.seed else f"_seed{seed}")
 def recipe_texts(recipe: str, idx: list, coins: list, data: ImageSet, synthetic: dict) -> list[str]:
     """Each image's text under a recipe: its synthetic caption where the coin is below p, else its AltText."""
-    fmt, p_synthetic = parse_recipe(recipe)
+    fmt, p_synthetic = ct.parse_recipe(recipe)
     return [synthetic[fmt][i] if c < p_synthetic else data.alttexts[i] for i, c in zip(idx, coins)]
 def train_clip(recipe: str, seed: int, data: ImageSet, synthetic: dict, cfg: Config, run: Run) -> CLIPModel:
     """One CLIP per (recipe, seed); a seed's recipes share init and image order: only the texts differ."""
     torch.manual_seed(seed)
     model = CLIPModel(cfg, run.texts.enc.n_vocab).to(run.device)
     def step_loss(runner, step):
-        idx = batch_indices(len(data.images), cfg.clip_batch, step, seed, run)
+        idx = ct.batch_indices(len(data.images), cfg.clip_batch, step, seed, run)
         coins = torch.rand(cfg.clip_batch, generator=torch.Generator().manual_seed(seed + 104729 * step))
         chosen = recipe_texts(recipe, idx.tolist(), coins[run.rank::run.world].tolist(), data, synthetic)
         ids, lengths = run.texts.clip_batch(chosen, cfg.context_length)  # (B, T), (B,)
@@ -726,12 +741,12 @@ def train_diffusion(recipe: str, seed: int, data: ImageSet, synthetic: dict, cfg
     torch.manual_seed(seed)
     model, mine = FlowUNet(cfg, run.texts.enc.n_vocab).to(run.device), slice(run.rank, None, run.world)
     def step_loss(runner, step):
-        idx = batch_indices(len(data.images), cfg.diff_batch, step, seed, run)
+        idx = ct.batch_indices(len(data.images), cfg.diff_batch, step, seed, run)
         gen = torch.Generator().manual_seed(seed + 15485863 * step)
         coins, drops = torch.rand(2, cfg.diff_batch, generator=gen)[:, mine]
         t = torch.sigmoid(torch.randn(cfg.diff_batch, generator=gen)[mine]).to(run.device)  # (B,)
         noise = torch.randn(cfg.diff_batch, 3, cfg.diff_size, cfg.diff_size, generator=gen)[mine]  # (B,3,S,S)
-        texts = drop_prompts(recipe_texts(recipe, idx.tolist(), coins.tolist(), data, synthetic), drops,
+        texts = ct.drop_prompts(recipe_texts(recipe, idx.tolist(), coins.tolist(), data, synthetic), drops,
                              cfg.diff_drop)
         ids, lengths = run.texts.clip_batch(texts, cfg.context_length)  # (B, T), (B,)
         x_t, target = flow_pair(to_float(data.images[idx], run.device), noise.to(run.device), t)
@@ -739,9 +754,6 @@ def train_diffusion(recipe: str, seed: int, data: ImageSet, synthetic: dict, cfg
         return F.mse_loss(velocity.float(), target.float()), len(idx), 1
     return train(model, step_loss, cfg.diff_steps, cfg.diff_lr, run_name("diffusion", recipe, seed, cfg), cfg,
                  run)
-def drop_prompts(prompts: list[str], coins: torch.Tensor, p: float) -> list[str]:
-    """Classifier-free guidance training (Ho & Salimans 2022): the prompt becomes "" where coin < p."""
-    return ["" if c < p else text for text, c in zip(prompts, coins.tolist())]
 def train_probe(data: ImageSet, cfg: Config, run: Run) -> nn.Module:
     """A small CNN (GenEval: a detector) learns ct.geneval_targets from real renders; summed cross-entropy."""
     torch.manual_seed(cfg.seed)
@@ -750,7 +762,7 @@ def train_probe(data: ImageSet, cfg: Config, run: Run) -> nn.Module:
                         nn.Linear(64 * (cfg.diff_size // 4) ** 2, sum(map(len, GENEVAL.values()))))
     model, targets = cnn.to(run.device), ct.geneval_targets(data.scenes)
     def step_loss(runner, step):
-        idx = batch_indices(len(data.images), 64, step, cfg.seed, run)
+        idx = ct.batch_indices(len(data.images), 64, step, cfg.seed, run)
         logits = read_probe(runner, to_float(data.images[idx], run.device))
         return sum(F.cross_entropy(logits[k], targets[k][idx].to(run.device)) for k in GENEVAL), len(idx), 1
     return train(model, step_loss, cfg.probe_steps, 2e-3, "probe", cfg, run)
@@ -824,21 +836,12 @@ def embed(model: CLIPModel, items, cfg: Config, run: Run, batch: int = 500) -> t
         ids, lengths = run.texts.clip_batch(chunk, cfg.context_length)
         return model.encode_text(ids.to(run.device), lengths)
     return torch.cat([encode(items[i: i + batch]).float().cpu() for i in range(0, len(items), batch)])
-def retrieval_hits(image_emb, text_emb, gallery: int) -> dict[str, np.ndarray]:
-    """Per image (image i's query is text i): I->T and T->I R@1 hits within consecutive galleries of `gallery`
-    items (a final partial gallery is dropped: NaN). A tie counts against: a constant model scores 0."""
-    hits = {"I->T R@1": np.full(len(image_emb), np.nan), "T->I R@1": np.full(len(image_emb), np.nan)}
-    for s in range(0, len(image_emb) - gallery + 1, gallery):
-        sim = image_emb[s: s + gallery] @ text_emb[s: s + gallery].t()  # (G, G)
-        hits["I->T R@1"][s: s + gallery] = ((sim >= sim.diag()[:, None]).sum(1) == 1).numpy()  # own text only
-        hits["T->I R@1"][s: s + gallery] = ((sim >= sim.diag()[None, :]).sum(0) == 1).numpy()  # own image
-    return hits
 def score_clip(model: CLIPModel, held_out: ImageSet, cfg: Config, run: Run) -> dict:
     """Per-item hits for each column (NaN = not applicable). Zero-shot is multi-label top-1: a hit when the
     class nearest to the image (template embeddings averaged, renormalised) is one of the classes present."""
     image_emb, gallery = embed(model, held_out.images, cfg, run), min(cfg.gallery, len(held_out.images))
     hits = dict.fromkeys(COLUMNS, np.full(len(image_emb), np.nan))
-    hits |= retrieval_hits(image_emb, embed(model, held_out.captions["ssc"], cfg, run), gallery)
+    hits |= ct.retrieval_hits(image_emb, embed(model, held_out.captions["ssc"], cfg, run), gallery)
     labels = ct.scene_labels(held_out.scenes) if held_out.scenes else {}  # a user's file: retrieval only
     for name, present in labels.items():
         prompts = [t.format(c) for c in ct.CLASSES[name] for t in ct.TEMPLATES[name]]
@@ -895,7 +898,7 @@ def score_diffusion(probe: nn.Module, held_out: ImageSet, samples: dict, cfg: Co
 # ----------------------------------------------------------------------------- main
 def read_resume_state(cfg: Config) -> dict:
     """--resume: every checkpoint of this run that exists, checked against cfg (reads only)."""
-    steps = {"captioner": cfg.cap_steps, "probe": cfg.probe_steps}
+    steps = {"captioner": cfg.cap_steps, "captioner_vision": cfg.region_steps, "probe": cfg.probe_steps}
     for model, recipes, seeds, n in (("clip", cfg.recipes, cfg.seeds, cfg.clip_steps),
                                      ("diffusion", cfg.diff_recipes, cfg.diff_seeds, cfg.diff_steps)):
         steps |= {run_name(model, r, s, cfg): n for r in recipes for s in range(cfg.seed, cfg.seed + seeds)}
@@ -932,7 +935,7 @@ def main(argv: list[str]):
 
     # 2. synthetic captions for the web images: gold (the captioner then trains beside the models below), or
     # the captioner's (trained first; its captions cached, sharded over ranks)
-    fmts = {parse_recipe(r)[0] for r in cfg.recipes * ("clip" in cfg.parts) + cfg.diff_recipes} - {"alt"}
+    fmts = {ct.parse_recipe(r)[0] for r in cfg.recipes * ("clip" in cfg.parts) + cfg.diff_recipes} - {"alt"}
     fmts, done = sorted(fmts | {"ssc", "dsc", "afc"} if cfg.export else fmts), {}  # the export has all three
     if cfg.synthetic == "gold":
         synthetic = ct.gold_synthetic(web, fmts, cfg.gold_error, cfg.seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,28 @@ class ImageSet:
                         self.scenes and self.scenes[cut])
 
 
+def parse_recipe(name: str) -> tuple[str, float]:
+    """(text source, p(synthetic)): 'alt' -> (alt, 0.0); 'ssc30' -> (ssc, 0.3); 'dsc' -> (dsc, 1.0)."""
+    match = re.fullmatch(r"(alt|ssc|dsc|afc)(\d{1,3})?", name)
+    if not match or int(match.group(2) or 100) > 100:
+        raise InputError(f"--recipes: {name!r}: expected alt, ssc<P>, dsc<P> or afc<P> with P in 0..100")
+    return match.group(1), 0.0 if match.group(1) == "alt" else int(match.group(2) or 100) / 100
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int, run) -> torch.Tensor:
+    """run.rank's share of batch `step` of endless seeded permutations of range(n), run.world ranks (the
+    same on a resume)."""
+    positions = range(step * batch, (step + 1) * batch)
+    perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + e))
+             for e in {p // n for p in positions}}
+    return torch.stack([perms[p // n][p % n] for p in positions])[run.rank::run.world]
+
+
+def drop_prompts(prompts: list[str], coins: torch.Tensor, p: float) -> list[str]:
+    """Classifier-free guidance training (Ho & Salimans 2022): the prompt becomes "" where coin < p."""
+    return ["" if c < p else text for text, c in zip(prompts, coins.tolist())]
+
+
 def render_split(split: str, start: int, n: int, cfg, size: int = 0, plain: bool = False) -> ImageSet:
     """Scenes split[start:start+n] with AltTexts and gold captions; plain: no background texture (noise)."""
     scenes = [shapes.make_scene(split, i, seed=cfg.seed) for i in range(start, start + n)]
@@ -58,6 +81,22 @@ def render_split(split: str, start: int, n: int, cfg, size: int = 0, plain: bool
     captions = {f: [shapes.caption(s, f, seed=start + i) for i, s in enumerate(scenes)] for f in FORMATS}
     alttexts = [shapes.caption(s, "alttext", seed=start + i) for i, s in enumerate(scenes)]
     return ImageSet(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), alttexts, captions, scenes)
+
+
+def object_regions(scenes, size: int, patch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The captioner's stage-0 labels, one row per shape object: (scene index (M,), token mask (M, 1 + P)
+    of the ViT tokens whose patch its box overlaps (token 0 = CLS, never), (shape id, colour id) (M, 2))."""
+    grid, rows = size // patch, []
+    for n, scene in enumerate(scenes):
+        for o in (o for o in scene.objects if o.shape in shapes.SHAPES):
+            x1, x2 = (round(v * size / scene.width) for v in o.box[0::2])  # canvas units -> pixels
+            y1, y2 = (round(v * size / scene.height) for v in o.box[1::2])
+            mask = torch.zeros(grid, grid)  # (rows, cols) of patches; a box [x1, x2) in pixels
+            mask[y1 // patch: -(-y2 // patch), x1 // patch: -(-x2 // patch)] = 1
+            rows.append((n, torch.cat([torch.zeros(1), mask.flatten()]),
+                         (shapes.SHAPES.index(o.shape), shapes.COLORS.index(o.color))))
+    return (torch.tensor([r[0] for r in rows]), torch.stack([r[1] for r in rows]),
+            torch.tensor([r[2] for r in rows]))
 
 
 def read_user_pairs(path: str, cfg, size: int = 0) -> ImageSet:
@@ -140,6 +179,17 @@ def caption_row(generated: list[str], gold: list[str], scenes, texts: Texts, bli
             "halluc.": None if precision is None else 1 - precision, **gap,
             "tokens": float(np.mean([len(texts.encode(c)) for c in generated])),
             "names": float(np.mean([n in c for n, c in emblems])) if emblems else None}
+
+
+def retrieval_hits(image_emb, text_emb, gallery: int) -> dict[str, np.ndarray]:
+    """Per image (image i's query is text i): I->T and T->I R@1 hits within consecutive galleries of `gallery`
+    items (a final partial gallery is dropped: NaN). A tie counts against: a constant model scores 0."""
+    hits = {"I->T R@1": np.full(len(image_emb), np.nan), "T->I R@1": np.full(len(image_emb), np.nan)}
+    for s in range(0, len(image_emb) - gallery + 1, gallery):
+        sim = image_emb[s: s + gallery] @ text_emb[s: s + gallery].t()  # (G, G)
+        hits["I->T R@1"][s: s + gallery] = ((sim >= sim.diag()[:, None]).sum(1) == 1).numpy()  # own text only
+        hits["T->I R@1"][s: s + gallery] = ((sim >= sim.diag()[None, :]).sum(0) == 1).numpy()  # own image
+    return hits
 
 
 def scene_labels(scenes) -> dict:

@@ -83,9 +83,9 @@ def test_guidance_mixes_prompt_and_empty_prompt():
         x = noise + (torch.tensor(1 / 64) + w * torch.tensor(6 / 64))
         assert torch.equal(images[w], ((x * 0.25 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8))
     assert not torch.equal(images[3.0], images[1.0])
-    assert cc.drop_prompts(["a", "b", "c"], torch.tensor([0.05, 0.5, 0.09]), 0.1) == ["", "b", ""]
+    assert ct.drop_prompts(["a", "b", "c"], torch.tensor([0.05, 0.5, 0.09]), 0.1) == ["", "b", ""]
     coins = torch.rand(10000, generator=torch.Generator().manual_seed(0))
-    assert 0.09 < np.mean([p == "" for p in cc.drop_prompts(["x"] * 10000, coins, 0.1)]) < 0.11
+    assert 0.09 < np.mean([p == "" for p in ct.drop_prompts(["x"] * 10000, coins, 0.1)]) < 0.11
 
 
 def test_geneval_targets_and_probe_scoring():
@@ -183,11 +183,11 @@ def test_retrieval_hits_on_constructed_similarities():
     text = torch.eye(7)
     text[1] = torch.tensor([0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # text 1 sits on image 0, not on image 1
     text[4] = torch.tensor([0.0, 0.0, 0.0, 0.6, 0.5, 0.7, 0.0])  # text 4: image 5, then 3, then its own
-    hits = cc.retrieval_hits(image, torch.nn.functional.normalize(text, dim=-1), gallery=3)
+    hits = ct.retrieval_hits(image, torch.nn.functional.normalize(text, dim=-1), gallery=3)
     # image 0 ties texts 0 and 1 (a tie counts against it); image 1 scores 0 with every text
     assert hits["I->T R@1"][:6].tolist() == [0, 0, 1, 1, 1, 1] and np.isnan(hits["I->T R@1"][6])
     assert hits["T->I R@1"][:6].tolist() == [1, 0, 1, 1, 0, 1]  # text 4 ranks its own image 3rd of 3
-    constant = cc.retrieval_hits(torch.ones(4, 2), torch.ones(4, 2), gallery=4)
+    constant = ct.retrieval_hits(torch.ones(4, 2), torch.ones(4, 2), gallery=4)
     assert constant["I->T R@1"].sum() == 0 and constant["T->I R@1"].sum() == 0  # no credit for a collapse
 
 
@@ -224,6 +224,21 @@ def test_hallucination_below_blind_is_paired_over_scenes():
     assert low < exact["below blind"] < high
     same = ct.caption_row(blind, gold, scenes, ct.Texts(), blind=blind)  # the same scenes resampled for both
     assert same["below blind"] == 0.0 and same["95% CI"] == [0.0, 0.0]
+
+
+def test_object_regions_mask_the_patches_each_box_overlaps():
+    # 1000-unit canvas at 64 px, 8-px patches (an 8 x 8 grid, token 0 = CLS): boxes in canvas units
+    objects = [shapes.Obj("star", "red", "large", (0, 0, 260, 500)),  # x 0-16.6 px, y 0-32 px
+               shapes.Obj("ring", "cyan", "small", (500, 500, 620, 620)),  # x, y 32-39.7 px: one patch
+               shapes.Obj("button", "gray", "small", (0, 900, 100, 1000))]  # a UI widget: not a shape
+    scenes = [shapes.Scene(1000, 1000, "white", []), shapes.Scene(1000, 1000, "white", objects)]
+    scene, mask, labels = ct.object_regions(scenes, 64, 8)
+    assert scene.tolist() == [1, 1] and mask.shape == (2, 65) and not mask[:, 0].any()
+    first = mask[0, 1:].view(8, 8)
+    assert first[:4, :3].all() and first.sum() == 12  # rows 0-3, columns 0-2 (a pixel into column 2)
+    assert mask[1].nonzero().flatten().tolist() == [1 + 4 * 8 + 4]  # row 4, column 4
+    assert labels.tolist() == [[shapes.SHAPES.index("star"), shapes.COLORS.index("red")],
+                               [shapes.SHAPES.index("ring"), shapes.COLORS.index("cyan")]]
 
 
 def test_gold_synthetic_swaps_the_stated_share():
@@ -284,7 +299,7 @@ def test_config_overrides_and_errors():
     cfg = cc.parse_config(["--preset=smoke", "--clip_lr=1", "--recipes=alt,dsc30", "--synthetic=captioner"])
     assert cfg.clip_lr == 1.0 and cfg.recipes == ("alt", "dsc30")
     assert cfg.n_web == cc.PRESETS["smoke"]["n_web"]
-    assert cc.parse_recipe("ssc30") == ("ssc", 0.3) and cc.parse_recipe("alt") == ("alt", 0.0)
+    assert ct.parse_recipe("ssc30") == ("ssc", 0.3) and ct.parse_recipe("alt") == ("alt", 0.0)
     for argv, needle in [(["--no_such_key=1"], "no_such_key"), (["--clip_steps=abc"], "clip_steps"),
                          (["--recipes=alt,ssc300"], "ssc300"), (["--preset=huge"], "huge"),
                          (["clip_steps=3"], "clip_steps=3"), (["--image_size=30"], "patch_size"),
@@ -361,6 +376,16 @@ def test_smoke_preset_end_to_end(smoke_run):
     assert grid.size == (8 * 16 * 2, 5 * 16 * 2)
     table = (smoke_run / "report.md").read_text()
     assert "| alt |" in table and "| dsc+ (blind) |" in table and "| untrained CLIP |" in table
+    # the captioner's ViT is stage 0's, unchanged by the captioner's training (frozen), and stage 0 trained it
+    stage0, _ = cc.read_safetensors(smoke_run / "captioner_vision.safetensors")
+    captioner, _ = cc.read_safetensors(smoke_run / "captioner.safetensors")
+    torch.manual_seed(0)
+    fresh = cc.Captioner(cc.parse_config(["--preset=smoke"]), ct.Texts().enc.n_vocab).state_dict()
+    vision = [k for k in stage0 if k.startswith("vision_model.")]
+    assert vision and all(torch.equal(stage0[k], captioner[k]) for k in vision)
+    assert not torch.equal(stage0["vision_model.embeddings.patch_embedding.weight"],
+                           fresh["vision_model.embeddings.patch_embedding.weight"])
+    assert any(r["run"] == "captioner_vision" and math.isfinite(r["loss"]) for r in log)
 
 
 def test_workers_train_the_same_models_side_by_side(smoke_run, tmp_path, monkeypatch):
