@@ -5,9 +5,10 @@ On ShapesWorld (data/shapes/): image tokens spliced into the text at `<image>`; 
 (average pooling, attention pooling, C-Abstractor); caption / interleaved / text-only data at a ratio
 (45:45:10); the paper's lr rule; an optional MoE FFN every k layers (top-2, balance 0.01, z 0.001); 0/4/8-shot
 captioning CIDEr and VQA, text perplexity. MM1 starts from a pre-trained CLIP and LLM, so we pre-train both
-in miniature first: stage 0, a tiny CLIP (the ViT + a bag-of-words text tower, InfoNCE on caption pairs);
-stage 0b, the decoder on text alone; then MM1 pre-training with an average-pooling connector, SSC captions
-and 2 VQA per scene (a C-Abstractor or a connector-only warm-up collapses the image tokens at this scale).
+in miniature first: stage 0, a tiny CLIP (a conv-stem ViT + a bag-of-words text tower, InfoNCE on caption
+pairs, plus each object's shape and colour from its box: a CLIP this small learns no shape); stage 0b, the
+decoder on text alone; then MM1 pre-training with an average-pooling connector, SSC captions and 2 VQA per
+scene (a C-Abstractor or a connector-only warm-up collapses the image tokens at this scale).
 
     python mm1.py                                   # cpu preset (default without CUDA): prints the table
     python mm1.py --preset=smoke                    # tiny, < 1 min (what the tests run)
@@ -49,6 +50,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from data import InputError, shapes, vl_tasks
+from data.clip_tasks import object_regions
 from data.tokenizer import get_tokenizer
 from data.vl_tasks import Pools, doc_attention, evaluate, get_batch, tokenizer_sha256, vision_probe
 from kernels import attention, moe_ffn
@@ -77,7 +79,7 @@ class Config:
     vit_width: int = 128            # ViT hidden size
     vit_layers: int = 4             # ViT blocks
     vit_heads: int = 4              # ViT attention heads
-    vit_stem: int = 0               # 3x3 conv layers before the patchify conv (0: HF CLIP's patchify alone)
+    vit_stem: int = 3               # 3x3 conv layers before the patchify conv (0: HF CLIP's patchify alone)
     connector: str = "avgpool"      # avgpool | attnpool | cabstractor (cabstractor collapses at this scale)
     image_tokens: int = 16          # LLM tokens per image (a square number for the pooling connectors)
     n_layer: int = 6                # decoder blocks
@@ -101,9 +103,10 @@ class Config:
     log_every: int = 10             # steps between log lines
     ckpt_every: int = 100           # steps between checkpoints (and at the end)
     stop_after: int = 0             # stop after this many steps (0: run all), for split runs
-    vit_pretrain_steps: int = 300   # stage 0: tiny-CLIP contrastive steps for the ViT (0: from scratch)
-    vit_pretrain_batch: int = 64    # stage 0 (image, caption) pairs per step
-    vit_pretrain_lr: float = 2e-3   # stage 0 peak lr (warmup + cosine)
+    vit_pretrain_steps: int = 1000  # stage 0: tiny-CLIP steps for the ViT (0: from scratch)
+    vit_pretrain_batch: int = 16    # stage 0 (image, caption) pairs per step
+    vit_pretrain_lr: float = 1e-3   # stage 0 peak lr (warmup + cosine)
+    vit_region_weight: float = 2.0  # stage 0: + this x each object's shape + colour CE, from its box
     lm_pretrain_steps: int = 100    # stage 0b: text-only steps of the decoder (passages + caption words)
     connector_warmup_steps: int = 0  # caption steps of the connector alone, ViT + decoder frozen (collapses)
     doc_mask: bool = True           # packed rows: positions restart and attention stays inside each document
@@ -119,17 +122,19 @@ PRESETS = {  # smoke keeps the C-Abstractor recipe: the test chain's dpo_bdhs.py
                   n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_hidden=128, seq_len=96, batch_size=4,
                   steps=30, warmup=3, log_every=5, ckpt_every=15, n_caption_scenes=48, n_documents=12,
                   n_passages=24, eval_scenes=3, shots=(0, 2), n_eval_passages=4, max_new_tokens=8, lr=3e-3,
-                  vit_pretrain_steps=60, vit_pretrain_batch=16, lm_pretrain_steps=20,
-                  connector_warmup_steps=10, eval_every=15, connector="cabstractor",
+                  vit_pretrain_steps=60, lm_pretrain_steps=20, connector_warmup_steps=10, eval_every=15,
+                  connector="cabstractor",
                   caption_formats=("ssc", "dsc"), vqa_per_scene=1),
     "cpu": dict(),
     "ablate": dict(vit_width=96, vit_layers=3, n_layer=4, n_embd=128, n_head=4, n_kv_head=2, ffn_hidden=384,
                    seq_len=320, shots=(0, 4), n_caption_scenes=1200, n_documents=300, n_passages=1000,
-                   vit_pretrain_steps=200, lm_pretrain_steps=100, n_eval_passages=100),  # 8 shots: > 320 tok
+                   n_eval_passages=100, vit_pretrain_steps=200, vit_pretrain_batch=64,  # 8 shots: > 320 tok
+                   vit_pretrain_lr=2e-3, vit_stem=0, vit_region_weight=0.0),  # results/mm1.md grids' stage 0
     "gpu": dict(image_size=224, patch_size=14, vit_width=768, vit_layers=12, vit_heads=12, image_tokens=64,
                 n_layer=16, n_embd=1024, n_head=16, n_kv_head=4, ffn_hidden=2816, seq_len=1024, batch_size=64,
                 steps=5000, warmup=200, log_every=20, ckpt_every=500, n_caption_scenes=60000,
-                n_documents=10000, n_passages=40000, eval_scenes=200, n_eval_passages=200),
+                n_documents=10000, n_passages=40000, eval_scenes=200, n_eval_passages=200, vit_stem=0,
+                vit_pretrain_steps=3000, vit_pretrain_batch=64),  # patch 14: a conv stem would run at 112 px
 }
 ABLATIONS = {  # name -> (row label, overrides); 36-token and DSC rows: longer contexts, ~55 images per step
     "connector": [(f"{c}, {k} tokens", dict(connector=c, image_tokens=k, seq_len=320 if k == 16 else 480))
@@ -160,17 +165,11 @@ def check_config(cfg: Config) -> None:
         raise InputError(f"--ablate={cfg.ablate}: expected one of {', '.join(ABLATIONS)}")
     if cfg.moe_every and cfg.n_layer % cfg.moe_every or cfg.batch_size % int(os.environ.get("WORLD_SIZE", 1)):
         raise InputError("expected --n_layer divisible by --moe_every and --batch_size by the ranks")
-    mix_weights(cfg.mix)
+    vl_tasks.mix_weights(cfg.mix)
     if bad := [f for f in cfg.caption_formats if f not in shapes.CAPTION_FORMATS]:
         raise InputError(f"--caption_formats: unknown {bad[0]!r}, expected some of {shapes.CAPTION_FORMATS}")
     if cfg.image_folder and not Path(cfg.image_folder).is_dir():  # fail before minutes of data building
         raise InputError(f"--image_folder={cfg.image_folder}: no such folder")
-
-def mix_weights(mix: str) -> np.ndarray:
-    parts = mix.split(":")
-    if len(parts) != 3 or not all(re.fullmatch(r"\d+\.?\d*", x) for x in parts) or not any(map(float, parts)):
-        raise InputError(f"--mix={mix}: expected caption:interleaved:text shares, like 45:45:10")
-    return np.array([float(x) for x in parts]) / sum(map(float, parts))
 
 # ============================================================================= skeleton: begin
 # The shared skeleton, byte for byte the same in every script (tests/test_skeleton.py diffs the copies):
@@ -772,37 +771,56 @@ def clip_loss(image_emb, text_emb, logit_scale):
     labels = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
+def region_loss(tokens, mask, labels, head):
+    """Bottom-up features (Anderson et al. 2018, arXiv:1707.07998), boxes from the scene graph: an object's
+    feature f = sum_p m_p h_p / sum_p m_p over the ViT tokens h_p its box overlaps (m_p = 1); the loss is
+    CE(shape | W_s f) + CE(colour | W_c f), means over the M objects. tokens (M, 1 + P, Cv), mask (M, 1 + P),
+    labels (M, 2): (shape id, colour id)."""
+    logits, n = head((tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)), len(shapes.SHAPES)
+    return F.cross_entropy(logits[:, :n], labels[:, 0]) + F.cross_entropy(logits[:, n:], labels[:, 1])
+
 # ----------------------------------------------------------------------------- train
 def pretrain_vit(model, pools, cfg, device, log):
     """Stage 0, MM1's pre-trained CLIP in miniature: the ViT (mean of the patch tokens the connector reads)
-    is the image tower of a CLIP whose text tower is a bag of token embeddings; InfoNCE on Pools.clip_pairs.
-    Only the ViT is kept. Every rank runs the same steps on the same data."""
+    is the image tower of a CLIP whose text tower is a bag of token embeddings; InfoNCE on Pools.clip_pairs
+    + weight x region_loss on their scenes' objects. Only the ViT is kept; all ranks run the same steps."""
     width, vit = cfg.vit_width, model.vision_model
     tower = nn.ModuleDict(dict(vit=vit, text=nn.EmbeddingBag(pools.enc.n_vocab, width, mode="mean"),
                                image_head=nn.Linear(width, width), text_head=nn.Linear(width, width)))
+    tower.region_head = nn.Linear(width, len(shapes.SHAPES) + len(shapes.COLORS))  # per object box
     tower.to(device)
     tower.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))  # CLIP's initial value
     opt = make_adamw(tower, cfg.vit_pretrain_lr, 0.1, betas=(0.9, 0.98))
     rng = np.random.default_rng([cfg.seed, 9])  # its own stream
     batch, steps, losses = min(cfg.vit_pretrain_batch, len(pools.clip_pairs)), cfg.vit_pretrain_steps, []
+    regions = pools.clip_scenes and [x.to(device) for x in  # pair (M,), box mask (M, 1 + P), labels (M, 2)
+                                     object_regions(pools.clip_scenes, cfg.image_size, cfg.patch_size)]
     for step in range(steps):
         set_lr(opt, lr_at(step, steps, cfg.vit_pretrain_lr, max(1, steps // 10), 0.1 * cfg.vit_pretrain_lr))
-        docs = [pools.clip_pairs[i] for i in rng.choice(len(pools.clip_pairs), batch, replace=False)]
+        chosen = rng.choice(len(pools.clip_pairs), batch, replace=False)
+        docs = [pools.clip_pairs[i] for i in chosen]
         images = torch.stack([pools.bank[doc_images[0]] for _, doc_images in docs]).to(device)  # (B, 3, S, S)
         texts = [torch.from_numpy(ids[(ids != pools.image_id) & (ids != pools.eot_id)]) for ids, _ in docs]
         offsets = torch.tensor([0] + [len(t) for t in texts[:-1]]).cumsum(0)
         text_emb = tower.text_head(tower.text(torch.cat(texts).long().to(device), offsets.to(device)))
         pixels = (images.float() / 255 - model.pixel_mean) / model.pixel_std
-        image_emb = tower.image_head(vit.post_layernorm(vit(pixels)[:, 1:]).mean(1))  # (B, Cv)
-        loss = clip_loss(image_emb, text_emb, tower.logit_scale)
+        tokens = vit.post_layernorm(vit(pixels))  # (B, 1 + P, Cv)
+        image_emb = tower.image_head(tokens[:, 1:].mean(1))  # (B, Cv)
+        loss = clip = clip_loss(image_emb, text_emb, tower.logit_scale)
+        if cfg.vit_region_weight and regions:  # the batch's objects: rows of the batch, box masks, labels
+            keep = torch.isin(regions[0], chosen := torch.from_numpy(chosen).to(device))  # (M,)
+            rows = (regions[0][keep, None] == chosen).int().argmax(1)  # (M,)
+            region = region_loss(tokens[rows], regions[1][keep], regions[2][keep], tower.region_head)
+            loss = loss + cfg.vit_region_weight * region
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tower.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         tower.logit_scale.data.clamp_(0, math.log(100))  # CLIP caps the scale at 100
-        losses.append(loss.item())
+        losses.append(clip.item())  # the InfoNCE part; the log's region_loss: the object term
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-            log(step + 1, losses[-1], opt.param_groups[0]["lr"], batch * cfg.log_every, stage="vit_clip")
+            log(step + 1, losses[-1], opt.param_groups[0]["lr"], batch * cfg.log_every, stage="vit_clip",
+                region_loss=round(region.item(), 4) if cfg.vit_region_weight and regions else None)
     sims = F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T  # (B, B) of the last batch
     hits = sims.argmax(1) == torch.arange(batch, device=device)
     return dict(clip_loss_first=round(losses[0], 4), clip_loss_last=round(losses[-1], 4),
@@ -821,7 +839,7 @@ def train(cfg, pools, model, device, rank, world, log, stage="mm1", resume_state
     steps, stream = getattr(cfg, steps_key), list(STAGES).index(stage)
     mix = [pools.caption_docs, pools.documents, pools.passages]
     sources, weights = {"text": ([pools.lm_texts], [1.0]), "captions": ([pools.caption_docs], [1.0]),
-                        "mix": (mix, mix_weights(cfg.mix))}[data]
+                        "mix": (mix, vl_tasks.mix_weights(cfg.mix))}[data]
     mult = {"vision_model.": cfg.vit_lr_mult, "connector.": cfg.connector_lr_mult}
     for name, p in model.named_parameters():  # an lr multiplier of 0 freezes: no gradient is computed
         lr_mult = next((m for prefix, m in mult.items() if name.startswith(prefix)), 1.0)
@@ -886,7 +904,7 @@ def train(cfg, pools, model, device, rank, world, log, stage="mm1", resume_state
 # ----------------------------------------------------------------------------- main
 def vit_key(cfg: Config) -> tuple:  # all that stage 0's ViT depends on, but the random draws before it
     return str(arch_of(cfg, 0, 0)["vision"]), cfg.seed, cfg.vit_pretrain_steps, cfg.vit_pretrain_batch, \
-        cfg.vit_pretrain_lr
+        cfg.vit_pretrain_lr, cfg.vit_region_weight
 
 def prepare(cfg: Config, pools=None):
     """Everything that reads input, before anything is written: the data and the --resume state."""
@@ -914,8 +932,7 @@ def run(cfg: Config, device: str, rank: int, world: int, pools=None, vit_cfg=Non
         # one stage-0 ViT per ViT config and process (MM1's ablations share CLIP), as vit_cfg's run trains it
         if (key := vit_key(vit_cfg := vit_cfg or cfg)) not in pools.pretrained_vit:
             owner = model if vit_cfg is cfg else prepare(vit_cfg, pools)[1].to(device)
-            items_log = RunLog(cfg.out_dir, "items", 0, device, rank, world)
-            stats = pretrain_vit(owner, pools, vit_cfg, device, items_log)
+            stats = pretrain_vit(owner, pools, vit_cfg, device, RunLog(cfg.out_dir, "items", 0, device, rank))
             pools.pretrained_vit[key] = ({k: v.clone() for k, v in owner.vision_model.state_dict().items()},
                                          dict(stats, vit_pretrain_time_s=round(time.time() - t0, 1)))
         model.vision_model.load_state_dict(pools.pretrained_vit[key][0])
@@ -934,30 +951,10 @@ def run(cfg: Config, device: str, rank: int, world: int, pools=None, vit_cfg=Non
     write_outputs(cfg.out_dir, {"metrics.json": metrics, "report.md": report})
     return metrics
 
-def grid_table(cfg: Config, done: list, rank: int):
-    """Writes ablate_<grid>.md / .json from the rows run so far, (job index, label, metrics): mean ± sd over
-    seeds; a row with image gain < 0.05 is marked "vision unused". Returns (table, results by label)."""
-    columns = {f"{k}-shot": f"average_{k}shot" for k in cfg.shots} | {
-        "distinct 0-shot captions": "distinct_captions_0shot", "text ppl (unseen)": "text_ppl_unseen",
-        "image gain": "image_gain", "images / step": "images_per_step", "minutes": "minutes"}
-    results = {row: [m for _, label, m in sorted(done) if label == row] for row, _ in ABLATIONS[cfg.ablate]}
-    lines = [f"| {cfg.ablate} | {' | '.join(columns)} | verdict |", "|---" * (len(columns) + 2) + "|"]
-    for name, runs in ((n, r) for n, r in results.items() if r):
-        cells = [[r[key] for r in runs if r.get(key) is not None] for key in columns.values()]
-        cells = [f"{np.mean(c):.3g} ± {np.std(c, ddof=1) if len(c) > 1 else 0:.2g}" for c in cells]
-        unused = np.mean([r["image_gain"] for r in runs]) < 0.05
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'vision unused' if unused else ''} |")
-    head = (f"seeds {cfg.ablation_seeds}, {cfg.steps} steps, {cfg.eval_scenes} test scenes; k-shot: "
-            "mean of caption CIDEr and VQA exact match, as MM1 averages")
-    table = "\n".join([head, "", *lines, ""])
-    if rank == 0:
-        write_outputs(cfg.out_dir, {f"ablate_{cfg.ablate}.md": table, f"ablate_{cfg.ablate}.json": results})
-    return table, results
-
 def run_ablation(cfg: Config, device: str, rank: int, world: int):
     """Every row of one grid, once per seed of ablation_seeds. Rows are independent runs: under torchrun
     each process takes the next unclaimed row and trains it alone (one machine: the claims are files)."""
-    jobs = []  # (seed, label, the row's config), all checked before any row runs
+    jobs, labels = [], [label for label, _ in ABLATIONS[cfg.ablate]]  # jobs: (seed, label, the row's config)
     for seed in cfg.ablation_seeds:
         for label, overrides in ABLATIONS[cfg.ablate]:
             row = Path(cfg.out_dir) / f"ablate_{cfg.ablate}" / (re.sub(r"\W+", "_", label) + f"_seed{seed}")
@@ -978,12 +975,12 @@ def run_ablation(cfg: Config, device: str, rank: int, world: int):
         t0 = time.time()
         metrics = run(sub, device, 0, 1, pools[key], vit_cfg)  # one process per row: as in one process
         done.append((i, label, {**metrics, "minutes": (time.time() - t0) / 60}))
-        grid_table(cfg, done, rank) if world == 1 else None  # the table so far, after every row
+        vl_tasks.grid_table(cfg, labels, done, write_outputs) if world == 1 else None  # the table so far
     if world > 1:  # every process's rows, in job order
         dist.all_gather_object(gathered := [None] * world, done)
         done = sum(gathered, [])
         shutil.rmtree(claims[0]) if rank == 0 else None
-    table, results = grid_table(cfg, done, rank)
+    table, results = vl_tasks.grid_table(cfg, labels, done, write_outputs if rank == 0 else None)
     print(table) if rank == 0 else None
     return results
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections import Counter
 
 import numpy as np
@@ -33,6 +34,14 @@ def vqa_parts(question: str, image, answer: str = "") -> list:
     return [f"Question: {question}", image, " Answer:" + (f" {answer}" if answer else "")]
 
 
+def mix_weights(mix: str) -> np.ndarray:
+    """--mix "caption:interleaved:text" shares -> sampling weights that sum to 1."""
+    parts = mix.split(":")
+    if len(parts) != 3 or not all(re.fullmatch(r"\d+\.?\d*", x) for x in parts) or not any(map(float, parts)):
+        raise InputError(f"--mix={mix}: expected caption:interleaved:text shares, like 45:45:10")
+    return np.array([float(x) for x in parts]) / sum(map(float, parts))
+
+
 class Pools:
     """Pre-rendered training and evaluation data, built once per process (ablation rows share it). `cfg` has
     mm1.Config's data fields: seed, image_size, caption_formats, vqa_per_scene, n_caption_scenes,
@@ -52,8 +61,9 @@ class Pools:
         # stage 0's CLIP pairs: each built-in scene's SSC caption whatever --caption_formats says, so the rows
         # of the caption-format grid share one encoder, as MM1's ablations share CLIP (user data: its first)
         self.clip_pairs = [group[0] for group in self.captions]
+        self.clip_scenes = []  # built-in pairs' scenes (stage 0's object labels); none for user data
         for i in range(0 if cfg.train_data else cfg.n_caption_scenes):
-            scene = shapes.make_scene("train", i, seed=cfg.seed)
+            self.clip_scenes.append(scene := shapes.make_scene("train", i, seed=cfg.seed))
             img = self.add_image(shapes.render(scene, size=self.size))
             group = [self.doc([img, shapes.caption(scene, f, seed=i)]) for f in cfg.caption_formats]
             self.clip_pairs.append(group[0] if cfg.caption_formats[0] == "ssc" else
@@ -331,3 +341,25 @@ def results_table(m: dict, cfg) -> str:
         f"training {m['text_ppl_seen']} ({m['text_passages_seen']})",
         f"image gain (caption NLL, wrong image - right image): {m['image_gain']:.3f} nats/token; connector "
         f"variance between images: {m['connector_image_share']:.3f}"])
+
+
+def grid_table(cfg, rows: list, done: list, write=None) -> tuple[str, dict]:
+    """An ablation grid's table from the rows run so far, done = [(job index, row label, metrics)]: mean ± sd
+    over seeds; a row with image gain < 0.05 is marked "vision unused". write(out_dir, files) stores it as
+    ablate_<grid>.md / .json. Returns (table, results by label)."""
+    columns = {f"{k}-shot": f"average_{k}shot" for k in cfg.shots} | {
+        "distinct 0-shot captions": "distinct_captions_0shot", "text ppl (unseen)": "text_ppl_unseen",
+        "image gain": "image_gain", "images / step": "images_per_step", "minutes": "minutes"}
+    results = {row: [m for _, label, m in sorted(done) if label == row] for row in rows}
+    lines = [f"| {cfg.ablate} | {' | '.join(columns)} | verdict |", "|---" * (len(columns) + 2) + "|"]
+    for name, runs in ((n, r) for n, r in results.items() if r):
+        cells = [[r[key] for r in runs if r.get(key) is not None] for key in columns.values()]
+        cells = [f"{np.mean(c):.3g} ± {np.std(c, ddof=1) if len(c) > 1 else 0:.2g}" for c in cells]
+        unused = np.mean([r["image_gain"] for r in runs]) < 0.05
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'vision unused' if unused else ''} |")
+    head = (f"seeds {cfg.ablation_seeds}, {cfg.steps} steps, {cfg.eval_scenes} test scenes; k-shot: "
+            "mean of caption CIDEr and VQA exact match, as MM1 averages")
+    table = "\n".join([head, "", *lines, ""])
+    if write:
+        write(cfg.out_dir, {f"ablate_{cfg.ablate}.md": table, f"ablate_{cfg.ablate}.json": results})
+    return table, results

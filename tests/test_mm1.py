@@ -82,7 +82,8 @@ def test_clip_vision_parity():
     with torch.no_grad():  # HF's init leaves biases / LN at trivial values: randomise everything
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    ours = tiny_model(50, 49, image_size=32, patch_size=8, vit_width=48, vit_layers=2, vit_heads=3).eval()
+    ours = tiny_model(50, 49, image_size=32, patch_size=8, vit_width=48, vit_layers=2, vit_heads=3,
+                      vit_stem=0).eval()  # HF's CLIPVisionModel has no conv stem
     state = {
         k if k.startswith("vision_model.") else "vision_model." + k: v for k, v in hf.state_dict().items()
     }
@@ -240,6 +241,36 @@ def test_stage0_clip_pairs_do_not_depend_on_the_caption_format():
         assert pairs(formats)[1] == ssc, formats
 
 
+def test_stage0_region_loss_sees_each_batch_image_with_its_own_objects(monkeypatch):
+    """Stage 0's object term: exactly the objects of the batch's scenes reach region_loss, each with the ViT
+    tokens of its own image and its own box and labels; region_loss equals a per-object loop."""
+    cfg = tiny_cfg(n_caption_scenes=12, n_documents=1, n_passages=1, eval_scenes=1, vit_pretrain_steps=3,
+                   vit_pretrain_batch=4, vit_region_weight=1.0)
+    pools = mm1.Pools(cfg, get_tokenizer())
+    model = mm1.MM1(mm1.arch_of(cfg, pools.enc.n_vocab, pools.image_id))
+    regions = mm1.object_regions(pools.clip_scenes, cfg.image_size, cfg.patch_size)
+    pixels, tokens, calls = [], [], []
+    model.vision_model.register_forward_pre_hook(lambda m, args: pixels.append(args[0].detach()))
+    model.vision_model.post_layernorm.register_forward_hook(lambda m, a, out: tokens.append(out.detach()))
+    real = mm1.region_loss
+    monkeypatch.setattr(mm1, "region_loss", lambda *a: calls.append([x.detach() for x in a[:3]]) or real(*a))
+    mm1.pretrain_vit(model, pools, cfg, "cpu", lambda *a, **k: None)
+    bank = (torch.stack(pools.bank).float() / 255 - model.pixel_mean) / model.pixel_std  # (N, 3, S, S)
+    pair_of = {ids_images[1][0]: i for i, ids_images in enumerate(pools.clip_pairs)}  # bank index -> pair
+    assert len(calls) == len(pixels) == 3
+    for (got_tokens, got_mask, got_labels), batch_pixels, batch_tokens in zip(calls, pixels, tokens):
+        pairs = [pair_of[int((bank - x).abs().flatten(1).amax(1).argmin())] for x in batch_pixels]  # (B,)
+        objects = [(b, j) for j in range(len(regions[0])) for b, p in enumerate(pairs) if regions[0][j] == p]
+        assert torch.equal(got_tokens, torch.stack([batch_tokens[b] for b, _ in objects]))
+        assert torch.equal(got_mask, regions[1][[j for _, j in objects]])
+        assert torch.equal(got_labels, regions[2][[j for _, j in objects]])
+    n, ce = len(shapes.SHAPES), torch.nn.functional.cross_entropy
+    head = torch.nn.Linear(got_tokens.shape[-1], n + len(shapes.COLORS))
+    by_hand = [head(t[m > 0].mean(0)) for t, m in zip(got_tokens, got_mask)]  # one object at a time
+    by_hand = sum(ce(z[:n], y[0]) + ce(z[n:], y[1]) for z, y in zip(by_hand, got_labels)) / len(by_hand)
+    torch.testing.assert_close(real(got_tokens, got_mask, got_labels, head), by_hand)
+
+
 def test_caption_grid_rows_see_the_same_images_per_step():
     # DSC captions are longer: without a longer context its rows would see 44 images per step, SSC's 55
     counts = []
@@ -247,7 +278,8 @@ def test_caption_grid_rows_see_the_same_images_per_step():
         cfg = mm1.Config(**{**mm1.PRESETS["ablate"], "preset": "ablate", **overrides, "n_caption_scenes": 300,
                             "n_documents": 75, "n_passages": 250, "eval_scenes": 16, "n_eval_passages": 1})
         pools = mm1.Pools(cfg, get_tokenizer())
-        sources, weights = [pools.caption_docs, pools.documents, pools.passages], mm1.mix_weights(cfg.mix)
+        sources = [pools.caption_docs, pools.documents, pools.passages]
+        weights = vl_tasks.mix_weights(cfg.mix)
         counts.append(np.mean([sum(map(len, mm1.get_batch(pools, cfg, step, sources, weights, 2)[2]))
                                for step in range(100)]))
     assert max(counts) / min(counts) < 1.04, counts
