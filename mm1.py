@@ -103,10 +103,10 @@ class Config:
     log_every: int = 10             # steps between log lines
     ckpt_every: int = 100           # steps between checkpoints (and at the end)
     stop_after: int = 0             # stop after this many steps (0: run all), for split runs
-    vit_pretrain_steps: int = 1000  # stage 0: tiny-CLIP steps for the ViT (0: from scratch)
-    vit_pretrain_batch: int = 16    # stage 0 (image, caption) pairs per step
+    vit_pretrain_steps: int = 2000  # stage 0: tiny-CLIP steps for the ViT (0: from scratch)
+    vit_pretrain_batch: int = 8     # stage 0 (image, caption) pairs per step
     vit_pretrain_lr: float = 1e-3   # stage 0 peak lr (warmup + cosine)
-    vit_region_weight: float = 2.0  # stage 0: + this x each object's shape + colour CE, from its box
+    vit_region_weight: float = 4.0  # stage 0: + this x each object's shape + colour CE, from its box
     lm_pretrain_steps: int = 100    # stage 0b: text-only steps of the decoder (passages + caption words)
     connector_warmup_steps: int = 0  # caption steps of the connector alone, ViT + decoder frozen (collapses)
     doc_mask: bool = True           # packed rows: positions restart and attention stays inside each document
