@@ -7,8 +7,8 @@ On ShapesWorld (data/shapes/): image tokens spliced into the text at `<image>`; 
 captioning CIDEr and VQA, text perplexity. MM1 starts from a pre-trained CLIP and LLM, so we pre-train both
 in miniature first: stage 0, a tiny CLIP (a conv-stem ViT + a bag-of-words text tower, InfoNCE on caption
 pairs, plus each object's shape and colour from its box: a CLIP this small learns no shape); stage 0b, the
-decoder on text alone; then MM1 pre-training with an average-pooling connector, SSC captions and 2 VQA per
-scene (a C-Abstractor or a connector-only warm-up collapses the image tokens at this scale).
+decoder on text alone; then MM1 pre-training of connector + decoder (the ViT frozen) with average pooling, SSC
+captions and 2 VQA per scene (a C-Abstractor or a connector-only warm-up collapses the image tokens here).
 
     python mm1.py                                   # cpu preset (default without CUDA): prints the table
     python mm1.py --preset=smoke                    # tiny, < 1 min (what the tests run)
@@ -94,7 +94,7 @@ class Config:
     steps: int = 300                # optimizer steps
     batch_size: int = 8             # sequences per step (global, over all ranks)
     lr: float = 0.0                 # peak lr (0: MM1's rule exp(-0.4214 ln N - 0.5535), N = decoder params)
-    vit_lr_mult: float = 0.1        # lr multiplier of the ViT (< 1 keeps the stage-0 features; 0: frozen)
+    vit_lr_mult: float = 0.0        # lr multiplier of the ViT in MM1 training (0: frozen after stage 0)
     connector_lr_mult: float = 1.0  # lr multiplier of the connector
     weight_decay: float = 0.1       # AdamW decay; torch multiplies it by lr (per-step 0.1 * lr, as the paper)
     warmup: int = 30                # linear warmup steps, then cosine to min_lr_frac * lr
