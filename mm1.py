@@ -128,7 +128,7 @@ PRESETS = {  # smoke keeps the C-Abstractor recipe: the test chain's dpo_bdhs.py
     "ablate": dict(vit_width=96, vit_layers=3, n_layer=4, n_embd=128, n_head=4, n_kv_head=2, ffn_hidden=384,
                    seq_len=320, shots=(0, 4), n_caption_scenes=1200, n_documents=300, n_passages=1000,
                    n_eval_passages=100, vit_pretrain_steps=200, vit_pretrain_batch=64,  # 8 shots: > 320 tok
-                   vit_pretrain_lr=2e-3, vit_stem=0, vit_region_weight=0.0),  # results/mm1.md grids' stage 0
+                   vit_pretrain_lr=2e-3, vit_stem=0, vit_region_weight=0.0, vit_lr_mult=0.1),  # grids' recipe
     "gpu": dict(image_size=224, patch_size=14, vit_width=768, vit_layers=12, vit_heads=12, image_tokens=64,
                 n_layer=16, n_embd=1024, n_head=16, n_kv_head=4, ffn_hidden=2816, seq_len=1024, batch_size=64,
                 steps=5000, warmup=200, log_every=20, ckpt_every=500, n_caption_scenes=60000,
