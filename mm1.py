@@ -729,10 +729,10 @@ class MM1(nn.Module):
         feats = self.vision_model(pixels.to(self.lm_head.weight.dtype))[:, 1:]  # (N, P, Cv) without the CLS
         return self.connector(self.vision_model.post_layernorm(feats))
 
-    def forward(self, ids, images=None, positions=None, mask=None, cache=None):
+    def forward(self, ids, images=None, positions=None, mask=None, cache=None, keep=None):
         """ids (B, T) with image_tokens `<image>` slots per image; images uint8 (N, 3, S, S) in reading
         order; positions (B, T) (default 0..T-1); mask (B, 1, T, S) bool or None (causal). Returns logits
-        (B, T, V) and the summed MoE auxiliary losses."""
+        (B, T, V), or (K, V) at the K True positions of keep (B, T), and the summed MoE auxiliary losses."""
         x = self.model.embed_tokens(ids)  # (B, T, C)
         slots = (ids == self.image_token_id).unsqueeze(-1)  # (B, T, 1)
         n_images = 0 if images is None else len(images)
@@ -743,7 +743,7 @@ class MM1(nn.Module):
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
         h, aux = self.model(x, positions, mask, cache)
-        return self.lm_head(h), aux
+        return self.lm_head(h if keep is None else h[keep]), aux  # training: no logits where no target
 
 def count_params(module):
     return sum(p.numel() for p in module.parameters())
@@ -751,8 +751,9 @@ def count_params(module):
 # ----------------------------------------------------------------------------- losses
 def lm_loss_sum(logits, targets):
     """Next-token cross-entropy, the autoregressive objective MM1 pre-trains with on all three data
-    types (image slots and padding are masked with -100), in fp32, summed over this micro-batch."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")  # ignores -100
+    types (image slots and padding have target -100: ignored, and train() computes no logits there), in
+    fp32, summed over this micro-batch. logits (..., V), targets (...)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
 
 def moe_aux_loss(aux, cfg):
     """MM1's MoE recipe (Sec. 3.3, ST-MoE): 0.01 x load balance + 0.001 x router z-loss, mean over layers."""
@@ -865,8 +866,9 @@ def train(cfg, pools, model, device, rank, world, log, stage="mm1", resume_state
         images = torch.stack(images).to(device) if images else None
         packed = [x[rows].to(device) for x in doc_attention(doc_of)] if cfg.doc_mask else []  # positions mask
         with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-            logits, aux = net(ids[rows].to(device), images, *packed)
-            loss_sum = lm_loss_sum(logits, targets[rows].to(device))
+            keep = (row_targets := targets[rows].to(device)) != -100  # (b, T): image slots, padding: none
+            logits, aux = net(ids[rows].to(device), images, *packed, keep=keep)  # (K, V)
+            loss_sum = lm_loss_sum(logits, row_targets[keep])
             # sum / global count x world: DDP's gradient mean then equals the global token mean
             (loss_sum / n_targets * world + moe_aux_loss(aux, cfg)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
@@ -962,7 +964,9 @@ def run_ablation(cfg: Config, device: str, rank: int, world: int):
     claims = [tempfile.mkdtemp(prefix="mm1_grid_") if rank == 0 and world > 1 else ""]
     dist.broadcast_object_list(claims) if world > 1 else None  # one folder of claim files per launch
     done, pools, vits = [], {}, {}  # data: by seed, image size and caption formats; ViTs: by ViT config
-    for i, (seed, label, sub) in enumerate(jobs):
+    # costliest rows (context x image size) first: the processes' last rows are short and end together
+    for i in sorted(range(len(jobs)), key=lambda i: -jobs[i][2].seq_len * jobs[i][2].image_size):
+        seed, label, sub = jobs[i]
         try:  # O_EXCL: of the processes, exactly one creates row i's claim file and runs the row
             os.close(os.open(Path(claims[0]) / str(i), os.O_CREAT | os.O_EXCL)) if world > 1 else None
         except FileExistsError:
