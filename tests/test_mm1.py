@@ -162,6 +162,22 @@ def test_images_land_in_image_slots_and_counts_are_checked():
             model(ids, a)  # 2 images' slots, 1 image
 
 
+def test_training_logits_only_where_a_target_is():
+    """train() asks forward for the logits of the positions with a target (keep): the same numbers and the
+    same summed loss as the full (B, T, V) logits with -100 at image slots and padding."""
+    model = tiny_model(40, 39, connector="avgpool", image_tokens=4).eval()
+    ids = torch.tensor([[1, 39, 39, 39, 39, 2, 3, 4, 0, 0], [5, 6, 39, 39, 39, 39, 7, 8, 9, 2]])
+    targets = torch.tensor([[-100] * 5 + [3, 4, 2, -100, -100], [6, -100, -100, -100, -100, 7, 8, 9, 2, 1]])
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    keep = targets != -100
+    with torch.no_grad():
+        full, _ = model(ids, images)  # (2, 10, 40)
+        kept, _ = model(ids, images, keep=keep)  # (K, 40)
+    assert kept.shape == (int(keep.sum()), 40)
+    torch.testing.assert_close(kept, full[keep])
+    torch.testing.assert_close(mm1.lm_loss_sum(kept, targets[keep]), mm1.lm_loss_sum(full, targets))
+
+
 def test_bf16_autocast_forward_backward():
     """The CUDA path trains under bf16 autocast; CPU autocast exercises the same dtype mixing."""
     cfg = tiny_cfg(moe_every=2, n_experts=4)
