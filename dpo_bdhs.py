@@ -689,10 +689,10 @@ class MM1(nn.Module):
         feats = self.vision_model(pixels.to(self.lm_head.weight.dtype))[:, 1:]  # (N, P, Cv) without the CLS
         return self.connector(self.vision_model.post_layernorm(feats))
 
-    def forward(self, ids, images=None, positions=None, mask=None, cache=None):
+    def forward(self, ids, images=None, positions=None, mask=None, cache=None, keep=None):
         """ids (B, T) with image_tokens `<image>` slots per image; images uint8 (N, 3, S, S) in reading
         order; positions (B, T) (default 0..T-1); mask (B, 1, T, S) bool or None (causal). Returns logits
-        (B, T, V) and the summed MoE auxiliary losses."""
+        (B, T, V), or (K, V) at the K True positions of keep (B, T), and the summed MoE auxiliary losses."""
         x = self.model.embed_tokens(ids)  # (B, T, C)
         slots = (ids == self.image_token_id).unsqueeze(-1)  # (B, T, 1)
         n_images = 0 if images is None else len(images)
@@ -703,7 +703,7 @@ class MM1(nn.Module):
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
         h, aux = self.model(x, positions, mask, cache)
-        return self.lm_head(h), aux
+        return self.lm_head(h if keep is None else h[keep]), aux  # training: no logits where no target
 
 # ----------------------------------------------------------------------------- losses
 def sequence_logps(model, rows, data: Data, device):
