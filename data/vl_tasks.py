@@ -16,6 +16,7 @@ from collections import Counter
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from data import InputError, shapes
 from data.metrics import cider_d, words
@@ -62,7 +63,8 @@ class Pools:
         # of the caption-format grid share one encoder, as MM1's ablations share CLIP (user data: its first)
         self.clip_pairs = [group[0] for group in self.captions]
         self.clip_scenes = []  # built-in pairs' scenes (stage 0's object labels); none for user data
-        for i in range(0 if cfg.train_data else cfg.n_caption_scenes):
+        # the gpu preset pre-renders 60k scenes (minutes on one core): a bar on a terminal, none in logs
+        for i in tqdm(range(0 if cfg.train_data else cfg.n_caption_scenes), "render scenes", disable=None):
             self.clip_scenes.append(scene := shapes.make_scene("train", i, seed=cfg.seed))
             img = self.add_image(shapes.render(scene, size=self.size))
             group = [self.doc([img, shapes.caption(scene, f, seed=i)]) for f in cfg.caption_formats]
@@ -75,7 +77,7 @@ class Pools:
         self.user_text_items = len(user_text)  # text-only items of a user's LLaVA file train as text
         self.passages += user_text
         self.documents = [self.doc(shapes.interleaved_document("train", i, seed=cfg.seed))
-                          for i in range(cfg.n_documents)]
+                          for i in tqdm(range(cfg.n_documents), "render documents", disable=None)]
         self.caption_docs = [d for group in self.captions for d in group]
         # stage 0b's "world text": passages and the caption stream's words without their images
         self.lm_texts = self.passages + [(ids[ids != self.image_id], []) for ids, _ in self.caption_docs]
