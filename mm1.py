@@ -123,8 +123,7 @@ PRESETS = {  # smoke keeps the C-Abstractor recipe: the test chain's dpo_bdhs.py
                   steps=30, warmup=3, log_every=5, ckpt_every=15, n_caption_scenes=48, n_documents=12,
                   n_passages=24, eval_scenes=3, shots=(0, 2), n_eval_passages=4, max_new_tokens=8, lr=3e-3,
                   vit_pretrain_steps=60, lm_pretrain_steps=20, connector_warmup_steps=10, eval_every=15,
-                  connector="cabstractor", caption_formats=("ssc", "dsc"), vqa_per_scene=1),
-    "cpu": dict(),
+                  connector="cabstractor", caption_formats=("ssc", "dsc"), vqa_per_scene=1), "cpu": dict(),
     "ablate": dict(vit_width=96, vit_layers=3, n_layer=4, n_embd=128, n_head=4, n_kv_head=2, ffn_hidden=384,
                    seq_len=320, shots=(0, 4), n_caption_scenes=1200, n_documents=300, n_passages=1000,
                    n_eval_passages=100, vit_pretrain_steps=200, vit_pretrain_batch=64,  # 8 shots: > 320 tok
@@ -136,7 +135,7 @@ PRESETS = {  # smoke keeps the C-Abstractor recipe: the test chain's dpo_bdhs.py
                 vit_pretrain_steps=3000, vit_pretrain_batch=64),  # patch 14: a conv stem would run at 112 px
 }
 ABLATIONS = {  # name -> (row label, overrides); 36-token and DSC rows: longer contexts, ~55 images per step
-    "connector": [(f"{c}, {k} tokens", dict(connector=c, image_tokens=k, seq_len=320 if k == 16 else 480))
+    "connector": [(f"{c}, {k} tokens", dict(connector=c, image_tokens=k, seq_len=320 if k == 16 else 496))
                   for c in ("avgpool", "attnpool", "cabstractor") for k in (16, 36)],
     "resolution": [(f"{s} px", dict(image_size=s)) for s in (32, 64, 96)] + [("64 px, random ViT",
                                                                               dict(vit_pretrain_steps=0))],
@@ -784,10 +783,10 @@ def pretrain_vit(model, pools, cfg, device, log):
     """Stage 0, MM1's pre-trained CLIP in miniature: the ViT (mean of the patch tokens the connector reads)
     is the image tower of a CLIP whose text tower is a bag of token embeddings; InfoNCE on Pools.clip_pairs
     + weight x region_loss on their scenes' objects. Only the ViT is kept; all ranks run the same steps."""
-    width, vit = cfg.vit_width, model.vision_model
+    width, vit, t0 = cfg.vit_width, model.vision_model, time.time()
     tower = nn.ModuleDict(dict(vit=vit, text=nn.EmbeddingBag(pools.enc.n_vocab, width, mode="mean"),
-                               image_head=nn.Linear(width, width), text_head=nn.Linear(width, width)))
-    tower.region_head = nn.Linear(width, len(shapes.SHAPES) + len(shapes.COLORS))  # per object box
+                               image_head=nn.Linear(width, width), text_head=nn.Linear(width, width),
+                               region_head=nn.Linear(width, len(shapes.SHAPES) + len(shapes.COLORS))))
     tower.to(device)
     tower.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))  # CLIP's initial value
     opt = make_adamw(tower, cfg.vit_pretrain_lr, 0.1, betas=(0.9, 0.98))
@@ -824,7 +823,8 @@ def pretrain_vit(model, pools, cfg, device, log):
     sims = F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T  # (B, B) of the last batch
     hits = sims.argmax(1) == torch.arange(batch, device=device)
     return dict(clip_loss_first=round(losses[0], 4), clip_loss_last=round(losses[-1], 4),
-                clip_batch_retrieval=round(hits.float().mean().item(), 3), clip_chance=round(1 / batch, 3))
+                clip_batch_retrieval=round(hits.float().mean().item(), 3), clip_chance=round(1 / batch, 3),
+                vit_pretrain_time_s=round(time.time() - t0, 1))
 
 STAGES = {  # name: (steps field, trained parameter prefixes or None for all, data)
     "lm": ("lm_pretrain_steps", ("model.", "lm_head."), "text"),  # stage 0b: the decoder learns the text
@@ -833,8 +833,8 @@ STAGES = {  # name: (steps field, trained parameter prefixes or None for all, da
 }
 
 def train(cfg, pools, model, device, rank, world, log, stage="mm1", resume_state=None):
-    """One training stage of STAGES, the same loop for all; only "mm1" writes checkpoints and resumes. The
-    vision probe is logged every eval_every steps and at the end. Returns summary numbers keyed by stage."""
+    """One stage of STAGES, the same loop for all; only "mm1" writes checkpoints and resumes. The vision probe
+    runs every eval_every steps and at the end, not in "lm" (no image yet). Returns numbers keyed by stage."""
     steps_key, trained, data = STAGES[stage]
     steps, stream = getattr(cfg, steps_key), list(STAGES).index(stage)
     mix = [pools.caption_docs, pools.documents, pools.passages]
@@ -879,11 +879,11 @@ def train(cfg, pools, model, device, rank, world, log, stage="mm1", resume_state
         dist.all_reduce(loss_sum) if world > 1 else None
         loss, last = loss_sum.item() / n_targets, step + 1 == end
         if (step + 1) % cfg.log_every == 0 or last:
-            probe = vision_probe(model, pools, cfg, device) if last or (step + 1) % cfg.eval_every < 1 else {}
-            line = log(step + 1, loss, lr, tokens_since, stage=stage, **probe)
-            tokens_since = 0
+            probe = vision_probe(model, pools, cfg, device) if stage != "lm" and (
+                last or (step + 1) % cfg.eval_every < 1) else {}
+            line, tokens_since = log(step + 1, loss, lr, tokens_since, stage=stage, **probe), 0
             print(json.dumps(line)) if rank == 0 else None
-            if rank == 0 and probe and probe["image_gain"] < 0.05 and stage != "lm":
+            if rank == 0 and probe and probe["image_gain"] < 0.05:
                 print(f"warning: {stage} step {step + 1}: image gain {probe['image_gain']:.3f} < 0.05 "
                       "nats/token: the model ignores the image", file=sys.stderr)
         if stage == "mm1" and rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or last):
@@ -899,48 +899,42 @@ def train(cfg, pools, model, device, rank, world, log, stage="mm1", resume_state
     return summary
 
 # ----------------------------------------------------------------------------- eval
-# The protocol (k-shot captioning, VQA, vision probe, perplexity, baselines) and its table:
-# data/vl_tasks.py evaluate() and results_table().
+# data/vl_tasks.py: evaluate() (k-shot captioning, VQA, vision probe, perplexity, baselines), results_table()
 
 # ----------------------------------------------------------------------------- main
-def vit_key(cfg: Config) -> tuple:  # all that stage 0's ViT depends on, but the random draws before it
-    return str(arch_of(cfg, 0, 0)["vision"]), cfg.seed, cfg.vit_pretrain_steps, cfg.vit_pretrain_batch, \
-        cfg.vit_pretrain_lr, cfg.vit_region_weight
+SHARED_STAGES = {  # stage 0 / 0b: the weights it trains, its steps field, then the grid-row fields it ignores
+    "vit": (("vision_model.",), "vit_pretrain_steps", "connector", "image_tokens", "seq_len", "mix",
+            "caption_formats", "moe_every"),
+    "lm": (("model.", "lm_head."), "lm_pretrain_steps", "connector", "image_tokens", "seq_len", "mix",
+           "image_size", "vit_pretrain_steps")}  # so stage 0b runs at the context of its first row
 
-def prepare(cfg: Config, pools=None):
-    """Everything that reads input, before anything is written: the data and the --resume state."""
-    pools = pools or Pools(cfg, get_tokenizer())
+def run(cfg: Config, device: str, rank: int, world: int, pools=None, shared=None, only=()):
+    """Stage 0 (ViT), the STAGES (0b: decoder, connector warm-up, MM1), evaluation; writes config.json,
+    log.jsonl, checkpoints, metrics.json and report.md. For a grid (run_ablation): shared = a row's stage 0 /
+    0b, {stage: (weights, numbers)}, trained once by a call with only=(stage,), which returns them."""
+    t0 = time.time()
+    pools = pools or Pools(cfg, get_tokenizer())  # everything that reads input, before anything is written
     seed_everything(cfg.seed)
-    model = MM1(arch_of(cfg, pools.enc.n_vocab, pools.image_id))
-    resume_state = None
+    model, resume_state = MM1(arch_of(cfg, pools.enc.n_vocab, pools.image_id)).to(device), None
     if cfg.resume:  # the config was checked field by field: the same keys and shapes
         weights, optim_state, step, _ = load_checkpoint(cfg.out_dir, cfg, RESUME_MAY_DIFFER)
         model.load_state_dict(weights)
         resume_state = (optim_state, step)
-    return pools, model, resume_state
-
-def run(cfg: Config, device: str, rank: int, world: int, pools=None, vit_cfg=None):
-    """Stage 0 (ViT), the STAGES (0b: decoder, connector warm-up, MM1), evaluation; writes config.json,
-    log.jsonl, checkpoints, metrics.json and report.md."""
-    t0 = time.time()
-    pools, model, resume_state = prepare(cfg, pools)
     summary = dict(data_time_s=round(time.time() - t0, 1), user_text_only_items=pools.user_text_items)
     if rank == 0:  # every input is read and checked: only now is anything written
         write_outputs(cfg.out_dir, {"config.json": cfg})
         print(f"config: {json.dumps(asdict(cfg))}\ntext-only items of --train_data: {pools.user_text_items}")
-    model.to(device)
-    if resume_state is None and cfg.vit_pretrain_steps:
-        # one stage-0 ViT per ViT config and process (MM1's ablations share CLIP), as vit_cfg's run trains it
-        if (key := vit_key(vit_cfg := vit_cfg or cfg)) not in pools.pretrained_vit:
-            owner = model if vit_cfg is cfg else prepare(vit_cfg, pools)[1].to(device)
-            stats = pretrain_vit(owner, pools, vit_cfg, device, RunLog(cfg.out_dir, "items", 0, device, rank))
-            pools.pretrained_vit[key] = ({k: v.clone() for k, v in owner.vision_model.state_dict().items()},
-                                         dict(stats, vit_pretrain_time_s=round(time.time() - t0, 1)))
-        model.vision_model.load_state_dict(pools.pretrained_vit[key][0])
-        summary.update(pools.pretrained_vit[key][1])
     log = RunLog(cfg.out_dir, "tok", 6 * count_params(model.model), device, rank, world)
-    for stage in STAGES if resume_state is None else ["mm1"]:
-        summary.update(train(cfg, pools, model, device, rank, world, log, stage, resume_state))
+    for stage in only or (("vit", *STAGES) if resume_state is None else ("mm1",)):
+        if stage in (shared or {}):  # a grid row: loaded as the first row that needs it trained it
+            model.load_state_dict({**model.state_dict(), **shared[stage][0]})
+            summary.update(shared[stage][1])
+        elif stage != "vit" or cfg.vit_pretrain_steps:
+            summary.update(train(cfg, pools, model, device, rank, world, log, stage, resume_state)
+                           if stage != "vit" else pretrain_vit(model, pools, cfg, device, RunLog(
+                               cfg.out_dir, "items", 0, device, rank)))
+    if only:  # a grid's shared stage: the weights it trained
+        return {k: v for k, v in model.state_dict().items() if k.startswith(SHARED_STAGES[stage][0])}, summary
     dist.barrier() if world > 1 else None
     if rank != 0 or (cfg.stop_after and cfg.stop_after < cfg.steps):  # a split run evaluates once, at its end
         return summary
@@ -953,30 +947,36 @@ def run(cfg: Config, device: str, rank: int, world: int, pools=None, vit_cfg=Non
     return metrics
 
 def run_ablation(cfg: Config, device: str, rank: int, world: int):
-    """Every row of one grid, once per seed of ablation_seeds. Rows are independent runs: under torchrun
-    each process takes the next unclaimed row and trains it alone (one machine: the claims are files)."""
-    jobs, labels = [], [label for label, _ in ABLATIONS[cfg.ablate]]  # jobs: (seed, label, the row's config)
-    for seed in cfg.ablation_seeds:
+    """Every row of one grid, once per seed. As MM1's ablations share one pre-trained CLIP and LLM, rows that
+    differ only in fields stage 0 (0b) ignores share one ViT (decoder), trained once; then under torchrun each
+    process takes the next unclaimed row and trains it alone (one machine: the claims are files)."""
+    jobs, labels, pools = [], [label for label, _ in ABLATIONS[cfg.ablate]], {}  # jobs: seed, label, config,
+    for seed in cfg.ablation_seeds:  # data (by seed, image size and caption formats), {stage: shared key}
         for label, overrides in ABLATIONS[cfg.ablate]:
             row = Path(cfg.out_dir) / f"ablate_{cfg.ablate}" / (re.sub(r"\W+", "_", label) + f"_seed{seed}")
             check_config(sub := dataclasses.replace(cfg, ablate="", seed=seed, out_dir=str(row), **overrides))
-            jobs.append((seed, label, sub))
-    claims = [tempfile.mkdtemp(prefix="mm1_grid_") if rank == 0 and world > 1 else ""]
+            key = seed, sub.image_size, sub.caption_formats
+            data = pools[key] = pools.get(key) or Pools(sub, get_tokenizer())
+            jobs.append((seed, label, sub, data, {stage: (stage, repr(dataclasses.replace(
+                sub, out_dir="", **{f: getattr(cfg, f) for f in ignored}))) for stage, (_, steps, *ignored)
+                in SHARED_STAGES.items() if getattr(sub, steps)}))
+    owners = {key: job for job in reversed(jobs) for key in job[4].values()}  # key -> the first row with it
+    shared = {key: run(sub, device, 0, 1, data, only=key[:1])  # the parts split over the processes
+              for n, (key, (_, _, sub, data, _)) in enumerate(owners.items()) if n % world == rank}
+    if world > 1:  # every process gets every part
+        dist.all_gather_object(gathered := [None] * world, shared)
+        shared = {key: part for g in gathered for key, part in g.items()}
+    done, claims = [], [tempfile.mkdtemp(prefix="mm1_grid_") if rank == 0 and world > 1 else ""]
     dist.broadcast_object_list(claims) if world > 1 else None  # one folder of claim files per launch
-    done, pools, vits = [], {}, {}  # data: by seed, image size and caption formats; ViTs: by ViT config
     # costliest rows (context x image size) first: the processes' last rows are short and end together
     for i in sorted(range(len(jobs)), key=lambda i: -jobs[i][2].seq_len * jobs[i][2].image_size):
-        seed, label, sub = jobs[i]
+        _, label, sub, data, keys = jobs[i]
         try:  # O_EXCL: of the processes, exactly one creates row i's claim file and runs the row
             os.close(os.open(Path(claims[0]) / str(i), os.O_CREAT | os.O_EXCL)) if world > 1 else None
         except FileExistsError:
             continue
-        key = (seed, sub.image_size, sub.caption_formats)
-        pools[key] = pools.get(key) or Pools(sub, get_tokenizer())
-        pools[key].pretrained_vit = vits  # stage 0's CLIP pairs are the same whatever the caption formats
-        vit_cfg = next(s for *_, s in jobs if vit_key(s) == vit_key(sub))  # the first row with its ViT
         t0 = time.time()
-        metrics = run(sub, device, 0, 1, pools[key], vit_cfg)  # one process per row: as in one process
+        metrics = run(sub, device, 0, 1, data, {stage: shared[key] for stage, key in keys.items()})
         done.append((i, label, {**metrics, "minutes": (time.time() - t0) / 60}))
         vl_tasks.grid_table(cfg, labels, done, write_outputs) if world == 1 else None  # the table so far
     if world > 1:  # every process's rows, in job order

@@ -52,7 +52,7 @@ class Pools:
         self.enc, self.size = enc, cfg.image_size
         self.image_id, self.eot_id, self.pad_id = (enc.encode_single_token(s) for s in
                                                    ("<image>", "<|endoftext|>", "<|pad|>"))
-        self.bank, self.pretrained_vit = [], {}  # uint8 (3, S, S) images; stage-0 ViTs by config
+        self.bank = []  # uint8 (3, S, S) images
         self.answers = {}  # training VQA: question -> Counter of answers (the majority baseline)
         self.passages = [self.doc([shapes.text_passage("train", i, seed=cfg.seed)])
                          for i in range(cfg.n_passages)]
