@@ -492,8 +492,8 @@ def test_ddp_two_processes_equal_one(tmp_path):
 
 def test_torchrun_grid_runs_each_row_once_with_the_one_process_numbers(tmp_path):
     # grid rows are independent: under torchrun each process takes whole rows (one thread each, no DDP), so
-    # the table equals the one-process grid's and no row runs twice; the process that takes the MoE row must
-    # train the seed's stage-0 ViT as the dense row (the first) does, with the dense model's random draws
+    # the table equals the one-process grid's and no row runs twice; the shared parts (the dense row's ViT and
+    # decoder, the MoE row's decoder) are split over the processes, so a row may load one the other trained
     args = SMOKE + ["--ablate=moe", "--ablation_seeds=0,", "--steps=3", "--vit_pretrain_steps=2",
                     "--lm_pretrain_steps=2", "--eval_scenes=1", "--shots=0", "--n_eval_passages=1",
                     "--max_new_tokens=2"]
