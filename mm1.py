@@ -950,27 +950,27 @@ def run_ablation(cfg: Config, device: str, rank: int, world: int):
     """Every row of one grid, once per seed. As MM1's ablations share one pre-trained CLIP and LLM, rows that
     differ only in fields stage 0 (0b) ignores share one ViT (decoder), trained once; then under torchrun each
     process takes the next unclaimed row and trains it alone (one machine: the claims are files)."""
-    jobs, labels, pools = [], [label for label, _ in ABLATIONS[cfg.ablate]], {}  # jobs: seed, label, config,
-    for seed in cfg.ablation_seeds:  # data (by seed, image size and caption formats), {stage: shared key}
+    jobs, labels, pools = [], [label for label, _ in ABLATIONS[cfg.ablate]], {}  # jobs: label, config, data
+    for seed in cfg.ablation_seeds:  # (by seed, image size and caption formats), {stage: shared part's key}
         for label, overrides in ABLATIONS[cfg.ablate]:
             row = Path(cfg.out_dir) / f"ablate_{cfg.ablate}" / (re.sub(r"\W+", "_", label) + f"_seed{seed}")
             check_config(sub := dataclasses.replace(cfg, ablate="", seed=seed, out_dir=str(row), **overrides))
             key = seed, sub.image_size, sub.caption_formats
             data = pools[key] = pools.get(key) or Pools(sub, get_tokenizer())
-            jobs.append((seed, label, sub, data, {stage: (stage, repr(dataclasses.replace(
+            jobs.append((label, sub, data, {stage: (stage, repr(dataclasses.replace(
                 sub, out_dir="", **{f: getattr(cfg, f) for f in ignored}))) for stage, (_, steps, *ignored)
                 in SHARED_STAGES.items() if getattr(sub, steps)}))
-    owners = {key: job for job in reversed(jobs) for key in job[4].values()}  # key -> the first row with it
+    owners = {key: job for job in reversed(jobs) for key in job[3].values()}  # key -> the first row with it
     shared = {key: run(sub, device, 0, 1, data, only=key[:1])  # the parts split over the processes
-              for n, (key, (_, _, sub, data, _)) in enumerate(owners.items()) if n % world == rank}
+              for n, (key, (_, sub, data, _)) in enumerate(owners.items()) if n % world == rank}
     if world > 1:  # every process gets every part
         dist.all_gather_object(gathered := [None] * world, shared)
         shared = {key: part for g in gathered for key, part in g.items()}
     done, claims = [], [tempfile.mkdtemp(prefix="mm1_grid_") if rank == 0 and world > 1 else ""]
     dist.broadcast_object_list(claims) if world > 1 else None  # one folder of claim files per launch
     # costliest rows (context x image size) first: the processes' last rows are short and end together
-    for i in sorted(range(len(jobs)), key=lambda i: -jobs[i][2].seq_len * jobs[i][2].image_size):
-        _, label, sub, data, keys = jobs[i]
+    for i in sorted(range(len(jobs)), key=lambda i: -jobs[i][1].seq_len * jobs[i][1].image_size):
+        label, sub, data, keys = jobs[i]
         try:  # O_EXCL: of the processes, exactly one creates row i's claim file and runs the row
             os.close(os.open(Path(claims[0]) / str(i), os.O_CREAT | os.O_EXCL)) if world > 1 else None
         except FileExistsError:
